@@ -1,0 +1,1 @@
+"""HTTP routes: `openai.py` (inference, OpenAI-compatible), `health.py` (health and metrics)."""

@@ -1,0 +1,49 @@
+"""Operational routes: `/health` (200 only when an engine answers now) and `/metrics` (Prometheus)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from gateway.engines.base import Engine
+from gateway.errors import GatewayError, error_body
+from gateway.state import GatewayState
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    state: GatewayState = request.app.state.gateway
+    results = await asyncio.gather(*(_engine_answers(state, e) for e in state.engines))
+    engines = [
+        {"name": e.name, "state": str(e.status.state), "answers": ok}
+        for e, ok in zip(state.engines, results, strict=True)
+    ]
+    for engine, ok in zip(state.engines, results, strict=True):
+        state.metrics.engine_up.labels(engine.name).set(1 if ok else 0)
+    if any(results):
+        return JSONResponse({"status": "ok", "engines": engines})
+    body = error_body("No engine is answering.", "server_error", None, "engine_unavailable")
+    body["engines"] = engines
+    return JSONResponse(body, status_code=503, headers={"Retry-After": str(state.settings.retry_after_s)})
+
+
+async def _engine_answers(state: GatewayState, engine: Engine) -> bool:
+    if not engine.ready:
+        return False
+    try:
+        response = await state.client.send("GET", engine.url("/health"), timeout=httpx.Timeout(2.0))
+    except GatewayError:
+        return False
+    return response.status_code == 200
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    state: GatewayState = request.app.state.gateway
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

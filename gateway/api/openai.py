@@ -1,0 +1,165 @@
+"""OpenAI-compatible inference routes: chat completions, completions, models.
+
+read the body (size-capped: 413) -> JSON (400) -> validate (400, `param` names the field)
+-> resolve `model` in the catalog (404) -> pick an engine (503 when none is ready)
+-> lease the adapter there (hot-load if needed) -> forward (see gateway/proxy.py) -> release the lease
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+
+from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    PayloadTooLargeError,
+    validation_error,
+)
+from gateway.metrics import UNKNOWN, model_label
+from gateway.proxy import ModelRewriter, forward_json, forward_stream
+from gateway.residency import Lease
+from gateway.state import GatewayState
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _complete(request, "/v1/chat/completions", ChatCompletionRequest)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    return await _complete(request, "/v1/completions", CompletionRequest)
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> JSONResponse:
+    state: GatewayState = request.app.state.gateway
+    created = int(state.started_at)
+    base = state.catalog.base_name
+    data: list[dict[str, Any]] = [_model_card(base, created, root=state.settings.resolved_engine_model())]
+    for ref in state.catalog.adapters():
+        data.append(_model_card(ref.name, ref.created or created, root=str(ref.path), parent=base))
+    return JSONResponse({"object": "list", "data": data})
+
+
+def _model_card(model_id: str, created: int, *, root: str, parent: str | None = None) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "lora-gateway",
+        "root": root,
+        "parent": parent,
+        "permission": [],
+    }
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"Request body is {declared} bytes; the limit is {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"Request body is over the limit of {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_body(body: bytes, schema: type[BaseModel]) -> tuple[dict[str, Any], BaseModel]:
+    if not body.strip():
+        raise InvalidRequestError(
+            "The request body is empty; a JSON object is expected.", code="invalid_json"
+        )
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"The request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(payload, dict):
+        raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
+    try:
+        parsed = schema.model_validate(payload)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from exc
+    return payload, parsed
+
+
+async def _complete(request: Request, route: str, schema: type[BaseModel]) -> Response:
+    state: GatewayState = request.app.state.gateway
+    metrics = state.metrics
+    started = time.perf_counter()
+    label = UNKNOWN
+    lease: Lease | None = None
+    finished = False
+
+    def finish(status: int, error: str | None, usage: dict[str, Any] | None) -> None:
+        nonlocal finished
+        if finished:
+            return
+        finished = True
+        if lease is not None:
+            lease.release()
+        metrics.in_flight.labels(label).dec()
+        metrics.requests.labels(route, label, str(status)).inc()
+        if error:
+            metrics.errors.labels(route, label, error).inc()
+        metrics.latency.labels(route, label).observe(time.perf_counter() - started)
+        if usage:
+            metrics.prompt_tokens.labels(label).inc(usage.get("prompt_tokens") or 0)
+            metrics.completion_tokens.labels(label).inc(usage.get("completion_tokens") or 0)
+
+    metrics.in_flight.labels(label).inc()
+    try:
+        body = await read_body(request, state.settings.max_body_bytes)
+        payload, parsed = parse_body(body, schema)
+        requested: str = parsed.model  # type: ignore[attr-defined]
+        target = state.catalog.resolve(requested)
+        if target is None:
+            raise ModelNotFoundError(requested)
+        # Re-label the request now that the name is known to be registered.
+        metrics.in_flight.labels(label).dec()
+        label = model_label(target.label, state.catalog.known_labels())
+        metrics.in_flight.labels(label).inc()
+
+        engine = state.router.pick(target)
+        if target.adapter is not None:
+            lease = await state.residency.acquire(engine, target.adapter)
+        if payload["model"] != target.engine_model:
+            payload["model"] = target.engine_model
+            body = json.dumps(payload).encode()
+        headers = {
+            "content-type": "application/json",
+            "x-request-id": request.headers.get("x-request-id") or uuid.uuid4().hex,
+        }
+        url = engine.url(route)
+        if parsed.stream:  # type: ignore[attr-defined]
+            rewriter = ModelRewriter(target.engine_model, requested)
+            return await forward_stream(
+                state.client,
+                url,
+                body,
+                headers,
+                rewriter,
+                finish,
+                on_first_chunk=lambda s: metrics.ttft.labels(label).observe(s),
+            )
+        return await forward_json(state.client, url, body, headers, requested, finish)
+    except GatewayError as exc:
+        finish(exc.status_code, exc.code or exc.type, None)
+        raise
+    except BaseException:
+        finish(500, "internal_error", None)
+        raise

@@ -1,0 +1,137 @@
+"""The `lora-gateway` command line.
+
+    lora-gateway serve [--config FILE] [--engine-url URL | --model PATH] [--port 8000] ...
+    lora-gateway models build-tiny        build the embedded default base model and demo adapters
+
+Heavy imports (uvicorn, torch, transformers) happen inside the commands, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(help="Self-hosted multi-LoRA serving gateway in front of vLLM.", no_args_is_help=True)
+models_app = typer.Typer(help="Base models: build the embedded default.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML or TOML settings file.")]
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine probe is noise
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    engine_url: Annotated[
+        str | None, typer.Option(help="Attach to a vLLM server someone else runs (http://host:port).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Base model for the managed vLLM (folder or HF id).")
+    ] = None,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="Name clients use for the base model.")
+    ] = None,
+    adapters_dir: Annotated[
+        Path | None, typer.Option(help="Folder of PEFT adapter folders to serve.")
+    ] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Where built models and demo adapters live.")] = None,
+    vllm_port: Annotated[int | None, typer.Option(help="Port for the managed vLLM.")] = None,
+    max_loras: Annotated[int | None, typer.Option(help="vLLM --max-loras.")] = None,
+    max_lora_rank: Annotated[int | None, typer.Option(help="vLLM --max-lora-rank.")] = None,
+    max_cpu_loras: Annotated[int | None, typer.Option(help="vLLM --max-cpu-loras.")] = None,
+    vllm_arg: Annotated[
+        list[str] | None, typer.Option(help="Extra vLLM argument, repeatable (--vllm-arg=--dtype=float32).")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+) -> None:
+    """Start the gateway (and, in managed mode, the vLLM engine it supervises)."""
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.settings import load_settings
+
+    engine: dict[str, Any] = {
+        "model": model,
+        "served_model_name": served_model_name,
+        "port": vllm_port,
+        "max_loras": max_loras,
+        "max_lora_rank": max_lora_rank,
+        "max_cpu_loras": max_cpu_loras,
+        "extra_args": vllm_arg or None,
+    }
+    if engine_url:
+        engine.update(mode="attached", url=engine_url)
+    settings = load_settings(
+        config,
+        host=host,
+        port=port,
+        adapters_dir=adapters_dir,
+        cache_dir=cache_dir,
+        log_level=log_level,
+        engine=engine,
+    )
+    _setup_logging(settings.log_level)
+    if settings.engine.mode == "managed" and settings.engine.model is None:
+        _ensure_embedded(settings.cache_dir, settings.base_model_name(), demo=settings.adapters_dir is None)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=settings.engine.stop_timeout_s,
+    )
+
+
+def _ensure_embedded(cache_dir: Path, base_name: str, *, demo: bool) -> None:
+    from adapters.tiny import build_tiny, is_built
+
+    log = logging.getLogger("lora_gateway")
+    if not is_built(cache_dir):
+        log.info("building the embedded tiny base model into %s (first run only)", cache_dir)
+    base = build_tiny(cache_dir)
+    if demo:
+        from adapters.demo import build_demo_adapters
+
+        build_demo_adapters(cache_dir, base, base_name)
+
+
+@models_app.command("build-tiny")
+def build_tiny_cmd(
+    config: ConfigOpt = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Cache folder (default ~/.cache/lora-gateway).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if the cache is current.")] = False,
+) -> None:
+    """Build the embedded default base model (tiny Llama + tokenizer) and the demo adapters. Idempotent."""
+    from adapters.demo import build_demo_adapters
+    from adapters.tiny import TINY_NAME, build_tiny
+    from gateway.settings import load_settings
+
+    settings = load_settings(config, cache_dir=cache_dir)
+    _setup_logging(settings.log_level)
+    base = build_tiny(settings.cache_dir, force=force)
+    demos = build_demo_adapters(settings.cache_dir, base, TINY_NAME)
+    typer.echo(f"base model: {base}")
+    for name, path in demos.items():
+        typer.echo(f"demo adapter {name}: {path}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""What every engine is: a vLLM OpenAI server at a base URL, with a state the gateway keeps current.
+
+An engine's monitor probes `GET /v1/models` (it answers only when vLLM is ready, and it lists the
+LoRA adapters vLLM really has). Each successful probe is handed to the listeners with the listed
+adapter names, which is how residency notices a restart and reconciles (see `gateway/residency.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from gateway.errors import GatewayError
+from gateway.upstream import UpstreamClient
+
+log = logging.getLogger("lora_gateway.engine")
+
+
+class EngineState(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    UNAVAILABLE = "unavailable"
+    STOPPED = "stopped"
+
+
+@dataclass
+class ProbeResult:
+    base_models: set[str]
+    adapters: set[str]
+
+
+ProbeListener = Callable[["Engine", ProbeResult], Awaitable[None]]
+
+
+@dataclass
+class EngineStatus:
+    """What the gateway believes about one engine; `resident` is kept equal to what vLLM lists."""
+
+    state: EngineState = EngineState.STARTING
+    generation: int = 0  # bumped each time the engine (re)becomes ready
+    resident: set[str] = field(default_factory=set)
+    in_flight: dict[str, int] = field(default_factory=dict)
+    last_load_at: dict[str, float] = field(default_factory=dict)
+    ready_since: float | None = None
+    last_error: str | None = None
+    restarts: int = 0
+
+
+class Engine:
+    """Base class: state, probing, listeners. Subclasses decide how the server comes to exist."""
+
+    kind = "engine"
+
+    def __init__(self, name: str, base_url: str, client: UpstreamClient, *, probe_interval_s: float) -> None:
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self.client = client
+        self.probe_interval_s = probe_interval_s
+        self.status = EngineStatus()
+        self._listeners: list[ProbeListener] = []
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def add_listener(self, listener: ProbeListener) -> None:
+        self._listeners.append(listener)
+
+    async def start(self) -> None:
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name=f"engine-{self.name}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._shutdown()
+        self._set_state(EngineState.STOPPED)
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    async def _shutdown(self) -> None:
+        """Release what the engine owns (a managed process)."""
+
+    # --- state -----------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.status.state == EngineState.READY
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def _set_state(self, state: EngineState, error: str | None = None) -> None:
+        previous = self.status.state
+        if state == previous:
+            return
+        self.status.state = state
+        if error:
+            self.status.last_error = error
+        if state == EngineState.READY:
+            self.status.generation += 1
+            self.status.ready_since = time.time()
+            log.info(
+                "engine %s is ready at %s (generation %d)", self.name, self.base_url, self.status.generation
+            )
+        else:
+            self.status.ready_since = None
+            if previous == EngineState.READY:
+                log.warning("engine %s is %s%s", self.name, state, f": {error}" if error else "")
+
+    def mark_down(self, error: str) -> None:
+        """The engine lost its state (process died): nothing is resident any more."""
+        self._set_state(EngineState.UNAVAILABLE, error)
+        self.status.resident.clear()
+
+    # --- probing ---------------------------------------------------------------------------------
+    async def probe(self, timeout: float = 5.0) -> ProbeResult | None:
+        try:
+            data = await self.client.get_json(self.url("/v1/models"), timeout=timeout)
+        except GatewayError as exc:
+            self.status.last_error = exc.message
+            return None
+        except ValueError as exc:  # not JSON: not a vLLM server (yet)
+            self.status.last_error = f"bad /v1/models answer: {exc}"
+            return None
+        models = data.get("data", []) if isinstance(data, dict) else []
+        base = {m["id"] for m in models if isinstance(m, dict) and not m.get("parent")}
+        adapters = {m["id"] for m in models if isinstance(m, dict) and m.get("parent")}
+        return ProbeResult(base, adapters)
+
+    async def probe_once(self) -> bool:
+        """Probe, update the state, tell the listeners. True when the engine answered."""
+        result = await self.probe()
+        if result is None:
+            if self.status.state == EngineState.READY:
+                self._set_state(EngineState.UNAVAILABLE, self.status.last_error)
+            return False
+        self._set_state(EngineState.READY)
+        for listener in self._listeners:
+            try:
+                await listener(self, result)
+            except Exception:  # a listener's failure must not stop the monitor
+                log.exception("engine %s: probe listener failed", self.name)
+        return True
+
+    async def wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready:
+                return True
+            await asyncio.sleep(0.1)
+        return self.ready
+
+    def describe(self) -> dict[str, object]:
+        s = self.status
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "url": self.base_url,
+            "state": str(s.state),
+            "generation": s.generation,
+            "ready_since": s.ready_since,
+            "restarts": s.restarts,
+            "last_error": s.last_error,
+            "resident_adapters": sorted(s.resident),
+            "in_flight": {k: v for k, v in s.in_flight.items() if v},
+            "last_load_at": dict(s.last_load_at),
+        }

@@ -1,0 +1,136 @@
+"""Prometheus metrics, in the app's own registry, under our own prefix `lora_gateway_`.
+
+Label values come only from known names: a `model` label is the base model's name or a registered
+adapter's name; anything else a client sends is counted under `__unknown__`, so a flood of made-up
+model names cannot create new time series. Buckets are vLLM's own, so dashboards line up.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+UNKNOWN = "__unknown__"
+
+# vLLM's buckets (vllm/v1/metrics/loggers.py): end-to-end request latency and time to first token.
+E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+# Gateway-internal work (adapter loads, overhead) is much shorter than a generation.
+FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "lora_gateway_requests",
+            "Requests answered, by route, model and HTTP status.",
+            ["route", "model", "status"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "lora_gateway_request_errors",
+            "Requests answered with an error, by route, model and error code.",
+            ["route", "model", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "lora_gateway_request_duration_seconds",
+            "End-to-end request latency seen by the gateway.",
+            ["route", "model"],
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "lora_gateway_time_to_first_token_seconds",
+            "Time to the first streamed chunk.",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "lora_gateway_requests_in_flight", "Requests being answered now.", ["model"], registry=r
+        )
+        self.prompt_tokens = Counter(
+            "lora_gateway_prompt_tokens", "Prompt tokens, as reported by the engine.", ["model"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "lora_gateway_completion_tokens",
+            "Completion tokens, as reported by the engine.",
+            ["model"],
+            registry=r,
+        )
+        self.engine_up = Gauge(
+            "lora_gateway_engine_up", "1 when the engine answers, else 0.", ["engine"], registry=r
+        )
+        self.adapter_loads = Counter(
+            "lora_gateway_adapter_loads",
+            "Adapter loads into an engine, by result (ok or error).",
+            ["adapter", "result"],
+            registry=r,
+        )
+        self.adapter_load_duration = Histogram(
+            "lora_gateway_adapter_load_duration_seconds",
+            "Time to load an adapter into an engine.",
+            ["adapter"],
+            buckets=FAST_BUCKETS,
+            registry=r,
+        )
+        self.adapter_evictions = Counter(
+            "lora_gateway_adapter_evictions", "Adapters unloaded to make room.", ["adapter"], registry=r
+        )
+        self.resident_adapters = Gauge(
+            "lora_gateway_resident_adapters", "Adapters loaded in an engine now.", ["engine"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def model_label(name: str | None, known: set[str]) -> str:
+    return name if name is not None and name in known else UNKNOWN

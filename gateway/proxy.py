@@ -1,0 +1,187 @@
+"""Forwarding one validated inference request to an engine and its answer back to the client.
+
+Non-streaming: one upstream call, the JSON answer passed on (its `model` set back to what the client
+asked for). Streaming: the engine's SSE bytes are passed on as they arrive, never buffered whole; when
+the client goes away the upstream response is closed, so vLLM aborts the generation. An error after
+the first byte is sent as one `data: {"error": ...}` event, then the stream ends.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import httpx
+from fastapi.responses import Response, StreamingResponse
+
+from gateway.errors import GatewayError, from_upstream, sse_error_event
+from gateway.upstream import UpstreamClient, map_transport_error
+
+Finish = Callable[[int, str | None, dict[str, Any] | None], None]
+
+
+class ModelRewriter:
+    """Puts the client's `model` back into the engine's JSON, chunk by chunk for SSE.
+
+    vLLM writes compact JSON (`"model":"name"`); events are rewritten whole (split on blank lines), so a
+    pattern cut by a TCP chunk boundary is never missed.
+    """
+
+    def __init__(self, engine_model: str, requested: str) -> None:
+        self.needed = engine_model != requested
+        self.old = b'"model":' + json.dumps(engine_model).encode()
+        self.new = b'"model":' + json.dumps(requested).encode()
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not self.needed:
+            return chunk
+        data = self._pending + chunk
+        cut = data.rfind(b"\n\n")
+        if cut < 0:
+            self._pending = data
+            return b""
+        self._pending = data[cut + 2 :]
+        return data[: cut + 2].replace(self.old, self.new)
+
+    def flush(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        return rest.replace(self.old, self.new) if self.needed else rest
+
+
+def _usage(body: Any) -> dict[str, Any] | None:
+    usage = body.get("usage") if isinstance(body, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
+async def forward_json(
+    client: UpstreamClient, url: str, content: bytes, headers: dict[str, str], requested: str, finish: Finish
+) -> Response:
+    response = await client.send("POST", url, content=content, headers=headers)
+    if response.status_code >= 400:
+        raise from_upstream(response.status_code, response.content)
+    try:
+        body = response.json()
+    except ValueError as exc:
+        raise from_upstream(502, b'{"error": {"message": "engine answered with invalid JSON"}}') from exc
+    if isinstance(body, dict) and body.get("model") != requested:
+        body["model"] = requested
+        payload = json.dumps(body, separators=(",", ":")).encode()
+    else:
+        payload = response.content
+    finish(response.status_code, None, _usage(body))
+    out_headers = {"x-request-id": headers["x-request-id"]} if "x-request-id" in headers else {}
+    return Response(
+        payload, status_code=response.status_code, media_type="application/json", headers=out_headers
+    )
+
+
+class _Relay:
+    """One upstream SSE response relayed to one client; `close()` runs exactly once on every path."""
+
+    def __init__(
+        self,
+        response: httpx.Response,
+        rewriter: ModelRewriter,
+        finish: Finish,
+        on_first_chunk: Callable[[float], None],
+        started: float,
+    ) -> None:
+        self.response = response
+        self.rewriter = rewriter
+        self.finish = finish
+        self.on_first_chunk = on_first_chunk
+        self.started = started
+        self.usage: dict[str, Any] | None = None
+        self.error: str | None = "client_disconnected"  # until the stream ends by itself
+        self.closed = False
+
+    async def body(self) -> AsyncIterator[bytes]:
+        first = True
+        try:
+            async for chunk in self.response.aiter_raw():
+                if first:
+                    first = False
+                    self.on_first_chunk(time.perf_counter() - self.started)
+                if b'"usage":{' in chunk:
+                    self.usage = _stream_usage(chunk) or self.usage
+                out = self.rewriter.feed(chunk)
+                if out:
+                    yield out
+            tail = self.rewriter.flush()
+            if tail:
+                yield tail
+            self.error = None
+        except httpx.TransportError as exc:
+            mapped = map_transport_error(exc)
+            self.error = mapped.code
+            yield sse_error_event(mapped)
+        except GatewayError as exc:
+            self.error = exc.code
+            yield sse_error_event(exc)
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with anyio.CancelScope(shield=True):
+            await self.response.aclose()  # closes the connection mid-stream: vLLM aborts the request
+        status = self.response.status_code
+        if self.error == "client_disconnected":
+            status = 499
+        elif self.error is not None:
+            status = 502
+        self.finish(status, self.error, self.usage)
+
+
+class RelayResponse(StreamingResponse):
+    """A StreamingResponse that closes its upstream even if the body was never iterated."""
+
+    def __init__(self, relay: _Relay, headers: dict[str, str]) -> None:
+        super().__init__(relay.body(), media_type="text/event-stream", headers=headers)
+        self.relay = relay
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.relay.close()
+
+
+async def forward_stream(
+    client: UpstreamClient,
+    url: str,
+    content: bytes,
+    headers: dict[str, str],
+    rewriter: ModelRewriter,
+    finish: Finish,
+    on_first_chunk: Callable[[float], None],
+) -> StreamingResponse:
+    started = time.perf_counter()
+    response = await client.send("POST", url, content=content, headers=headers, stream=True)
+    if response.status_code >= 400:
+        try:
+            body = await response.aread()
+        finally:
+            await response.aclose()
+        raise from_upstream(response.status_code, body)
+    out_headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+    if "x-request-id" in headers:
+        out_headers["x-request-id"] = headers["x-request-id"]
+    return RelayResponse(_Relay(response, rewriter, finish, on_first_chunk, started), out_headers)
+
+
+def _stream_usage(chunk: bytes) -> dict[str, Any] | None:
+    """The usage object of the last SSE event in `chunk` that has one (sent when include_usage is on)."""
+    for line in reversed(chunk.split(b"\n")):
+        if line.startswith(b"data: {") and b'"usage":{' in line:
+            try:
+                return _usage(json.loads(line[6:]))
+            except ValueError:
+                return None
+    return None

@@ -1,0 +1,223 @@
+"""Which adapters are loaded in which engine: the only code that calls vLLM's load/unload routes.
+
+acquire(engine, adapter) -> Lease
+  resident?  yes -> count one more request in flight
+             no  -> under the adapter's lock (singleflight: one load, the others wait for it)
+                    make room (evict the least recently used adapter that is idle and not pinned;
+                    wait up to `wait_timeout_s` when none can go, then 503 + Retry-After), load it
+Lease.release()  always, exactly once (success, error, client gone): the adapter becomes evictable.
+
+on_probe(engine, listed)   after every successful probe of an engine
+  `resident` := what vLLM really lists; adapters we had that vLLM lost (it restarted) are loaded
+  again, pinned ones too; nothing is reported resident that vLLM does not have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from gateway.engines.base import Engine, ProbeResult
+from gateway.errors import EngineUnavailableError, GatewayError, UpstreamError
+from gateway.metrics import Metrics
+from gateway.registry.catalog import AdapterRef
+from gateway.upstream import UpstreamClient
+
+log = logging.getLogger("lora_gateway.residency")
+
+
+@dataclass
+class _EngineBook:
+    """Per-engine bookkeeping beside `engine.status` (which the admin API shows)."""
+
+    lru: OrderedDict[str, None] = field(default_factory=OrderedDict)  # engine names, oldest first
+    wanted: dict[str, AdapterRef] = field(
+        default_factory=dict
+    )  # what should be resident (restored on restart)
+    pinned: set[str] = field(default_factory=set)
+    loading: int = 0
+    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Lease:
+    """One request's hold on one adapter in one engine; `release()` is idempotent."""
+
+    __slots__ = ("_residency", "engine", "engine_name", "_released")
+
+    def __init__(self, residency: Residency, engine: Engine, engine_name: str) -> None:
+        self._residency = residency
+        self.engine = engine
+        self.engine_name = engine_name
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._residency._release(self.engine, self.engine_name)
+
+
+class Residency:
+    def __init__(
+        self,
+        client: UpstreamClient,
+        metrics: Metrics,
+        *,
+        max_resident: int,
+        wait_timeout_s: float = 30.0,
+        retry_after_s: int = 5,
+    ) -> None:
+        self.client = client
+        self.metrics = metrics
+        self.max_resident = max_resident
+        self.wait_timeout_s = wait_timeout_s
+        self.retry_after_s = retry_after_s
+        self._books: dict[str, _EngineBook] = {}
+
+    def book(self, engine: Engine) -> _EngineBook:
+        return self._books.setdefault(engine.name, _EngineBook())
+
+    # --- requests ------------------------------------------------------------------------------
+    async def acquire(self, engine: Engine, ref: AdapterRef) -> Lease:
+        status, book, key = engine.status, self.book(engine), ref.engine_name
+        if key not in status.resident:
+            lock = book.locks.setdefault(key, asyncio.Lock())
+            async with lock:
+                if key not in status.resident:
+                    await self._make_room(engine, book)
+                    try:
+                        await self._load(engine, ref)
+                    finally:
+                        book.loading -= 1
+                self._hold(engine, book, key)
+        else:
+            self._hold(engine, book, key)
+        return Lease(self, engine, key)
+
+    def _hold(self, engine: Engine, book: _EngineBook, key: str) -> None:
+        engine.status.in_flight[key] = engine.status.in_flight.get(key, 0) + 1
+        book.lru[key] = None
+        book.lru.move_to_end(key)
+
+    def _release(self, engine: Engine, key: str) -> None:
+        in_flight = engine.status.in_flight
+        in_flight[key] = max(0, in_flight.get(key, 0) - 1)
+        if not in_flight[key]:
+            del in_flight[key]
+            book = self.book(engine)
+            book.released.set()
+            book.released = asyncio.Event()
+
+    async def _make_room(self, engine: Engine, book: _EngineBook) -> None:
+        """Reserve a slot for one load, evicting an idle adapter if the engine is full."""
+        deadline = time.monotonic() + self.wait_timeout_s
+        while len(engine.status.resident) + book.loading >= self.max_resident:
+            victim = self._eviction_candidate(engine, book)
+            if victim is not None:
+                await self.unload(engine, victim, reason="evicted")
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise EngineUnavailableError(
+                    f"All {self.max_resident} adapter slots of engine {engine.name} are busy; try again.",
+                    retry_after_s=self.retry_after_s,
+                    code="adapter_slots_busy",
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(book.released.wait(), timeout=min(remaining, 1.0))
+        book.loading += 1
+
+    def _eviction_candidate(self, engine: Engine, book: _EngineBook) -> str | None:
+        status = engine.status
+        ordered = [k for k in book.lru if k in status.resident]
+        ordered += sorted(k for k in status.resident if k not in book.lru)  # unknown age: oldest
+        for key in ordered:
+            if status.in_flight.get(key, 0) == 0 and key not in book.pinned:
+                lock = book.locks.get(key)
+                if lock is None or not lock.locked():
+                    return key
+        return None
+
+    # --- engine calls --------------------------------------------------------------------------
+    async def _load(self, engine: Engine, ref: AdapterRef) -> None:
+        if not engine.ready:
+            raise EngineUnavailableError(
+                f"Engine {engine.name} is not ready.", retry_after_s=self.retry_after_s
+            )
+        started = time.perf_counter()
+        payload = {"lora_name": ref.engine_name, "lora_path": str(ref.path)}
+        try:
+            await self.client.post_json(engine.url("/v1/load_lora_adapter"), payload)
+        except GatewayError as exc:
+            if "already been loaded" not in exc.message:  # idempotent: vLLM has it, so do we
+                self.metrics.adapter_loads.labels(ref.name, "error").inc()
+                log.warning("engine %s: loading %s failed: %s", engine.name, ref.engine_name, exc.message)
+                if isinstance(exc, EngineUnavailableError):
+                    raise
+                raise UpstreamError(
+                    f"Loading adapter `{ref.name}` failed: {exc.message}", code="adapter_load_failed"
+                ) from exc
+        elapsed = time.perf_counter() - started
+        self.metrics.adapter_loads.labels(ref.name, "ok").inc()
+        self.metrics.adapter_load_duration.labels(ref.name).observe(elapsed)
+        book = self.book(engine)
+        engine.status.resident.add(ref.engine_name)
+        engine.status.last_load_at[ref.engine_name] = time.time()
+        book.wanted[ref.engine_name] = ref
+        if ref.pinned:
+            book.pinned.add(ref.engine_name)
+        self._observe_resident(engine)
+        log.info("engine %s: loaded adapter %s in %.1f ms", engine.name, ref.engine_name, elapsed * 1000)
+
+    async def unload(self, engine: Engine, key: str, *, reason: str = "unloaded") -> None:
+        """Unload one adapter; idempotent (an adapter vLLM does not have is already unloaded)."""
+        book = self.book(engine)
+        ref = book.wanted.pop(key, None)
+        engine.status.resident.discard(key)
+        book.lru.pop(key, None)
+        try:
+            await self.client.post_json(engine.url("/v1/unload_lora_adapter"), {"lora_name": key})
+        except GatewayError as exc:
+            if exc.status_code != 404:
+                log.warning("engine %s: unloading %s failed: %s", engine.name, key, exc.message)
+        if reason == "evicted":
+            self.metrics.adapter_evictions.labels(ref.name if ref else key).inc()
+        self._observe_resident(engine)
+        log.info("engine %s: %s adapter %s", engine.name, reason, key)
+
+    def _observe_resident(self, engine: Engine) -> None:
+        self.metrics.resident_adapters.labels(engine.name).set(len(engine.status.resident))
+
+    # --- preload, pins and reconciliation ------------------------------------------------------
+    def want(self, engine: Engine, ref: AdapterRef) -> None:
+        """Ask for `ref` to be resident on this engine whenever it is (re)ready."""
+        book = self.book(engine)
+        book.wanted[ref.engine_name] = ref
+        if ref.pinned:
+            book.pinned.add(ref.engine_name)
+
+    async def on_probe(self, engine: Engine, result: ProbeResult) -> None:
+        status, book = engine.status, self.book(engine)
+        lost = status.resident - result.adapters
+        if lost:
+            log.warning("engine %s lost adapters %s (restarted?); restoring", engine.name, sorted(lost))
+        status.resident = set(result.adapters)
+        for key in list(book.lru):
+            if key not in status.resident:
+                book.lru.pop(key)
+        self._observe_resident(engine)
+        self.metrics.engine_up.labels(engine.name).set(1)
+        missing = [ref for key, ref in book.wanted.items() if key not in status.resident]
+        missing.sort(key=lambda r: (r.engine_name not in book.pinned, r.engine_name))
+        for ref in missing:
+            if len(status.resident) >= self.max_resident and ref.engine_name not in book.pinned:
+                continue
+            try:
+                lease = await self.acquire(engine, ref)
+                lease.release()
+            except GatewayError as exc:
+                log.warning("engine %s: could not restore %s: %s", engine.name, ref.engine_name, exc.message)

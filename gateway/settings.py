@@ -1,0 +1,187 @@
+"""One settings object for the whole gateway, built once and passed in.
+
+Sources, lowest to highest priority (pydantic-settings):
+
+1. defaults in this file;
+2. a config file, YAML (`.yaml`/`.yml`) or TOML (`.toml`), named by `--config` or `LORA_GATEWAY_CONFIG`;
+3. environment variables `LORA_GATEWAY_*`, nested fields with `__` (`LORA_GATEWAY_ENGINE__MAX_LORAS=4`);
+4. CLI flags (passed as keyword arguments to `load_settings`).
+
+Nested objects merge across sources: a file may set `engine.max_loras` and the environment
+`engine.port` without one erasing the other.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+ENV_PREFIX = "LORA_GATEWAY_"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lora-gateway"
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "lora-gateway"
+
+
+class EngineSettings(BaseModel):
+    """The vLLM engine behind the gateway."""
+
+    mode: Literal["managed", "attached"] = Field(
+        "managed", description="managed: the gateway spawns and supervises vLLM; attached: use `url`."
+    )
+    url: str | None = Field(None, description="Base URL of an attached vLLM server (http://host:port).")
+    model: str | None = Field(
+        None, description="Base model for a managed engine: local folder or HF id. Default: embedded tiny."
+    )
+    served_model_name: str | None = Field(
+        None, description="Name clients use for the base model. Default: the folder name of `model`."
+    )
+    host: str = Field("127.0.0.1", description="Address a managed vLLM binds to (loopback by default).")
+    port: int = Field(8001, description="Port a managed vLLM listens on.")
+    max_loras: int = Field(2, ge=1, description="vLLM --max-loras: adapters in one batch.")
+    max_lora_rank: int = Field(16, description="vLLM --max-lora-rank.")
+    max_cpu_loras: int = Field(4, ge=1, description="vLLM --max-cpu-loras: adapters cached in CPU memory.")
+    max_model_len: int | None = Field(None, description="vLLM --max-model-len.")
+    extra_args: list[str] = Field(default_factory=list, description="More vLLM CLI arguments, passed as-is.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment for a managed vLLM.")
+    python: str = Field(sys.executable, description="Python interpreter that has vLLM installed.")
+    startup_timeout_s: float = Field(600.0, description="How long a managed vLLM may take to become ready.")
+    health_interval_s: float = Field(2.0, description="How often the engine is probed once ready.")
+    restart_backoff_s: float = Field(2.0, description="First delay before restarting a dead managed vLLM.")
+    max_restart_backoff_s: float = Field(60.0, description="Largest delay between restart attempts.")
+    stop_timeout_s: float = Field(20.0, description="Grace period after SIGTERM before SIGKILL.")
+
+    @model_validator(mode="after")
+    def _attached_needs_url(self) -> EngineSettings:
+        if self.mode == "attached" and not self.url:
+            raise ValueError("engine.url is required when engine.mode is 'attached'")
+        if self.max_lora_rank not in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+            raise ValueError(
+                "engine.max_lora_rank must be one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (vLLM)"
+            )
+        return self
+
+    @property
+    def base_url(self) -> str:
+        if self.mode == "attached":
+            assert self.url is not None
+            return self.url.rstrip("/")
+        return f"http://{self.host}:{self.port}"
+
+
+class TimeoutSettings(BaseModel):
+    """Timeouts for calls to the engine, in seconds."""
+
+    connect_s: float = Field(5.0, description="Opening a connection to the engine.")
+    read_s: float = Field(600.0, description="Longest wait for the next bytes of a response (stream gaps).")
+    write_s: float = Field(30.0, description="Sending a request body.")
+    pool_s: float = Field(30.0, description="Waiting for a free connection from the pool.")
+    admin_s: float = Field(
+        60.0, description="Whole-call timeout for engine admin calls (load/unload adapter)."
+    )
+
+
+class Settings(BaseSettings):
+    """Everything the gateway reads at start."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    config_file: Path | None = Field(None, description="YAML or TOML file with these same settings.")
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8000, description="Port the gateway listens on.")
+    log_level: str = Field("info", description="debug, info, warning or error.")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="Built models and demo adapters.")
+    data_dir: Path = Field(
+        default_factory=default_data_dir, description="Registry database and adapter store."
+    )
+    adapters_dir: Path | None = Field(
+        None, description="Folder of PEFT adapter folders served at start. Default: the demo adapters."
+    )
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
+    max_body_bytes: int = Field(8 * 1024 * 1024, description="Largest accepted request body (413 above).")
+    retry_after_s: int = Field(5, description="Retry-After sent with 503 while the engine is not ready.")
+    max_connections: int = Field(1000, description="Connection pool size towards the engine.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        init_kwargs: dict[str, Any] = getattr(init_settings, "init_kwargs", {})
+        path = init_kwargs.get("config_file") or os.environ.get(f"{ENV_PREFIX}CONFIG")
+        sources = [init_settings, env_settings]
+        if path:
+            sources.append(config_file_source(settings_cls, Path(path)))
+        return tuple(sources)
+
+    def resolved_adapters_dir(self) -> Path:
+        from adapters.demo import demo_adapters_dir
+
+        return self.adapters_dir or demo_adapters_dir(self.cache_dir)
+
+    def resolved_engine_model(self) -> str:
+        from adapters.tiny import tiny_model_dir
+
+        if self.engine.model is None:
+            return str(tiny_model_dir(self.cache_dir).absolute())
+        local = Path(self.engine.model).expanduser()
+        return str(local.absolute()) if local.exists() else self.engine.model
+
+    def base_model_name(self) -> str:
+        if self.engine.served_model_name:
+            return self.engine.served_model_name
+        return Path(self.resolved_engine_model().rstrip("/")).name
+
+
+def config_file_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path.suffix in (".yaml", ".yml"):
+        return YamlConfigSettingsSource(settings_cls, yaml_file=path)
+    if path.suffix == ".toml":
+        return TomlConfigSettingsSource(settings_cls, toml_file=path)
+    raise ValueError(f"config file must be .yaml, .yml or .toml: {path}")
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build the settings; `overrides` (CLI flags) win over everything, None values are ignored."""
+    cleaned = _drop_none(overrides)
+    if config_file is not None:
+        cleaned["config_file"] = Path(config_file)
+    return Settings(**cleaned)
+
+
+def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            value = _drop_none(value)
+            if not value:
+                continue
+        if value is not None:
+            out[key] = value
+    return out

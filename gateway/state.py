@@ -1,0 +1,26 @@
+"""What the routes share, built once in the app's lifespan (no module-level mutable state)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from gateway.engines.base import Engine
+from gateway.metrics import Metrics
+from gateway.registry.catalog import AdapterCatalog
+from gateway.residency import Residency
+from gateway.routing import Router
+from gateway.settings import Settings
+from gateway.upstream import UpstreamClient
+
+
+@dataclass
+class GatewayState:
+    settings: Settings
+    metrics: Metrics
+    client: UpstreamClient
+    catalog: AdapterCatalog
+    engines: list[Engine]
+    residency: Residency
+    router: Router
+    started_at: float = field(default_factory=time.time)
