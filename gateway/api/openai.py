@@ -79,22 +79,23 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_body(body: bytes, schema: type[BaseModel]) -> tuple[dict[str, Any], BaseModel]:
+def parse_json(body: bytes) -> dict[str, Any]:
     if not body.strip():
-        raise InvalidRequestError(
-            "The request body is empty; a JSON object is expected.", code="invalid_json"
-        )
+        raise InvalidRequestError("The request body is empty; expected a JSON object.", code="invalid_json")
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"The request body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(payload, dict):
         raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
+    return payload
+
+
+def validate(payload: dict[str, Any], schema: type[BaseModel]) -> BaseModel:
     try:
-        parsed = schema.model_validate(payload)
+        return schema.model_validate(payload)
     except ValidationError as exc:
         raise validation_error(exc.errors()) from exc
-    return payload, parsed
 
 
 async def _complete(request: Request, route: str, schema: type[BaseModel]) -> Response:
@@ -124,15 +125,16 @@ async def _complete(request: Request, route: str, schema: type[BaseModel]) -> Re
     metrics.in_flight.labels(label).inc()
     try:
         body = await read_body(request, state.settings.max_body_bytes)
-        payload, parsed = parse_body(body, schema)
+        payload = parse_json(body)
+        target = state.catalog.resolve(payload["model"]) if isinstance(payload.get("model"), str) else None
+        if target is not None:  # a registered name: count this request under it from now on
+            metrics.in_flight.labels(label).dec()
+            label = model_label(target.label, state.catalog.known_labels())
+            metrics.in_flight.labels(label).inc()
+        parsed = validate(payload, schema)
         requested: str = parsed.model  # type: ignore[attr-defined]
-        target = state.catalog.resolve(requested)
         if target is None:
             raise ModelNotFoundError(requested)
-        # Re-label the request now that the name is known to be registered.
-        metrics.in_flight.labels(label).dec()
-        label = model_label(target.label, state.catalog.known_labels())
-        metrics.in_flight.labels(label).inc()
 
         engine = state.router.pick(target)
         if target.adapter is not None:

@@ -1,0 +1,230 @@
+"""Shared fixtures. The real vLLM server starts once per test session, behind a real gateway process.
+
+- `tiny_cache`: the embedded base model and demo adapters (built once, cached like `make serve` does).
+- `gateway_proc`: `lora-gateway serve` in managed mode as a subprocess (it spawns vLLM), started once.
+- `gateway_url` / `vllm_url`: its URLs; `client`: the official OpenAI SDK pointed at the gateway.
+- `serve_app(settings)`: another gateway, in-process on a free loopback port (attached mode reuses
+  the session's vLLM, so it starts in a moment).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+import yaml
+
+from gateway.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT_S = 420
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """The same cache `make serve` uses (LORA_GATEWAY_CACHE_DIR or ~/.cache/lora-gateway)."""
+    return Settings().cache_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(cache_dir: Path) -> dict[str, Path]:
+    from adapters.demo import build_demo_adapters
+    from adapters.tiny import TINY_NAME, build_tiny
+
+    base = build_tiny(cache_dir)
+    demos = build_demo_adapters(cache_dir, base, TINY_NAME)
+    return {"base": base, **demos}
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("session")
+
+
+class GatewayProcess:
+    def __init__(self, proc: subprocess.Popen[bytes], url: str, vllm_url: str, log_path: Path) -> None:
+        self.proc = proc
+        self.url = url
+        self.vllm_url = vllm_url
+        self.log_path = log_path
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def wait_healthy(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return
+            time.sleep(0.5)
+        raise TimeoutError(f"gateway not healthy after {timeout} s:\n{self.log_tail()}")
+
+
+@pytest.fixture(scope="session")
+def gateway_proc(tiny_cache: dict[str, Path], cache_dir: Path, session_tmp: Path) -> Iterator[GatewayProcess]:
+    port, vllm_port = free_port(), free_port()
+    config = {
+        "port": port,
+        "cache_dir": str(cache_dir),
+        "data_dir": str(session_tmp / "data"),
+        "engine": {"port": vllm_port, "max_loras": 2, "max_cpu_loras": 4, "health_interval_s": 1.0},
+    }
+    config_path = session_tmp / "gateway.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    log_path = session_tmp / "gateway.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_GATEWAY_")}
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
+    gw = GatewayProcess(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{vllm_port}", log_path)
+    try:
+        gw.wait_healthy()
+        yield gw
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        _assert_port_closed(vllm_port)
+
+
+def _assert_port_closed(port: int) -> None:
+    """The gateway's shutdown must stop the vLLM it started."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"vLLM still listening on port {port} after the gateway stopped")
+
+
+@pytest.fixture
+def gateway(gateway_proc: GatewayProcess) -> GatewayProcess:
+    """The session gateway, healthy (a test that restarts vLLM may have run before)."""
+    gateway_proc.wait_healthy()
+    return gateway_proc
+
+
+@pytest.fixture
+def gateway_url(gateway: GatewayProcess) -> str:
+    return gateway.url
+
+
+@pytest.fixture
+def vllm_url(gateway: GatewayProcess) -> str:
+    return gateway.vllm_url
+
+
+@pytest.fixture
+def client(gateway_url: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=gateway_url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+class _ThreadServer(uvicorn.Server):
+    def install_signal_handlers(self) -> None:  # not in the main thread
+        pass
+
+
+@contextlib.contextmanager
+def serve_app(settings: Settings, *, wait_ready: bool = True) -> Iterator[str]:
+    """Run a gateway built from `settings` in a thread on a free loopback port; yield its URL."""
+    from gateway.app import create_app
+
+    port = free_port()
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    server = _ThreadServer(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("in-process gateway did not start")
+            time.sleep(0.02)
+        if wait_ready:
+            while httpx.get(url + "/health", timeout=5).status_code != 200:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("in-process gateway never saw its engine ready")
+                time.sleep(0.1)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def attached_settings(vllm_url: str, cache_dir: Path, tmp_path: Path, **overrides: object) -> Settings:
+    engine = {"mode": "attached", "url": vllm_url, "health_interval_s": 0.5, "max_cpu_loras": 4}
+    engine.update(overrides.pop("engine", {}))  # type: ignore[arg-type]
+    return Settings(
+        cache_dir=cache_dir,
+        data_dir=tmp_path / "data",
+        engine=engine,
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+class UpstreamProcess:
+    def __init__(self, proc: subprocess.Popen[bytes], url: str) -> None:
+        self.proc = proc
+        self.url = url
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@contextlib.contextmanager
+def upstream_process(*args: str) -> Iterator[UpstreamProcess]:
+    """`loadtest.fast_upstream` (a fast OpenAI-compatible server that can stand for vLLM) in a process."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loadtest.fast_upstream", "--host", "127.0.0.1", "--port", str(port), *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    upstream = UpstreamProcess(proc, f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(upstream.url + "/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("fast upstream did not start")
+            time.sleep(0.1)
+        yield upstream
+    finally:
+        if proc.poll() is None:
+            upstream.kill()

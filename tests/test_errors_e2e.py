@@ -1,0 +1,127 @@
+"""Every error a client can meet, with its status and the OpenAI error shape, against real servers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import attached_settings, free_port, serve_app, upstream_process
+
+pytestmark = pytest.mark.engine
+
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+def assert_openai_error(
+    r: httpx.Response, status: int, code: str | None = None, param: str | None = None
+) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["code"] is None or isinstance(error["code"], str)
+    if code is not None:
+        assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+def test_unknown_model_is_404_model_not_found(client: openai.OpenAI, gateway_url: str) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="no-such-adapter", messages=MESSAGES)
+    assert info.value.status_code == 404
+    r = httpx.post(gateway_url + CHAT, json={"model": "no-such-adapter", "messages": MESSAGES})
+    error = assert_openai_error(r, 404, "model_not_found", "model")
+    assert "no-such-adapter" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": MESSAGES}, "model"),
+        ({"model": "demo-a", "messages": []}, "messages"),
+        ({"model": "demo-a", "messages": MESSAGES, "stream": "yes"}, "stream"),
+        ({"model": "demo-a", "messages": MESSAGES, "temperature": 7}, "temperature"),
+        ({"model": "demo-a", "messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+        ({"model": "demo-a", "messages": [{"content": "no role"}]}, "messages.0.role"),
+    ],
+)
+def test_invalid_fields_are_400_naming_the_field(gateway_url: str, body: dict, param: str) -> None:
+    assert_openai_error(httpx.post(gateway_url + CHAT, json=body), 400, "invalid_value", param)
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", b'"text"', b"\xff\xfe"])
+def test_malformed_json_is_400_not_422(gateway_url: str, raw: bytes) -> None:
+    r = httpx.post(gateway_url + CHAT, content=raw, headers={"content-type": "application/json"})
+    assert_openai_error(r, 400, "invalid_json")
+
+
+def test_completions_prompt_is_required(gateway_url: str) -> None:
+    r = httpx.post(gateway_url + "/v1/completions", json={"model": "demo-a"})
+    assert_openai_error(r, 400, "invalid_value", "prompt")
+
+
+def test_body_over_the_limit_is_413(gateway_url: str) -> None:
+    big = "x" * (9 * 1024 * 1024)  # default limit: 8 MiB
+    r = httpx.post(
+        gateway_url + CHAT, json={"model": "demo-a", "messages": [{"role": "user", "content": big}]}
+    )
+    assert_openai_error(r, 413, "payload_too_large")
+
+
+def test_engine_error_is_passed_through_in_openai_shape(gateway_url: str) -> None:
+    body = {"model": "demo-a", "messages": MESSAGES, "max_tokens": 100000}
+    error = assert_openai_error(httpx.post(gateway_url + CHAT, json=body), 400, "400", "max_tokens")
+    assert error["type"] == "invalid_request_error"
+    assert "max_tokens" in error["message"]
+
+
+def test_unknown_route_and_method_use_openai_shape(gateway_url: str) -> None:
+    assert_openai_error(httpx.get(gateway_url + "/v1/nothing-here"), 404, "not_found")
+    assert_openai_error(httpx.get(gateway_url + CHAT), 405, "method_not_allowed")
+
+
+def test_engine_not_ready_is_503_with_retry_after(cache_dir: Path, tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    settings = attached_settings(dead, cache_dir, tmp_path, retry_after_s=7)
+    with serve_app(settings, wait_ready=False) as url:
+        r = httpx.post(url + CHAT, json={"model": "demo-a", "messages": MESSAGES})
+        assert_openai_error(r, 503, "engine_not_ready")
+        assert r.headers["retry-after"] == "7"
+        health = httpx.get(url + "/health")
+        assert health.status_code == 503 and health.headers["retry-after"] == "7"
+        assert health.json()["error"]["code"] == "engine_unavailable"
+
+
+def test_upstream_read_timeout_is_504(vllm_url: str, cache_dir: Path, tmp_path: Path) -> None:
+    settings = attached_settings(vllm_url, cache_dir, tmp_path, timeouts={"read_s": 0.3})
+    with serve_app(settings) as url:
+        body = {
+            "model": "demo-a",
+            "messages": MESSAGES,
+            "max_tokens": 900,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        r = httpx.post(url + CHAT, json=body, timeout=60)
+        assert_openai_error(r, 504, "upstream_timeout")
+
+
+def test_engine_gone_after_ready_is_502(tmp_path: Path, cache_dir: Path) -> None:
+    """An engine that answered its probe, then refuses connections: 502 engine_unreachable.
+
+    The engine here is the project's fast OpenAI-compatible upstream (loadtest/fast_upstream.py), a
+    real server in its own process, killed after the gateway saw it ready.
+    """
+    with upstream_process() as upstream:
+        settings = attached_settings(upstream.url, cache_dir, tmp_path, engine={"health_interval_s": 60})
+        with serve_app(settings) as url:
+            upstream.kill()
+            r = httpx.post(url + CHAT, json={"model": "tiny-llama", "messages": MESSAGES})
+            assert_openai_error(r, 502, "engine_unreachable")
