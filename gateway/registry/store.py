@@ -1,0 +1,443 @@
+"""The registry's durable state, behind `RegistryStore` so that Postgres can sit beside SQLite later.
+
+    adapter  name, pinned, alias_version, last_version
+      └── version 1, 2, 3, ...   per name, increasing, never reused (not even after removal)
+            digest, source, revision, description, rank, size_bytes, forced_base,
+            status ("ready" | "retired"), created_at
+
+`name` resolves to the alias's version when one is set, else to the newest ready version; `name@3`
+resolves to version 3 while it is ready. Removing retires: rows stay as history, but only ready
+versions count as references to a blob (`referenced_digests()`), and an adapter without ready versions
+is neither listed nor resolvable (its pin and alias are cleared).
+
+`SqliteStore` keeps one file in WAL mode (`synchronous=FULL`, foreign keys on) and creates or migrates
+the schema on open (table `schema_version`). It holds one connection opened with
+`check_same_thread=False`; a lock serializes every call, and every change runs in one
+`BEGIN IMMEDIATE` transaction, so a crash leaves the old state or the new. Other processes may open
+the same file (they wait up to `busy_timeout_s`). All methods block: call them through a thread.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from adapters.validate import is_valid_adapter_name, validate_adapter_name
+
+READY = "ready"
+RETIRED = "retired"
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (
+        1,
+        [
+            """CREATE TABLE adapters (
+                name TEXT PRIMARY KEY,
+                pinned INTEGER NOT NULL DEFAULT 0 CHECK (pinned IN (0, 1)),
+                alias_version INTEGER,
+                last_version INTEGER NOT NULL DEFAULT 0,
+                created_at REAL NOT NULL,
+                updated_at REAL NOT NULL
+            )""",
+            """CREATE TABLE versions (
+                name TEXT NOT NULL REFERENCES adapters (name),
+                version INTEGER NOT NULL CHECK (version >= 1),
+                digest TEXT NOT NULL,
+                source TEXT NOT NULL,
+                revision TEXT,
+                description TEXT NOT NULL DEFAULT '',
+                rank INTEGER NOT NULL,
+                size_bytes INTEGER NOT NULL,
+                forced_base INTEGER NOT NULL DEFAULT 0 CHECK (forced_base IN (0, 1)),
+                status TEXT NOT NULL CHECK (status IN ('ready', 'retired')),
+                created_at REAL NOT NULL,
+                retired_at REAL,
+                PRIMARY KEY (name, version)
+            )""",
+            "CREATE INDEX versions_by_digest ON versions (digest)",
+        ],
+    ),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+class RegistryError(Exception):
+    """A registry operation was refused. `code` is stable; `param` names the culprit."""
+
+    def __init__(self, message: str, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.param = param
+
+
+class RegistryNotFoundError(RegistryError, LookupError):
+    """Codes: `adapter_not_found`, `version_not_found`."""
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    name: str
+    version: int
+    digest: str
+    source: str
+    revision: str | None
+    description: str
+    rank: int
+    size_bytes: int
+    forced_base: bool
+    status: str
+    created_at: float
+
+    @property
+    def model_id(self) -> str:
+        """The pinned model string, `name@version`."""
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class Adapter:
+    name: str
+    pinned: bool
+    alias_version: int | None
+    versions: tuple[AdapterVersion, ...]  # every version, oldest first, retired ones included
+    created_at: float
+    updated_at: float
+
+    @property
+    def ready_versions(self) -> tuple[AdapterVersion, ...]:
+        return tuple(v for v in self.versions if v.status == READY)
+
+    @property
+    def current(self) -> AdapterVersion | None:
+        """What `name` resolves to: the alias's version, else the newest ready one."""
+        ready = self.ready_versions
+        for v in ready:
+            if v.version == self.alias_version:
+                return v
+        return ready[-1] if ready else None
+
+
+class RegistryStore(Protocol):
+    def add_version(
+        self,
+        name: str,
+        *,
+        digest: str,
+        source: str,
+        rank: int,
+        size_bytes: int,
+        revision: str | None = None,
+        description: str = "",
+        forced_base: bool = False,
+        pinned: bool | None = None,
+    ) -> AdapterVersion: ...
+    def get_adapter(self, name: str, *, include_removed: bool = False) -> Adapter | None: ...
+    def list_adapters(self, *, include_removed: bool = False) -> list[Adapter]: ...
+    def get_version(self, name: str, version: int) -> AdapterVersion | None: ...
+    def resolve(self, model: str) -> AdapterVersion | None: ...
+    def set_alias(self, name: str, version: int) -> Adapter: ...
+    def clear_alias(self, name: str) -> Adapter: ...
+    def set_pinned(self, name: str, pinned: bool) -> Adapter: ...
+    def remove_version(self, name: str, version: int) -> AdapterVersion: ...
+    def remove_adapter(self, name: str) -> list[AdapterVersion]: ...
+    def referenced_digests(self) -> set[str]: ...
+    def close(self) -> None: ...
+
+
+def parse_model_ref(model: str) -> tuple[str, int | None] | None:
+    """`"sql"` -> ("sql", None); `"sql@3"` -> ("sql", 3); anything else -> None."""
+    name, at, version = model.partition("@")
+    if not is_valid_adapter_name(name):
+        return None
+    if not at:
+        return name, None
+    if not (version.isascii() and version.isdigit()) or version.startswith("0") or len(version) > 9:
+        return None
+    return name, int(version)
+
+
+class SqliteStore:
+    """`RegistryStore` in one SQLite file. Thread-safe (one connection, one lock)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        busy_timeout_s: float = 5.0,
+    ) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(
+            self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        self._conn.row_factory = sqlite3.Row
+        try:
+            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise RegistryError(f"{self.path}: WAL mode unavailable ({mode})", "storage_error")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> SqliteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+
+    def _migrate(self) -> None:
+        with self._tx() as c:
+            c.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = c.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                c.execute("INSERT INTO schema_version (version) VALUES (0)")
+            current = row[0] if row else 0
+            if current > SCHEMA_VERSION:
+                raise RegistryError(
+                    f"{self.path} has schema v{current}; this gateway knows up to v{SCHEMA_VERSION}.",
+                    "schema_too_new",
+                )
+            for version, statements in MIGRATIONS:
+                if version > current:
+                    for sql in statements:
+                        c.execute(sql)
+                    c.execute("UPDATE schema_version SET version = ?", (version,))
+
+    def schema_version(self) -> int:
+        with self._tx(write=False) as c:
+            return c.execute("SELECT version FROM schema_version").fetchone()[0]
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def add_version(
+        self,
+        name: str,
+        *,
+        digest: str,
+        source: str,
+        rank: int,
+        size_bytes: int,
+        revision: str | None = None,
+        description: str = "",
+        forced_base: bool = False,
+        pinned: bool | None = None,
+    ) -> AdapterVersion:
+        """Record a new version of `name` (creating the adapter); `pinned` None keeps the pin as is."""
+        validate_adapter_name(name)
+        if not _DIGEST_RE.fullmatch(digest):
+            raise ValueError(f"not a sha256 digest: {digest!r}")
+        now = self._clock()
+        with self._tx() as c:
+            row = c.execute("SELECT last_version FROM adapters WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                c.execute(
+                    "INSERT INTO adapters (name, created_at, updated_at) VALUES (?, ?, ?)", (name, now, now)
+                )
+            version = (row[0] if row else 0) + 1
+            record = AdapterVersion(
+                name=name, version=version, digest=digest, source=source, revision=revision,
+                description=description, rank=rank, size_bytes=size_bytes, forced_base=forced_base,
+                status=READY, created_at=now,
+            )  # fmt: skip
+            self._insert_version(c, record)
+            c.execute(
+                "UPDATE adapters SET last_version = ?, updated_at = ? WHERE name = ?", (version, now, name)
+            )
+            if pinned is not None:
+                c.execute("UPDATE adapters SET pinned = ? WHERE name = ?", (int(pinned), name))
+            return record
+
+    def _insert_version(self, c: sqlite3.Connection, v: AdapterVersion) -> None:
+        c.execute(
+            "INSERT INTO versions (name, version, digest, source, revision, description, rank, size_bytes,"
+            " forced_base, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (v.name, v.version, v.digest, v.source, v.revision, v.description, v.rank, v.size_bytes,
+             int(v.forced_base), v.status, v.created_at),
+        )  # fmt: skip
+
+    def set_alias(self, name: str, version: int) -> Adapter:
+        """Make `name` resolve to `version` (which must be ready) instead of the newest version."""
+        with self._tx() as c:
+            self._require_ready(c, name, version)
+            c.execute(
+                "UPDATE adapters SET alias_version = ?, updated_at = ? WHERE name = ?",
+                (version, self._clock(), name),
+            )
+            return self._require_adapter(c, name)
+
+    def clear_alias(self, name: str) -> Adapter:
+        with self._tx() as c:
+            self._require_adapter(c, name)
+            c.execute(
+                "UPDATE adapters SET alias_version = NULL, updated_at = ? WHERE name = ?",
+                (self._clock(), name),
+            )
+            return self._require_adapter(c, name)
+
+    def set_pinned(self, name: str, pinned: bool) -> Adapter:
+        with self._tx() as c:
+            self._require_adapter(c, name)
+            c.execute(
+                "UPDATE adapters SET pinned = ?, updated_at = ? WHERE name = ?",
+                (int(pinned), self._clock(), name),
+            )
+            return self._require_adapter(c, name)
+
+    def remove_version(self, name: str, version: int) -> AdapterVersion:
+        """Retire one ready version; returns it as it was."""
+        with self._tx() as c:
+            record = self._require_ready(c, name, version)
+            self._retire(c, name, [version])
+            return record
+
+    def remove_adapter(self, name: str) -> list[AdapterVersion]:
+        """Retire every ready version of `name`; returns them as they were."""
+        with self._tx() as c:
+            adapter = self._require_adapter(c, name)
+            ready = list(adapter.ready_versions)
+            self._retire(c, name, [v.version for v in ready])
+            return ready
+
+    def _retire(self, c: sqlite3.Connection, name: str, versions: list[int]) -> None:
+        now = self._clock()
+        c.executemany(
+            "UPDATE versions SET status = 'retired', retired_at = ? WHERE name = ? AND version = ?",
+            [(now, name, v) for v in versions],
+        )
+        c.execute(
+            "UPDATE adapters SET alias_version = NULL WHERE name = ? AND alias_version IN"
+            " (SELECT version FROM versions WHERE name = ? AND status = 'retired')",
+            (name, name),
+        )
+        left = c.execute("SELECT 1 FROM versions WHERE name = ? AND status = 'ready'", (name,)).fetchone()
+        if left is None:
+            c.execute("UPDATE adapters SET pinned = 0, alias_version = NULL WHERE name = ?", (name,))
+        c.execute("UPDATE adapters SET updated_at = ? WHERE name = ?", (now, name))
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def get_adapter(self, name: str, *, include_removed: bool = False) -> Adapter | None:
+        with self._tx(write=False) as c:
+            adapter = self._load(c, name)
+        if adapter is None or (not include_removed and not adapter.ready_versions):
+            return None
+        return adapter
+
+    def list_adapters(self, *, include_removed: bool = False) -> list[Adapter]:
+        """Adapters sorted by name; without `include_removed`, only those with a ready version."""
+        with self._tx(write=False) as c:
+            rows = c.execute("SELECT * FROM adapters ORDER BY name").fetchall()
+            versions: dict[str, list[AdapterVersion]] = {}
+            for vrow in c.execute("SELECT * FROM versions ORDER BY name, version"):
+                versions.setdefault(vrow["name"], []).append(_version(vrow))
+        adapters = [_adapter(row, versions.get(row["name"], [])) for row in rows]
+        return [a for a in adapters if include_removed or a.ready_versions]
+
+    def get_version(self, name: str, version: int) -> AdapterVersion | None:
+        """One version whatever its status (check `.status`); None if it never existed."""
+        with self._tx(write=False) as c:
+            row = c.execute(
+                "SELECT * FROM versions WHERE name = ? AND version = ?", (name, version)
+            ).fetchone()
+        return _version(row) if row else None
+
+    def resolve(self, model: str) -> AdapterVersion | None:
+        """The ready version a `model` string names (`name` or `name@N`); None when there is none."""
+        ref = parse_model_ref(model)
+        if ref is None:
+            return None
+        name, version = ref
+        if version is not None:
+            found = self.get_version(name, version)
+            return found if found and found.status == READY else None
+        adapter = self.get_adapter(name)
+        return adapter.current if adapter else None
+
+    def referenced_digests(self) -> set[str]:
+        """Digests of ready versions: blobs outside this set may be garbage-collected."""
+        with self._tx(write=False) as c:
+            return {r[0] for r in c.execute("SELECT DISTINCT digest FROM versions WHERE status = 'ready'")}
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _load(self, c: sqlite3.Connection, name: str) -> Adapter | None:
+        row = c.execute("SELECT * FROM adapters WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return None
+        vrows = c.execute("SELECT * FROM versions WHERE name = ? ORDER BY version", (name,)).fetchall()
+        return _adapter(row, [_version(v) for v in vrows])
+
+    def _require_adapter(self, c: sqlite3.Connection, name: str) -> Adapter:
+        adapter = self._load(c, name)
+        if adapter is None or not adapter.ready_versions:
+            raise RegistryNotFoundError(f"No adapter named {name!r}.", "adapter_not_found", "name")
+        return adapter
+
+    def _require_ready(self, c: sqlite3.Connection, name: str, version: int) -> AdapterVersion:
+        adapter = self._require_adapter(c, name)
+        for v in adapter.ready_versions:
+            if v.version == version:
+                return v
+        raise RegistryNotFoundError(
+            f"Adapter {name!r} has no ready version {version}.", "version_not_found", "version"
+        )
+
+
+def _version(row: sqlite3.Row) -> AdapterVersion:
+    r = dict(row)
+    return AdapterVersion(
+        name=r["name"],
+        version=r["version"],
+        digest=r["digest"],
+        source=r["source"],
+        revision=r["revision"],
+        description=r["description"],
+        rank=r["rank"],
+        size_bytes=r["size_bytes"],
+        forced_base=bool(r["forced_base"]),
+        status=r["status"],
+        created_at=r["created_at"],
+    )
+
+
+def _adapter(row: sqlite3.Row, versions: list[AdapterVersion]) -> Adapter:
+    r = dict(row)
+    return Adapter(
+        name=r["name"],
+        pinned=bool(r["pinned"]),
+        alias_version=r["alias_version"],
+        versions=tuple(versions),
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+    )

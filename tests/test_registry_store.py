@@ -1,0 +1,287 @@
+"""gateway/registry/store.py against real SQLite files: versions, resolution, aliases, pins, crashes."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from adapters.validate import AdapterValidationError
+from gateway.registry.store import (
+    READY,
+    RETIRED,
+    SCHEMA_VERSION,
+    RegistryError,
+    RegistryNotFoundError,
+    RegistryStore,
+    SqliteStore,
+    parse_model_ref,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+_COUNTER = itertools.count()
+
+
+def digest(n: int) -> str:
+    return f"{n:064x}"
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "registry.sqlite3"
+
+
+@pytest.fixture
+def store(db: Path) -> Iterator[SqliteStore]:
+    clock = itertools.count(1_700_000_000)
+    s = SqliteStore(db, clock=lambda: float(next(clock)))
+    yield s
+    s.close()
+
+
+def add(store: RegistryStore, name: str, n: int | None = None, **kw: object):
+    return store.add_version(
+        name,
+        digest=digest(next(_COUNTER) if n is None else n),
+        source=f"/adapters/{name}",
+        rank=8,
+        size_bytes=1234,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_sqlite_store_satisfies_the_protocol(store: SqliteStore) -> None:
+    typed: RegistryStore = store
+    assert typed.list_adapters() == []
+
+
+def test_versions_increment_per_name(store: SqliteStore) -> None:
+    v1 = add(store, "sql", 1, description="first", revision="a" * 40)
+    v2 = add(store, "sql", 2)
+    other = add(store, "pirate", 3)
+    v3 = add(store, "sql", 4, forced_base=True)
+    assert [v1.version, v2.version, v3.version, other.version] == [1, 2, 3, 1]
+    assert (v1.description, v1.revision, v1.status, v1.model_id) == ("first", "a" * 40, READY, "sql@1")
+    assert store.get_version("sql", 3) == v3 and v3.forced_base
+    adapter = store.get_adapter("sql")
+    assert adapter is not None and [v.version for v in adapter.versions] == [1, 2, 3]
+    assert adapter.current == v3 and not adapter.pinned
+    assert [a.name for a in store.list_adapters()] == ["pirate", "sql"]
+
+
+def test_resolve(store: SqliteStore) -> None:
+    v1, v2 = add(store, "sql", 1), add(store, "sql", 2)
+    assert store.resolve("sql") == v2
+    assert store.resolve("sql@1") == v1
+    assert store.resolve("sql@2") == v2
+    for unknown in ["sql@3", "sql@0", "sql@01", "sql@", "sql@x", "sql@-1", "nope", "nope@1", "", "@1", "a/b"]:
+        assert store.resolve(unknown) is None, unknown
+
+
+def test_parse_model_ref() -> None:
+    assert parse_model_ref("sql") == ("sql", None)
+    assert parse_model_ref("sql@12") == ("sql", 12)
+    assert parse_model_ref("sql@1@2") is None
+    assert parse_model_ref("sql@١") is None  # a non-ASCII digit
+
+
+def test_alias_overrides_newest(store: SqliteStore) -> None:
+    v1, _ = add(store, "sql", 1), add(store, "sql", 2)
+    assert store.set_alias("sql", 1).alias_version == 1
+    assert store.resolve("sql") == v1
+    v3 = add(store, "sql", 3)
+    assert store.resolve("sql") == v1, "a new version does not move an alias"
+    assert store.resolve("sql@3") == v3
+    assert store.clear_alias("sql").alias_version is None
+    assert store.resolve("sql") == v3
+
+
+def test_alias_errors(store: SqliteStore) -> None:
+    add(store, "sql", 1)
+    with pytest.raises(RegistryNotFoundError) as info:
+        store.set_alias("sql", 7)
+    assert info.value.code == "version_not_found"
+    with pytest.raises(RegistryNotFoundError) as info:
+        store.set_alias("nope", 1)
+    assert info.value.code == "adapter_not_found"
+    add(store, "sql", 2)
+    store.remove_version("sql", 1)
+    with pytest.raises(RegistryNotFoundError):
+        store.set_alias("sql", 1)
+
+
+def test_pin(store: SqliteStore) -> None:
+    add(store, "sql", 1)
+    assert store.set_pinned("sql", True).pinned
+    add(store, "sql", 2)
+    assert store.get_adapter("sql").pinned, "pin belongs to the adapter, not a version"
+    assert not store.set_pinned("sql", False).pinned
+    assert add(store, "chat", 3, pinned=True) and store.get_adapter("chat").pinned
+    with pytest.raises(RegistryNotFoundError):
+        store.set_pinned("nope", True)
+
+
+def test_remove_version(store: SqliteStore) -> None:
+    v1, _ = add(store, "sql", 1), add(store, "sql", 2)
+    store.set_alias("sql", 2)
+    removed = store.remove_version("sql", 2)
+    assert removed.version == 2 and removed.status == READY  # as it was
+    assert store.get_version("sql", 2).status == RETIRED
+    assert store.resolve("sql@2") is None
+    assert store.resolve("sql") == v1, "alias on a retired version is cleared"
+    assert store.get_adapter("sql").alias_version is None
+    assert store.referenced_digests() == {digest(1)}
+    with pytest.raises(RegistryNotFoundError):
+        store.remove_version("sql", 2)
+
+
+def test_remove_adapter_keeps_version_numbers(store: SqliteStore) -> None:
+    add(store, "sql", 1)
+    add(store, "sql", 2)
+    add(store, "chat", 3)
+    store.set_pinned("sql", True)
+    removed = store.remove_adapter("sql")
+    assert [v.version for v in removed] == [1, 2]
+    assert (
+        store.get_adapter("sql") is None and store.resolve("sql") is None and store.resolve("sql@1") is None
+    )
+    assert [a.name for a in store.list_adapters()] == ["chat"]
+    gone = store.get_adapter("sql", include_removed=True)
+    assert gone is not None and not gone.pinned and {v.status for v in gone.versions} == {RETIRED}
+    assert store.referenced_digests() == {digest(3)}
+    with pytest.raises(RegistryNotFoundError):
+        store.remove_adapter("sql")
+    assert add(store, "sql", 1).version == 3, "version numbers are never reused"
+    assert store.referenced_digests() == {digest(1), digest(3)}
+
+
+def test_shared_digest_stays_referenced_while_one_version_is_ready(store: SqliteStore) -> None:
+    add(store, "a", 42)
+    add(store, "b", 42)
+    store.remove_adapter("a")
+    assert store.referenced_digests() == {digest(42)}
+    store.remove_adapter("b")
+    assert store.referenced_digests() == set()
+
+
+def test_input_checks(store: SqliteStore) -> None:
+    with pytest.raises(AdapterValidationError):
+        add(store, "bad@name", 1)
+    with pytest.raises(ValueError, match="digest"):
+        store.add_version("sql", digest="../x", source="s", rank=8, size_bytes=1)
+    assert store.list_adapters(include_removed=True) == []
+
+
+def test_everything_survives_reopening(db: Path) -> None:
+    with SqliteStore(db) as first:
+        add(first, "sql", 1, description="d")
+        add(first, "sql", 2)
+        add(first, "chat", 3)
+        first.set_alias("sql", 1)
+        first.set_pinned("chat", True)
+        first.remove_adapter("chat")
+        first.set_pinned("sql", True)
+        before = first.list_adapters(include_removed=True)
+    with SqliteStore(db) as second:
+        assert second.list_adapters(include_removed=True) == before
+        assert second.resolve("sql").version == 1 and second.get_adapter("sql").pinned
+        assert second.schema_version() == SCHEMA_VERSION
+        assert add(second, "chat", 4).version == 2
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+def test_two_connections_see_each_other(db: Path) -> None:
+    with SqliteStore(db) as a, SqliteStore(db) as b:
+        add(a, "sql", 1)
+        assert b.resolve("sql").digest == digest(1)
+        add(b, "sql", 2)
+        assert a.resolve("sql").version == 2
+
+
+CRASHING_CHILD = textwrap.dedent(
+    """
+    import os, sys
+    from gateway.registry.store import SqliteStore
+
+    class CrashMidway(SqliteStore):
+        def _insert_version(self, c, record):
+            super()._insert_version(c, record)  # the row is written inside the open transaction...
+            os._exit(7)                         # ...and the process dies before COMMIT
+
+    store = CrashMidway(sys.argv[1])
+    store.add_version(sys.argv[2], digest="f" * 64, source="/x", rank=8, size_bytes=1, pinned=True)
+    """
+)
+
+
+@pytest.mark.parametrize("name", ["sql", "newcomer"])
+def test_crash_during_registration_leaves_the_old_state(db: Path, name: str) -> None:
+    with SqliteStore(db) as store:
+        add(store, "sql", 1)
+        store.set_alias("sql", 1)
+        before = store.list_adapters(include_removed=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", CRASHING_CHILD, str(db), name], env=env, timeout=60)
+    assert proc.returncode == 7
+    with SqliteStore(db) as store:
+        assert store.list_adapters(include_removed=True) == before
+        assert store.get_version(name, 2 if name == "sql" else 1) is None
+        assert "f" * 64 not in store.referenced_digests()
+        assert add(store, name, 9).version == (2 if name == "sql" else 1)
+
+
+def test_exception_mid_transaction_rolls_back(db: Path) -> None:
+    class Failing(SqliteStore):
+        def _insert_version(self, c, record):  # type: ignore[no-untyped-def]
+            super()._insert_version(c, record)
+            raise RuntimeError("disk on fire")
+
+    with Failing(db) as store:
+        with pytest.raises(RuntimeError):
+            add(store, "sql", 1, pinned=True)
+        assert store.list_adapters(include_removed=True) == []
+    with SqliteStore(db) as store:
+        assert add(store, "sql", 1).version == 1
+
+
+def test_newer_schema_is_refused(db: Path) -> None:
+    SqliteStore(db).close()
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE schema_version SET version = 99")
+    conn.commit()
+    conn.close()
+    with pytest.raises(RegistryError) as info:
+        SqliteStore(db)
+    assert info.value.code == "schema_too_new"
+
+
+def test_concurrent_registrations_from_threads(store: SqliteStore) -> None:
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            for i in range(10):
+                add(store, "sql", 1000 + k * 10 + i)
+                store.resolve("sql")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    versions = [v.version for v in store.get_adapter("sql").versions]
+    assert versions == list(range(1, 81))
+    assert len({v.digest for v in store.get_adapter("sql").versions}) == 80
