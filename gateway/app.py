@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from gateway.api import health, openai
+from gateway.api import admin, health, openai
 from gateway.engines.attached import AttachedEngine
 from gateway.engines.base import Engine
 from gateway.engines.managed import ManagedEngine
 from gateway.errors import install_error_handlers
 from gateway.metrics import Metrics
-from gateway.registry.catalog import DirectoryCatalog
+from gateway.registry.blobs import BlobStore
+from gateway.registry.service import Registry, RegistryLimits, load_base_spec
+from gateway.registry.store import SqliteStore
 from gateway.residency import Residency
 from gateway.routing import Router
 from gateway.settings import Settings
@@ -31,32 +34,70 @@ def build_engine(settings: Settings, client: UpstreamClient) -> Engine:
     return ManagedEngine("engine0", e, settings.resolved_engine_model(), settings.base_model_name(), client)
 
 
-def build_state(settings: Settings) -> GatewayState:
+async def build_registry(settings: Settings) -> Registry:
+    data = settings.data_dir
+    await asyncio.to_thread(data.mkdir, parents=True, exist_ok=True)
+    store = await asyncio.to_thread(SqliteStore, data / "registry.sqlite3")
+    blobs = BlobStore(data / "adapters")
+    await asyncio.to_thread(blobs.cleanup_partial)
+    base_name = settings.base_model_name()
+    base = await asyncio.to_thread(load_base_spec, settings.resolved_engine_model(), base_name)
+    limits = RegistryLimits(
+        max_rank=settings.engine.max_lora_rank,
+        max_bytes=settings.registry.max_adapter_bytes,
+        allowed_roots=settings.allowed_roots(),
+    )
+    registry = Registry(store, blobs, base, base_name, limits)
+    await registry.refresh()
+    if settings.registry.seed_adapters_dir:
+        added = await registry.seed(settings.resolved_adapters_dir())
+        if added:
+            log.info(
+                "registered adapters found in %s: %s", settings.resolved_adapters_dir(), ", ".join(added)
+            )
+    await registry.gc(keep=set())
+    return registry
+
+
+async def build_state(settings: Settings) -> GatewayState:
     metrics = Metrics()
     client = UpstreamClient(settings)
-    catalog = DirectoryCatalog(settings.resolved_adapters_dir(), settings.base_model_name())
+    registry = await build_registry(settings)
     engine = build_engine(settings, client)
     residency = Residency(
-        client, metrics, max_resident=settings.engine.max_cpu_loras, retry_after_s=settings.retry_after_s
+        client,
+        metrics,
+        max_resident=settings.max_resident(),
+        wait_timeout_s=settings.registry.load_wait_timeout_s,
+        retry_after_s=settings.retry_after_s,
     )
+    engines = [engine]
     engine.add_listener(residency.on_probe)
-    for ref in catalog.adapters()[: settings.engine.max_cpu_loras]:
-        residency.want(engine, ref)  # preload at start, restore after a restart
-    router = Router([engine], retry_after_s=settings.retry_after_s)
-    return GatewayState(settings, metrics, client, catalog, [engine], residency, router)
+    current = sorted(registry.adapters(), key=lambda r: not r.pinned)
+    for ref in current[: settings.max_resident()]:
+        residency.want(engine, ref)  # preload at start (pinned first), restore after a restart
+
+    async def follow_registry() -> None:
+        registered = {ref.engine_name: ref for ref in registry.versions()}
+        for e in engines:
+            await residency.sync(e, registered)
+
+    registry.on_change(follow_registry)
+    router = Router(engines, retry_after_s=settings.retry_after_s)
+    return GatewayState(settings, metrics, client, registry, engines, residency, router)
 
 
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = build_state(settings)
+        state = await build_state(settings)
         app.state.gateway = state
         for engine in state.engines:
             await engine.start()
         log.info(
             "lora-gateway serving %s with %d adapter(s) on engine %s",
-            state.catalog.base_name,
-            len(state.catalog.adapters()),
+            state.registry.base_name,
+            len(state.registry.adapters()),
             ", ".join(e.base_url for e in state.engines),
         )
         try:
@@ -65,9 +106,11 @@ def create_app(settings: Settings) -> FastAPI:
             for engine in state.engines:
                 await engine.stop()
             await state.client.aclose()
+            await asyncio.to_thread(state.registry.store.close)
 
     app = FastAPI(title="lora-gateway", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(health.router)
+    app.include_router(admin.router)
     return app

@@ -20,6 +20,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.engines.base import Engine, ProbeResult
 from gateway.errors import EngineUnavailableError, GatewayError, UpstreamError
@@ -35,10 +36,12 @@ class _EngineBook:
     """Per-engine bookkeeping beside `engine.status` (which the admin API shows)."""
 
     lru: OrderedDict[str, None] = field(default_factory=OrderedDict)  # engine names, oldest first
+    known: set[str] = field(default_factory=set)  # every name this gateway loaded (only those it retires)
     wanted: dict[str, AdapterRef] = field(
         default_factory=dict
     )  # what should be resident (restored on restart)
     pinned: set[str] = field(default_factory=set)
+    retiring: set[str] = field(default_factory=set)  # no longer registered: unload once idle
     loading: int = 0
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     released: asyncio.Event = field(default_factory=asyncio.Event)
@@ -77,6 +80,7 @@ class Residency:
         self.wait_timeout_s = wait_timeout_s
         self.retry_after_s = retry_after_s
         self._books: dict[str, _EngineBook] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     def book(self, engine: Engine) -> _EngineBook:
         return self._books.setdefault(engine.name, _EngineBook())
@@ -111,6 +115,19 @@ class Residency:
             book = self.book(engine)
             book.released.set()
             book.released = asyncio.Event()
+            if key in book.retiring:
+                self._spawn(self._retire_now(engine, key))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def forget(self, engine: Engine, key: str) -> None:
+        """vLLM answered that it does not have `key` (restarted, or unloaded by someone else)."""
+        engine.status.resident.discard(key)
+        self.book(engine).lru.pop(key, None)
+        self._observe_resident(engine)
 
     async def _make_room(self, engine: Engine, book: _EngineBook) -> None:
         """Reserve a slot for one load, evicting an idle adapter if the engine is full."""
@@ -168,6 +185,7 @@ class Residency:
         engine.status.resident.add(ref.engine_name)
         engine.status.last_load_at[ref.engine_name] = time.time()
         book.wanted[ref.engine_name] = ref
+        book.known.add(ref.engine_name)
         if ref.pinned:
             book.pinned.add(ref.engine_name)
         self._observe_resident(engine)
@@ -199,6 +217,36 @@ class Residency:
         book.wanted[ref.engine_name] = ref
         if ref.pinned:
             book.pinned.add(ref.engine_name)
+
+    async def sync(self, engine: Engine, registered: dict[str, AdapterRef]) -> None:
+        """Follow the registry: pins, retired versions (unloaded once idle), pinned adapters loaded now."""
+        book = self.book(engine)
+        book.pinned = {key for key, ref in registered.items() if ref.pinned}
+        for key in list(book.wanted):
+            if key not in registered:
+                del book.wanted[key]
+        for key in sorted(engine.status.resident | set(book.lru)):
+            if key not in registered and key in book.known:
+                book.retiring.add(key)
+                if not engine.status.in_flight.get(key):
+                    await self._retire_now(engine, key)
+        book.retiring &= set(engine.status.resident)
+        for key in sorted(book.pinned):
+            ref = registered[key]
+            book.wanted[key] = ref
+            if engine.ready and key not in engine.status.resident:
+                try:
+                    (await self.acquire(engine, ref)).release()
+                except GatewayError as exc:
+                    log.warning("engine %s: could not load pinned %s: %s", engine.name, key, exc.message)
+
+    async def _retire_now(self, engine: Engine, key: str) -> None:
+        book = self.book(engine)
+        lock = book.locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if key in book.retiring and not engine.status.in_flight.get(key):
+                book.retiring.discard(key)
+                await self.unload(engine, key, reason="retired")
 
     async def on_probe(self, engine: Engine, result: ProbeResult) -> None:
         status, book = engine.status, self.book(engine)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -98,6 +98,39 @@ class TimeoutSettings(BaseModel):
     )
 
 
+class ApiKey(BaseModel):
+    """An inference API key and the adapters it may call (names or globs; the base model is `base`)."""
+
+    key: SecretStr
+    models: list[str] = Field(default_factory=lambda: ["*"], description="Names or globs, e.g. ['sql*'].")
+    name: str | None = Field(None, description="A label for logs (never the key itself).")
+
+
+class AuthSettings(BaseModel):
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for /admin routes. Unset: admin routes answer loopback clients only."
+    )
+    api_keys: list[ApiKey] = Field(
+        default_factory=list, description="Inference keys. Empty: inference routes are open."
+    )
+
+
+class RegistrySettings(BaseModel):
+    allowed_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders local registrations may come from (adapters_dir, cache_dir always are).",
+    )
+    max_adapter_bytes: int = Field(2 * 1024**3, description="Largest adapter accepted, in bytes.")
+    max_resident: int | None = Field(
+        None,
+        description="Adapters kept loaded per engine (LRU eviction above). Default: engine.max_cpu_loras.",
+    )
+    load_wait_timeout_s: float = Field(
+        30.0, description="How long a request waits for a free adapter slot before a 503."
+    )
+    seed_adapters_dir: bool = Field(True, description="Register the adapters found in adapters_dir at start.")
+
+
 class Settings(BaseSettings):
     """Everything the gateway reads at start."""
 
@@ -117,6 +150,8 @@ class Settings(BaseSettings):
         None, description="Folder of PEFT adapter folders served at start. Default: the demo adapters."
     )
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
     max_body_bytes: int = Field(8 * 1024 * 1024, description="Largest accepted request body (413 above).")
     retry_after_s: int = Field(5, description="Retry-After sent with 503 while the engine is not ready.")
@@ -142,6 +177,13 @@ class Settings(BaseSettings):
         from adapters.demo import demo_adapters_dir
 
         return self.adapters_dir or demo_adapters_dir(self.cache_dir)
+
+    def allowed_roots(self) -> list[Path]:
+        roots = [*self.registry.allowed_roots, self.resolved_adapters_dir(), self.cache_dir]
+        return [Path(r).expanduser().absolute() for r in roots]
+
+    def max_resident(self) -> int:
+        return self.registry.max_resident or self.engine.max_cpu_loras
 
     def resolved_engine_model(self) -> str:
         from adapters.tiny import tiny_model_dir

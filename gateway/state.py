@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from gateway.engines.base import Engine
 from gateway.metrics import Metrics
-from gateway.registry.catalog import AdapterCatalog
+from gateway.registry.service import Registry
 from gateway.residency import Residency
 from gateway.routing import Router
 from gateway.settings import Settings
@@ -19,7 +19,7 @@ class GatewayState:
     settings: Settings
     metrics: Metrics
     client: UpstreamClient
-    catalog: AdapterCatalog
+    registry: Registry
     engines: list[Engine]
     residency: Residency
     router: Router

@@ -20,6 +20,14 @@ def vllm_processes(gateway: GatewayProcess) -> list[psutil.Process]:
     return [p for p in children if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())]
 
 
+def resident(gateway: GatewayProcess) -> set[str]:
+    """What the gateway reports resident, checked against what vLLM itself lists."""
+    [engine] = httpx.get(gateway.url + "/admin/engines").json()["data"]
+    listed = {m["id"] for m in httpx.get(gateway.vllm_url + "/v1/models").json()["data"]}
+    assert set(engine["resident_adapters"]) <= listed, "nothing is reported resident that vLLM lacks"
+    return set(engine["resident_models"])
+
+
 def test_killed_vllm_is_restarted_with_adapters_restored(gateway: GatewayProcess) -> None:
     [vllm] = vllm_processes(gateway)
     assert "--enable-lora" in vllm.cmdline() and "127.0.0.1" in vllm.cmdline()
@@ -41,9 +49,7 @@ def test_killed_vllm_is_restarted_with_adapters_restored(gateway: GatewayProcess
     [new] = vllm_processes(gateway)
     assert new.pid != vllm.pid
     deadline = time.monotonic() + 10
-    while not {"demo-a", "demo-b"} <= {
-        m["id"] for m in httpx.get(gateway.vllm_url + "/v1/models").json()["data"]
-    }:
+    while not {"demo-a@1", "demo-b@1"} <= resident(gateway):
         assert time.monotonic() < deadline, "adapters are loaded again after a restart"
         time.sleep(0.1)
     r = httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=60)

@@ -1,7 +1,8 @@
 """OpenAI-compatible inference routes: chat completions, completions, models.
 
 read the body (size-capped: 413) -> JSON (400) -> validate (400, `param` names the field)
--> resolve `model` in the catalog (404) -> pick an engine (503 when none is ready)
+-> check the API key (401/403) -> resolve `model` in the registry (404)
+-> pick an engine (503 when none is ready)
 -> lease the adapter there (hot-load if needed) -> forward (see gateway/proxy.py) -> release the lease
 """
 
@@ -17,15 +18,18 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.auth import api_key, check_model_allowed, may_use
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
     ModelNotFoundError,
     PayloadTooLargeError,
+    UpstreamResponseError,
     validation_error,
 )
 from gateway.metrics import UNKNOWN, model_label
-from gateway.proxy import ModelRewriter, forward_json, forward_stream
+from gateway.proxy import Finish, ModelRewriter, forward_json, forward_stream
+from gateway.registry.catalog import Target
 from gateway.residency import Lease
 from gateway.state import GatewayState
 
@@ -44,12 +48,21 @@ async def completions(request: Request) -> Response:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> JSONResponse:
+    """The base model, each adapter by name (its current version), and each version as `name@N`."""
     state: GatewayState = request.app.state.gateway
+    key = api_key(request, state.settings)
     created = int(state.started_at)
-    base = state.catalog.base_name
-    data: list[dict[str, Any]] = [_model_card(base, created, root=state.settings.resolved_engine_model())]
-    for ref in state.catalog.adapters():
-        data.append(_model_card(ref.name, ref.created or created, root=str(ref.path), parent=base))
+    base = state.registry.base_name
+    data: list[dict[str, Any]] = []
+    if may_use(key, base):
+        data.append(_model_card(base, created, root=state.settings.resolved_engine_model()))
+    for ref in state.registry.adapters():
+        if may_use(key, ref.name):
+            data.append(_model_card(ref.name, ref.created or created, root=str(ref.path), parent=base))
+    for ref in state.registry.versions():
+        if may_use(key, ref.name):
+            model_id = f"{ref.name}@{ref.version}"
+            data.append(_model_card(model_id, ref.created, root=str(ref.path), parent=base))
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -124,21 +137,20 @@ async def _complete(request: Request, route: str, schema: type[BaseModel]) -> Re
 
     metrics.in_flight.labels(label).inc()
     try:
+        key = api_key(request, state.settings)
         body = await read_body(request, state.settings.max_body_bytes)
         payload = parse_json(body)
-        target = state.catalog.resolve(payload["model"]) if isinstance(payload.get("model"), str) else None
+        target = state.registry.resolve(payload["model"]) if isinstance(payload.get("model"), str) else None
         if target is not None:  # a registered name: count this request under it from now on
             metrics.in_flight.labels(label).dec()
-            label = model_label(target.label, state.catalog.known_labels())
+            label = model_label(target.label, state.registry.known_labels())
             metrics.in_flight.labels(label).inc()
         parsed = validate(payload, schema)
         requested: str = parsed.model  # type: ignore[attr-defined]
         if target is None:
             raise ModelNotFoundError(requested)
+        check_model_allowed(key, target.label)
 
-        engine = state.router.pick(target)
-        if target.adapter is not None:
-            lease = await state.residency.acquire(engine, target.adapter)
         if payload["model"] != target.engine_model:
             payload["model"] = target.engine_model
             body = json.dumps(payload).encode()
@@ -146,22 +158,50 @@ async def _complete(request: Request, route: str, schema: type[BaseModel]) -> Re
             "content-type": "application/json",
             "x-request-id": request.headers.get("x-request-id") or uuid.uuid4().hex,
         }
-        url = engine.url(route)
-        if parsed.stream:  # type: ignore[attr-defined]
-            rewriter = ModelRewriter(target.engine_model, requested)
-            return await forward_stream(
-                state.client,
-                url,
-                body,
-                headers,
-                rewriter,
-                finish,
-                on_first_chunk=lambda s: metrics.ttft.labels(label).observe(s),
-            )
-        return await forward_json(state.client, url, body, headers, requested, finish)
+        for attempt in (1, 2):
+            engine = state.router.pick(target)
+            if target.adapter is not None:
+                lease = await state.residency.acquire(engine, target.adapter)
+            try:
+                url = engine.url(route)
+                return await _forward(state, url, body, headers, parsed, target, requested, finish)
+            except UpstreamResponseError as exc:
+                # vLLM no longer has the adapter (restarted or unloaded since our last probe): load it
+                # again and retry once. Nothing has been sent to the client yet.
+                if attempt == 2 or target.adapter is None or exc.status_code != 404:
+                    raise
+                state.residency.forget(engine, target.adapter.engine_name)
+                if lease is not None:
+                    lease.release()
+                    lease = None
+        raise AssertionError("unreachable")
     except GatewayError as exc:
         finish(exc.status_code, exc.code or exc.type, None)
         raise
     except BaseException:
         finish(500, "internal_error", None)
         raise
+
+
+async def _forward(
+    state: GatewayState,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    parsed: BaseModel,
+    target: Target,
+    requested: str,
+    finish: Finish,
+) -> Response:
+    if parsed.stream:  # type: ignore[attr-defined]
+        label = model_label(target.label, state.registry.known_labels())
+        return await forward_stream(
+            state.client,
+            url,
+            body,
+            headers,
+            ModelRewriter(target.engine_model, requested),
+            finish,
+            on_first_chunk=lambda s: state.metrics.ttft.labels(label).observe(s),
+        )
+    return await forward_json(state.client, url, body, headers, requested, finish)

@@ -1,18 +1,14 @@
 """The seam between the API and wherever adapters are recorded: a catalog resolves a `model` string.
 
 `resolve("sql")` answers what a request should run on: the base model, or one adapter version with the
-name vLLM knows it by and the folder vLLM loads it from. `DirectoryCatalog` is the simplest catalog:
-every PEFT folder inside one directory, named by its folder name.
+name vLLM knows it by and the folder vLLM loads it from. `gateway/registry/service.py` implements it.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-
-log = logging.getLogger("lora_gateway.registry")
 
 
 @dataclass(frozen=True)
@@ -51,40 +47,3 @@ class AdapterCatalog(Protocol):
         ...
 
     def known_labels(self) -> set[str]: ...
-
-
-class DirectoryCatalog:
-    """Adapters = the PEFT folders (`adapter_config.json` inside) directly under `root`."""
-
-    def __init__(self, root: Path, base_name: str) -> None:
-        self.root = Path(root)
-        self.base_name = base_name
-        self._adapters: dict[str, AdapterRef] = {}
-        self.refresh()
-
-    def refresh(self) -> None:
-        found: dict[str, AdapterRef] = {}
-        if self.root.is_dir():
-            for folder in sorted(self.root.iterdir()):
-                if folder.name.startswith(".") or not (folder / "adapter_config.json").is_file():
-                    continue
-                if folder.name == self.base_name:
-                    log.warning("skipping adapter %s: its name is the base model's", folder)
-                    continue
-                created = int(folder.stat().st_mtime)
-                found[folder.name] = AdapterRef(folder.name, folder.name, folder.resolve(), created=created)
-        elif self.root:
-            log.warning("adapters directory %s does not exist; serving the base model only", self.root)
-        self._adapters = found
-
-    def resolve(self, model: str) -> Target | None:
-        if model == self.base_name:
-            return Target(model, self.base_name)
-        ref = self._adapters.get(model)
-        return Target(model, ref.engine_name, ref) if ref else None
-
-    def adapters(self) -> list[AdapterRef]:
-        return list(self._adapters.values())
-
-    def known_labels(self) -> set[str]:
-        return {self.base_name, *self._adapters}

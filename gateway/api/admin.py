@@ -1,0 +1,164 @@
+"""Admin routes for operators: the adapter registry and the engines. Guarded by `gateway/auth.py`.
+
+POST   /admin/adapters                    register (a new version if the name exists)   201
+GET    /admin/adapters                    list
+GET    /admin/adapters/{name}             show, with every version
+DELETE /admin/adapters/{name}[?version=N] retire the adapter, or one version; in-flight requests finish
+POST   /admin/adapters/{name}/pin|unpin   keep it resident on every engine (restored after restarts)
+PUT    /admin/adapters/{name}/alias       {"version": N}: `name` resolves to N; DELETE to clear
+GET    /admin/engines                     state, resident adapters, in-flight counts, last loads
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapters.validate import AdapterValidationError
+from gateway.auth import require_admin
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+)
+from gateway.registry.service import describe_adapter, describe_version
+from gateway.registry.store import RegistryError, RegistryNotFoundError
+from gateway.state import GatewayState
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+
+
+class RegisterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    source: str = Field(min_length=1, description="A folder under an allowed root, or hf://org/repo.")
+    revision: str | None = Field(None, description="hf:// only: branch, tag or commit; recorded as a sha.")
+    description: str = Field("", max_length=2000)
+    pin: bool = False
+    force: bool = Field(False, description="Accept an adapter trained for another base (recorded).")
+
+
+class AliasRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1)
+
+
+def registry_error(exc: AdapterValidationError | RegistryError) -> GatewayError:
+    """Registry and validation refusals -> 4xx naming the problem (`code`) and the culprit (`param`)."""
+    code, param, message = exc.code, exc.param, exc.message
+    if isinstance(exc, RegistryNotFoundError) or code in ("source_not_found", "revision_not_found"):
+        return NotFoundError(message, code=code, param=param)
+    if code == "source_not_allowed":
+        return PermissionDeniedError(message, code=code, param=param)
+    if code == "too_large":
+        return PayloadTooLargeError(message, code=code, param=param)
+    return InvalidRequestError(message, code=code, param=param)
+
+
+def _state(request: Request) -> GatewayState:
+    return request.app.state.gateway
+
+
+@router.post("/adapters", status_code=201)
+async def register(body: RegisterRequest, request: Request) -> JSONResponse:
+    state = _state(request)
+    try:
+        version = await state.registry.register(
+            body.name,
+            body.source,
+            revision=body.revision,
+            description=body.description,
+            pin=body.pin or None,
+            force=body.force,
+        )
+    except (AdapterValidationError, RegistryError) as exc:
+        raise registry_error(exc) from exc
+    adapter = state.registry.adapter(body.name)
+    return JSONResponse(
+        {"registered": describe_version(version), "adapter": describe_adapter(adapter) if adapter else None},
+        status_code=201,
+    )
+
+
+@router.get("/adapters")
+async def list_adapters(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [describe_adapter(a) for a in _state(request).registry.all()]}
+
+
+def _adapter_or_404(state: GatewayState, name: str) -> dict[str, Any]:
+    adapter = state.registry.adapter(name)
+    if adapter is None:
+        raise NotFoundError(f"No adapter named `{name}`.", code="adapter_not_found", param="name")
+    return describe_adapter(adapter)
+
+
+@router.get("/adapters/{name}")
+async def show_adapter(name: str, request: Request) -> dict[str, Any]:
+    return _adapter_or_404(_state(request), name)
+
+
+@router.delete("/adapters/{name}")
+async def remove_adapter(name: str, request: Request, version: int | None = None) -> dict[str, Any]:
+    state = _state(request)
+    try:
+        removed = await state.registry.remove(name, version)
+    except RegistryError as exc:
+        raise registry_error(exc) from exc
+    return {"removed": [describe_version(v) for v in removed]}
+
+
+async def _pin(request: Request, name: str, pinned: bool) -> dict[str, Any]:
+    state = _state(request)
+    try:
+        adapter = await state.registry.set_pinned(name, pinned)
+    except RegistryError as exc:
+        raise registry_error(exc) from exc
+    return describe_adapter(adapter)
+
+
+@router.post("/adapters/{name}/pin")
+async def pin(name: str, request: Request) -> dict[str, Any]:
+    return await _pin(request, name, True)
+
+
+@router.post("/adapters/{name}/unpin")
+async def unpin(name: str, request: Request) -> dict[str, Any]:
+    return await _pin(request, name, False)
+
+
+@router.put("/adapters/{name}/alias")
+async def set_alias(name: str, body: AliasRequest, request: Request) -> dict[str, Any]:
+    try:
+        adapter = await _state(request).registry.set_alias(name, body.version)
+    except RegistryError as exc:
+        raise registry_error(exc) from exc
+    return describe_adapter(adapter)
+
+
+@router.delete("/adapters/{name}/alias")
+async def clear_alias(name: str, request: Request) -> dict[str, Any]:
+    try:
+        adapter = await _state(request).registry.set_alias(name, None)
+    except RegistryError as exc:
+        raise registry_error(exc) from exc
+    return describe_adapter(adapter)
+
+
+@router.get("/engines")
+async def engines(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    names = {ref.engine_name: ref.name + f"@{ref.version}" for ref in state.registry.versions()}
+    data = []
+    for engine in state.engines:
+        info = engine.describe()
+        info["resident_models"] = sorted(names.get(k, k) for k in engine.status.resident)
+        info["pid"] = getattr(engine, "pid", None)
+        data.append(info)
+    return {"object": "list", "data": data}

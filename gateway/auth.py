@@ -1,0 +1,73 @@
+"""Who may call what.
+
+Admin routes: `Authorization: Bearer <auth.admin_token>` (compared in constant time) when a token is set;
+with no token set they answer loopback clients only (403 for anyone else).
+
+Inference routes: open when no API keys are configured. Otherwise a valid key is required (401), and a
+key may call only the models its globs match (403); the base model is matched by its own name.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hmac
+import ipaddress
+
+from fastapi import Request
+
+from gateway.errors import AuthenticationError, PermissionDeniedError
+from gateway.settings import ApiKey, Settings
+
+
+def bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def is_loopback(request: Request) -> bool:
+    host = request.client.host if request.client else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def require_admin(request: Request) -> None:
+    settings: Settings = request.app.state.gateway.settings
+    expected = settings.auth.admin_token
+    if expected is None:
+        if not is_loopback(request):
+            raise PermissionDeniedError(
+                "Admin routes answer loopback clients only when no admin token is configured.",
+                code="admin_loopback_only",
+            )
+        return
+    token = bearer(request)
+    if token is None or not hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
+        raise AuthenticationError(
+            "A valid admin token is required (Authorization: Bearer ...).", code="invalid_admin_token"
+        )
+
+
+def api_key(request: Request, settings: Settings) -> ApiKey | None:
+    """The caller's key; None when inference is open. Raises 401 for a missing or unknown key."""
+    keys = settings.auth.api_keys
+    if not keys:
+        return None
+    token = bearer(request)
+    if token is not None:
+        presented = token.encode()
+        for key in keys:  # compare with every key, so timing does not tell which one was close
+            if hmac.compare_digest(presented, key.key.get_secret_value().encode()):
+                return key
+    raise AuthenticationError("Incorrect or missing API key (Authorization: Bearer ...).")
+
+
+def may_use(key: ApiKey | None, model: str) -> bool:
+    return key is None or any(fnmatch.fnmatchcase(model, pattern) for pattern in key.models)
+
+
+def check_model_allowed(key: ApiKey | None, name: str) -> None:
+    if not may_use(key, name):
+        raise PermissionDeniedError(f"This API key may not use the model `{name}`.", param="model")

@@ -1,0 +1,282 @@
+"""The registry as the gateway uses it: register, version, pin, retire; and the catalog requests resolve in.
+
+    register(name, source)
+      resolve the source (allowed local roots, or hf:// pinned to a commit sha)   gateway/registry/sources.py
+      stage a copy of the files in the content-addressed store                    gateway/registry/blobs.py
+      validate the staged bytes against the served base (no torch)                adapters/validate.py
+      commit the blob (atomic rename), then the version row (one transaction)     gateway/registry/store.py
+    A crash in between leaves an unreferenced blob (removed by `gc`), never a half row or half a folder.
+
+Requests never touch SQLite: `resolve()` reads an in-memory snapshot, rebuilt after every change.
+vLLM knows each version by its content digest (`lora_name = "lora-<digest[:16]>"`), so two names or two
+gateways with the same bytes share one engine slot, and a name can never be served from another's bytes.
+All blocking work (hub calls, copies, hashing, SQLite) runs in threads, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapters.validate import (
+    AdapterInfo,
+    BaseModelSpec,
+    validate_adapter_dir,
+    validate_adapter_name,
+)
+from gateway.registry.blobs import BlobStore
+from gateway.registry.catalog import AdapterRef, Target
+from gateway.registry.sources import resolve_source
+from gateway.registry.store import Adapter, AdapterVersion, RegistryStore
+
+log = logging.getLogger("lora_gateway.registry")
+
+
+def engine_name(digest: str) -> str:
+    return f"lora-{digest[:16]}"
+
+
+@dataclass(frozen=True)
+class RegistryLimits:
+    max_rank: int
+    max_bytes: int
+    allowed_roots: Sequence[Path]
+
+
+class Registry:
+    """Implements `AdapterCatalog` for the request path, and the write operations for the admin API."""
+
+    def __init__(
+        self,
+        store: RegistryStore,
+        blobs: BlobStore,
+        base: BaseModelSpec | None,
+        base_name: str,
+        limits: RegistryLimits,
+    ) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.base = base
+        self.base_name = base_name
+        self.limits = limits
+        self._names: dict[str, AdapterRef] = {}  # "sql" -> its current version
+        self._versions: dict[str, AdapterRef] = {}  # "sql@3" -> that version
+        self._adapters: dict[str, Adapter] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._listeners: list[Callable[[], Any]] = []
+
+    # --- the catalog (request path: memory only) -------------------------------------------------
+    def resolve(self, model: str) -> Target | None:
+        if model == self.base_name:
+            return Target(model, self.base_name)
+        ref = self._names.get(model) or self._versions.get(model)
+        return Target(model, ref.engine_name, ref) if ref else None
+
+    def adapters(self) -> list[AdapterRef]:
+        return list(self._names.values())
+
+    def versions(self) -> list[AdapterRef]:
+        return list(self._versions.values())
+
+    def known_labels(self) -> set[str]:
+        return {self.base_name, *self._names}
+
+    def adapter(self, name: str) -> Adapter | None:
+        return self._adapters.get(name)
+
+    def all(self) -> list[Adapter]:
+        return list(self._adapters.values())
+
+    def on_change(self, listener: Callable[[], Any]) -> None:
+        self._listeners.append(listener)
+
+    # --- writes ------------------------------------------------------------------------------------
+    async def refresh(self) -> None:
+        adapters = await asyncio.to_thread(self.store.list_adapters)
+        names: dict[str, AdapterRef] = {}
+        versions: dict[str, AdapterRef] = {}
+        for adapter in adapters:
+            current = adapter.current
+            for v in adapter.ready_versions:
+                ref = self._ref(adapter, v)
+                versions[v.model_id] = ref
+                if current is not None and v.version == current.version:
+                    names[adapter.name] = ref
+        self._adapters = {a.name: a for a in adapters}
+        self._names, self._versions = names, versions
+        for listener in self._listeners:
+            result = listener()
+            if asyncio.iscoroutine(result):
+                await result
+
+    def _ref(self, adapter: Adapter, v: AdapterVersion) -> AdapterRef:
+        return AdapterRef(
+            name=adapter.name,
+            engine_name=engine_name(v.digest),
+            path=self.blobs.path(v.digest),
+            version=v.version,
+            pinned=adapter.pinned,
+            created=int(v.created_at),
+        )
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def register(
+        self,
+        name: str,
+        source: str,
+        *,
+        revision: str | None = None,
+        description: str = "",
+        pin: bool | None = None,
+        force: bool = False,
+    ) -> AdapterVersion:
+        """Validate and store a new version of `name`. Raises `AdapterValidationError` (4xx) on refusal."""
+        validate_adapter_name(name, reserved={self.base_name})
+        if self.base is None:
+            from gateway.errors import EngineUnavailableError
+
+            raise EngineUnavailableError("The base model's config.json is not available; cannot validate.")
+        async with self._lock(name):
+            version = await asyncio.to_thread(
+                self._register_blocking, name, source, revision, description, pin, force
+            )
+            await self.refresh()
+        log.info("registered %s (digest %s) from %s", version.model_id, version.digest[:12], version.source)
+        return version
+
+    def _register_blocking(
+        self, name: str, source: str, revision: str | None, description: str, pin: bool | None, force: bool
+    ) -> AdapterVersion:
+        resolved = resolve_source(source, revision=revision, allowed_roots=self.limits.allowed_roots)
+        self._validate(resolved.path, force)  # the source as given: refuses pickles, .py files, ...
+        staged = self.blobs.stage(resolved.path, max_bytes=self.limits.max_bytes)
+        try:
+            info = self._validate(staged.path, force)  # the bytes that will be served
+        except BaseException:
+            self.blobs.discard(staged)
+            raise
+        self.blobs.commit(staged)
+        return self.store.add_version(
+            name,
+            digest=staged.digest,
+            source=resolved.source,
+            rank=info.rank,
+            size_bytes=staged.size_bytes,
+            revision=resolved.revision,
+            description=description,
+            forced_base=info.base_mismatch_forced,
+            pinned=pin,
+        )
+
+    def _validate(self, folder: Path, force: bool) -> AdapterInfo:
+        assert self.base is not None
+        return validate_adapter_dir(
+            folder,
+            self.base,
+            max_rank=self.limits.max_rank,
+            max_bytes=self.limits.max_bytes,
+            allowed_base_names={self.base_name},
+            force_base=force,
+        )
+
+    async def seed(self, folder: Path) -> list[str]:
+        """Register each PEFT folder in `folder` whose current bytes are not registered yet (idempotent)."""
+        added: list[str] = []
+        for sub in await asyncio.to_thread(_adapter_folders, folder):
+            staged = await asyncio.to_thread(self.blobs.stage, sub, max_bytes=self.limits.max_bytes)
+            self.blobs.discard(staged)
+            current = self._names.get(sub.name)
+            if current is not None and current.engine_name == engine_name(staged.digest):
+                continue
+            await self.register(sub.name, str(sub))
+            added.append(sub.name)
+        return added
+
+    async def set_pinned(self, name: str, pinned: bool) -> Adapter:
+        async with self._lock(name):
+            adapter = await asyncio.to_thread(self.store.set_pinned, name, pinned)
+            await self.refresh()
+        return adapter
+
+    async def set_alias(self, name: str, version: int | None) -> Adapter:
+        async with self._lock(name):
+            if version is None:
+                adapter = await asyncio.to_thread(self.store.clear_alias, name)
+            else:
+                adapter = await asyncio.to_thread(self.store.set_alias, name, version)
+            await self.refresh()
+        return adapter
+
+    async def remove(self, name: str, version: int | None = None) -> list[AdapterVersion]:
+        async with self._lock(name):
+            if version is None:
+                removed = await asyncio.to_thread(self.store.remove_adapter, name)
+            else:
+                removed = [await asyncio.to_thread(self.store.remove_version, name, version)]
+            await self.refresh()
+        return removed
+
+    async def gc(self, keep: set[str], *, min_age_s: float = 60.0) -> list[str]:
+        """Delete stored blobs no ready version references and no engine still holds (`keep`)."""
+        referenced = await asyncio.to_thread(self.store.referenced_digests)
+        keep_digests = referenced | {
+            d for d in await asyncio.to_thread(self.blobs.list_digests) if engine_name(d) in keep
+        }
+        return await asyncio.to_thread(self.blobs.gc, keep_digests, min_age_s=min_age_s)
+
+
+def _adapter_folders(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if (p / "adapter_config.json").is_file())
+
+
+def describe_version(v: AdapterVersion) -> dict[str, Any]:
+    return {
+        "version": v.version,
+        "model": v.model_id,
+        "digest": v.digest,
+        "source": v.source,
+        "revision": v.revision,
+        "description": v.description,
+        "rank": v.rank,
+        "size_bytes": v.size_bytes,
+        "forced_base": v.forced_base,
+        "status": v.status,
+        "created_at": v.created_at,
+        "engine_name": engine_name(v.digest),
+    }
+
+
+def describe_adapter(a: Adapter) -> dict[str, Any]:
+    current = a.current
+    return {
+        "name": a.name,
+        "pinned": a.pinned,
+        "alias_version": a.alias_version,
+        "current_version": current.version if current else None,
+        "versions": [describe_version(v) for v in a.versions],
+        "created_at": a.created_at,
+        "updated_at": a.updated_at,
+    }
+
+
+def load_base_spec(model: str, name: str) -> BaseModelSpec | None:
+    """The served base's shapes, from a local folder or the Hugging Face cache; None if unavailable."""
+    folder = Path(model)
+    if (folder / "config.json").is_file():
+        return BaseModelSpec.from_model_dir(folder, name)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        config = hf_hub_download(model, "config.json")
+    except Exception as exc:  # offline and not cached, private, gone: registration will say so
+        log.warning("cannot read config.json of base model %s: %s", model, exc)
+        return None
+    return BaseModelSpec.from_model_dir(Path(config).parent, name)
