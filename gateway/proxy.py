@@ -23,33 +23,57 @@ from gateway.upstream import UpstreamClient, map_transport_error
 Finish = Callable[[int, str | None, dict[str, Any] | None], None]
 
 
-class ModelRewriter:
-    """Puts the client's `model` back into the engine's JSON, chunk by chunk for SSE.
+class SseRewriter:
+    """Rewrites the engine's SSE events for the client, whole events at a time.
 
-    vLLM writes compact JSON (`"model":"name"`); events are rewritten whole (split on blank lines), so a
-    pattern cut by a TCP chunk boundary is never missed.
+    - puts the client's `model` back (vLLM knows adapters by digest; it writes compact JSON, so a byte
+      replacement of `"model":"<engine name>"` is exact);
+    - reads the usage event (the gateway asks for one on every stream, for its token metrics) and drops
+      it when the client did not ask for it itself.
+
+    Events are split on blank lines, so a pattern cut by a TCP chunk boundary is never missed.
     """
 
-    def __init__(self, engine_model: str, requested: str) -> None:
-        self.needed = engine_model != requested
+    def __init__(self, engine_model: str, requested: str, *, drop_usage: bool = False) -> None:
+        self.rewrite = engine_model != requested
+        self.drop_usage = drop_usage
         self.old = b'"model":' + json.dumps(engine_model).encode()
         self.new = b'"model":' + json.dumps(requested).encode()
+        self.usage: dict[str, Any] | None = None
         self._pending = b""
 
     def feed(self, chunk: bytes) -> bytes:
-        if not self.needed:
-            return chunk
         data = self._pending + chunk
         cut = data.rfind(b"\n\n")
         if cut < 0:
             self._pending = data
             return b""
         self._pending = data[cut + 2 :]
-        return data[: cut + 2].replace(self.old, self.new)
+        return self._events(data[: cut + 2])
 
     def flush(self) -> bytes:
         rest, self._pending = self._pending, b""
-        return rest.replace(self.old, self.new) if self.needed else rest
+        return self._events(rest) if rest else b""
+
+    def _events(self, data: bytes) -> bytes:
+        if b'"usage":{' in data:
+            kept = []
+            for event in data.split(b"\n\n"):
+                if b'"usage":{' in event and event.startswith(b"data: {"):
+                    usage = _event_usage(event)
+                    self.usage = usage or self.usage
+                    if self.drop_usage and b'"choices":[]' in event:
+                        continue
+                kept.append(event)
+            data = b"\n\n".join(kept)
+        return data.replace(self.old, self.new) if self.rewrite else data
+
+
+def _event_usage(event: bytes) -> dict[str, Any] | None:
+    try:
+        return _usage(json.loads(event[6:]))
+    except ValueError:
+        return None
 
 
 def _usage(body: Any) -> dict[str, Any] | None:
@@ -85,7 +109,7 @@ class _Relay:
     def __init__(
         self,
         response: httpx.Response,
-        rewriter: ModelRewriter,
+        rewriter: SseRewriter,
         finish: Finish,
         on_first_chunk: Callable[[float], None],
         started: float,
@@ -95,7 +119,6 @@ class _Relay:
         self.finish = finish
         self.on_first_chunk = on_first_chunk
         self.started = started
-        self.usage: dict[str, Any] | None = None
         self.error: str | None = "client_disconnected"  # until the stream ends by itself
         self.closed = False
 
@@ -106,8 +129,6 @@ class _Relay:
                 if first:
                     first = False
                     self.on_first_chunk(time.perf_counter() - self.started)
-                if b'"usage":{' in chunk:
-                    self.usage = _stream_usage(chunk) or self.usage
                 out = self.rewriter.feed(chunk)
                 if out:
                     yield out
@@ -136,7 +157,7 @@ class _Relay:
             status = 499
         elif self.error is not None:
             status = 502
-        self.finish(status, self.error, self.usage)
+        self.finish(status, self.error, self.rewriter.usage)
 
 
 class RelayResponse(StreamingResponse):
@@ -158,7 +179,7 @@ async def forward_stream(
     url: str,
     content: bytes,
     headers: dict[str, str],
-    rewriter: ModelRewriter,
+    rewriter: SseRewriter,
     finish: Finish,
     on_first_chunk: Callable[[float], None],
 ) -> StreamingResponse:
@@ -174,14 +195,3 @@ async def forward_stream(
     if "x-request-id" in headers:
         out_headers["x-request-id"] = headers["x-request-id"]
     return RelayResponse(_Relay(response, rewriter, finish, on_first_chunk, started), out_headers)
-
-
-def _stream_usage(chunk: bytes) -> dict[str, Any] | None:
-    """The usage object of the last SSE event in `chunk` that has one (sent when include_usage is on)."""
-    for line in reversed(chunk.split(b"\n")):
-        if line.startswith(b"data: {") and b'"usage":{' in line:
-            try:
-                return _usage(json.loads(line[6:]))
-            except ValueError:
-                return None
-    return None

@@ -13,7 +13,9 @@ MESSAGES = [{"role": "user", "content": "show users older than 30"}]
 
 
 def chat(client: openai.OpenAI, model: str, max_tokens: int = 16) -> openai.types.chat.ChatCompletion:
-    return client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=max_tokens, temperature=0)
+    return client.chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=max_tokens, temperature=0
+    )
 
 
 def test_models_lists_base_and_adapters_with_parent(client: openai.OpenAI) -> None:
@@ -82,3 +84,21 @@ def test_request_id_is_passed_back(gateway_url: str) -> None:
     )
     assert r.status_code == 200
     assert r.headers["x-request-id"] == "abc-123"
+
+
+def test_stream_without_include_usage_hides_usage_but_counts_tokens(gateway_url: str) -> None:
+    def completion_tokens() -> float:
+        text = httpx.get(gateway_url + "/metrics").text
+        line = [
+            x
+            for x in text.splitlines()
+            if x.startswith('lora_gateway_completion_tokens_total{model="demo-b"}')
+        ]
+        return float(line[0].split()[-1]) if line else 0.0
+
+    before = completion_tokens()
+    body = {"model": "demo-b", "messages": MESSAGES, "max_tokens": 5, "temperature": 0, "stream": True}
+    with httpx.stream("POST", gateway_url + "/v1/chat/completions", json=body, timeout=60) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: {")]
+    assert events and not any('"usage":{' in e for e in events), "the client did not ask for usage"
+    assert completion_tokens() - before == 5

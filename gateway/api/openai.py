@@ -28,7 +28,7 @@ from gateway.errors import (
     validation_error,
 )
 from gateway.metrics import UNKNOWN, model_label
-from gateway.proxy import Finish, ModelRewriter, forward_json, forward_stream
+from gateway.proxy import Finish, SseRewriter, forward_json, forward_stream
 from gateway.registry.catalog import Target
 from gateway.residency import Lease
 from gateway.state import GatewayState
@@ -151,7 +151,11 @@ async def _complete(request: Request, route: str, schema: type[BaseModel]) -> Re
             raise ModelNotFoundError(requested)
         check_model_allowed(key, target.label)
 
-        if payload["model"] != target.engine_model:
+        client_wants_usage = bool((parsed.stream_options or {}).get("include_usage"))  # type: ignore[attr-defined]
+        drop_usage = parsed.stream and not client_wants_usage  # type: ignore[attr-defined]
+        if drop_usage:  # ask for the usage event anyway (token metrics); the client will not see it
+            payload["stream_options"] = {**(parsed.stream_options or {}), "include_usage": True}  # type: ignore[attr-defined]
+        if payload["model"] != target.engine_model or drop_usage:
             payload["model"] = target.engine_model
             body = json.dumps(payload).encode()
         headers = {
@@ -164,7 +168,9 @@ async def _complete(request: Request, route: str, schema: type[BaseModel]) -> Re
                 lease = await state.residency.acquire(engine, target.adapter)
             try:
                 url = engine.url(route)
-                return await _forward(state, url, body, headers, parsed, target, requested, finish)
+                return await _forward(
+                    state, url, body, headers, parsed, target, requested, finish, drop_usage
+                )
             except UpstreamResponseError as exc:
                 # vLLM no longer has the adapter (restarted or unloaded since our last probe): load it
                 # again and retry once. Nothing has been sent to the client yet.
@@ -192,6 +198,7 @@ async def _forward(
     target: Target,
     requested: str,
     finish: Finish,
+    drop_usage: bool,
 ) -> Response:
     if parsed.stream:  # type: ignore[attr-defined]
         label = model_label(target.label, state.registry.known_labels())
@@ -200,7 +207,7 @@ async def _forward(
             url,
             body,
             headers,
-            ModelRewriter(target.engine_model, requested),
+            SseRewriter(target.engine_model, requested, drop_usage=drop_usage),
             finish,
             on_first_chunk=lambda s: state.metrics.ttft.labels(label).observe(s),
         )
