@@ -87,6 +87,20 @@ async def build_state(settings: Settings) -> GatewayState:
     return GatewayState(settings, metrics, client, registry, engines, residency, router)
 
 
+async def collect_garbage(state: GatewayState, interval_s: float = 300.0) -> None:
+    """Delete stored adapter files that no ready version references and no engine still has loaded."""
+    while True:
+        await asyncio.sleep(interval_s)
+        resident = set().union(*(e.status.resident for e in state.engines))
+        try:
+            removed = await state.registry.gc(keep=resident)
+        except Exception:
+            log.exception("adapter store garbage collection failed")
+            continue
+        if removed:
+            log.info("removed %d unreferenced adapter blob(s)", len(removed))
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -100,9 +114,11 @@ def create_app(settings: Settings) -> FastAPI:
             len(state.registry.adapters()),
             ", ".join(e.base_url for e in state.engines),
         )
+        collector = asyncio.create_task(collect_garbage(state), name="blob-gc")
         try:
             yield
         finally:
+            collector.cancel()
             for engine in state.engines:
                 await engine.stop()
             await state.client.aclose()
