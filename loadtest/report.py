@@ -1,0 +1,213 @@
+"""Files a run leaves behind: ``results.json``, ``requests.jsonl``, ``report.md`` and PNG plots.
+
+The markdown and plots are rendered from the ``results.json`` payload alone, so a report can be
+re-rendered later (``render_run_markdown(json.load(...))``). Matplotlib is imported inside the
+plotting functions, with the Agg backend.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from loadtest.records import RequestResult
+
+LATENCY_METRICS = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2e_ms", "E2E latency"))
+MODE_LABEL = {"concurrency": "concurrency", "rate": "offered rate (req/s)"}
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def write_requests(path: Path, records: Iterable[tuple[Any, Sequence[RequestResult]]]) -> Path:
+    """Per-request records, one JSON object a line, each with its ``level``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for level, recs in records:
+            for r in recs:
+                f.write(json.dumps({"level": level, **r.to_dict()}) + "\n")
+    return path
+
+
+def fmt(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    return str(x)
+
+
+def level_name(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_lines(m: dict[str, Any]) -> list[str]:
+    versions = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())
+    return [
+        f"- CPU: {m.get('cpu_model')} ({m.get('cpu_usable')} usable of {m.get('cpu_count')}), "
+        f"memory {m.get('memory_gib')} GiB, load average at the end {m.get('load_average')}",
+        f"- Platform: {m.get('platform')}, Python {m.get('python')}",
+        f"- Versions: {versions}",
+    ]
+
+
+def render_run_markdown(payload: dict[str, Any]) -> str:
+    cfg, wl = payload["config"], payload["config"]["workload"]
+    mode = cfg["mode"]
+    levels = payload["levels"]
+    out = [
+        "# Load test report",
+        "",
+        f"- Target: `{cfg['target']}` ({wl['endpoint']}, {'streaming' if wl['stream'] else 'non-streaming'})",
+        f"- Models: {', '.join(wl['models'])}; mix `{wl['mix']}`; seed {wl['seed']}",
+        f"- {'Closed loop, concurrency' if mode == 'concurrency' else 'Open loop (Poisson), offered rate'} "
+        f"{', '.join(level_name(x) for x in cfg['levels'])}; {cfg['requests']} requests per level, "
+        f"time limit {cfg['time_limit_s']:g} s per level, request timeout {cfg['timeout_s']:g} s",
+        f"- Prompt about {wl['prompt_tokens']} tokens (synthetic words), max_tokens {wl['max_tokens']}"
+        f"{', ignore_eos' if wl['ignore_eos'] else ''}",
+        f"- Started {payload['started_at']}, finished {payload['finished_at']}",
+        *machine_lines(payload["machine"]),
+        "",
+        "## Throughput",
+        "",
+    ]
+    head = [mode, "completed", "failed", "not sent", "duration (s)", "request throughput (req/s)"]
+    head += ["output token throughput (tok/s)", "mean prompt tokens", "mean completion tokens"]
+    if mode == "rate":
+        head.append("send lag p99 (ms)")
+    rows = []
+    for lv in levels:
+        s = lv["summary"]
+        n = s["requests"]["completed"] or 1
+        row = [level_name(lv["level"]), s["requests"]["completed"], s["requests"]["failed"]]
+        row += [s["requests"]["not_sent"], s["duration_s"], s["request_throughput"]]
+        row += [s["output_token_throughput"], s["total_input_tokens"] / n, s["total_output_tokens"] / n]
+        if mode == "rate":
+            row.append(s["send_lag_ms"]["p99"])
+        rows.append(row)
+    out += [table(head, rows), "", "## Latency (ms)", ""]
+    rows = []
+    for lv in levels:
+        for key, label in LATENCY_METRICS:
+            d = lv["summary"][key]
+            if d["count"]:
+                row = [level_name(lv["level"]), label, d["mean"], d["p50"], d["p90"], d["p99"], d["count"]]
+                rows.append(row)
+    out += [table([mode, "metric", "mean", "p50", "p90", "p99", "samples"], rows), ""]
+    if not wl["stream"]:
+        out += ["TTFT, TPOT and ITL need `--stream`; without it only end-to-end latency is measured.", ""]
+    errors = [(level_name(lv["level"]), k, v) for lv in levels for k, v in lv["summary"]["errors"].items()]
+    out += ["## Errors", ""]
+    out += [table([mode, "kind", "count"], errors) if errors else "No failed requests.", ""]
+    out += ["## Per model", ""]
+    rows = []
+    for lv in levels:
+        for model, s in lv["per_model"].items():
+            rows.append(
+                [level_name(lv["level"]), model, s["requests"]["completed"], s["requests"]["failed"]]
+                + [s["request_throughput"], s["output_token_throughput"], s["ttft_ms"]["p99"]]
+                + [s["tpot_ms"]["p50"], s["e2e_ms"]["p50"], s["e2e_ms"]["p99"]]
+            )
+    head = [mode, "model", "completed", "failed", "req/s", "output tok/s", "TTFT p99", "TPOT p50"]
+    out += [table(head + ["E2E p50", "E2E p99"], rows), ""]
+    out += ["## Plots", "", f"![latency](latency_vs_{mode}.png)", ""]
+    out += [f"![throughput](throughput_vs_{mode}.png)", ""]
+    return "\n".join(out)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(levels: list[dict[str, Any]], key: str, stat: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for lv in levels:
+        v = lv["summary"][key][stat] if isinstance(lv["summary"][key], dict) else lv["summary"][key]
+        if v is not None:
+            xs.append(lv["level"])
+            ys.append(v)
+    return xs, ys
+
+
+def _level_axis(ax: Any, levels: list[dict[str, Any]], log_x: bool) -> None:
+    """Ticks at the measured levels, labelled plainly (log base 2 when they span a wide range)."""
+    xs = [lv["level"] for lv in levels]
+    if log_x:
+        ax.set_xscale("log", base=2)
+        ax.minorticks_off()
+    ax.set_xticks(xs, [level_name(x) for x in xs])
+
+
+def plot_run(payload: dict[str, Any], out_dir: Path) -> list[Path]:
+    """``latency_vs_<mode>.png`` and ``throughput_vs_<mode>.png``."""
+    plt = _pyplot()
+    mode, levels = payload["config"]["mode"], payload["levels"]
+    xlabel = MODE_LABEL[mode]
+    log_x = len(levels) > 1 and max(lv["level"] for lv in levels) / min(lv["level"] for lv in levels) >= 8
+    metrics = [(k, label) for k, label in LATENCY_METRICS if any(lv["summary"][k]["count"] for lv in levels)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    for ax, (key, label) in zip(axes[0], metrics, strict=True):
+        for stat, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
+            ax.plot(*_series(levels, key, stat), style, label=stat)
+        ax.set(title=f"{label} (ms)", xlabel=xlabel)
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+        _level_axis(ax, levels, log_x)
+        ax.legend()
+    fig.suptitle(f"Latency vs {xlabel}")
+    fig.tight_layout()
+    paths = [out_dir / f"latency_vs_{mode}.png"]
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), squeeze=False)
+    panels = (("request_throughput", "requests/s"), ("output_token_throughput", "output tokens/s"))
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
+        ax.plot(*_series(levels, key, ""), "o-")
+        if mode == "rate":
+            xs = [lv["level"] for lv in levels]
+            if key == "request_throughput":
+                ax.plot(xs, xs, "k:", label="offered")
+                ax.legend()
+        ax.set(title=label, xlabel=xlabel)
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+        _level_axis(ax, levels, log_x)
+    fig.suptitle(f"Throughput vs {xlabel}")
+    fig.tight_layout()
+    paths.append(out_dir / f"throughput_vs_{mode}.png")
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def write_run_report(
+    out_dir: Path, payload: dict[str, Any], records: Iterable[tuple[Any, Sequence[RequestResult]]] = ()
+) -> dict[str, Path]:
+    """Write every file of a ``run`` into ``out_dir``; returns them by role."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"results": write_json(out_dir / "results.json", payload)}
+    files["requests"] = write_requests(out_dir / "requests.jsonl", records)
+    files["report"] = out_dir / "report.md"
+    files["report"].write_text(render_run_markdown(payload), encoding="utf-8")
+    for p in plot_run(payload, out_dir):
+        files[p.stem] = p
+    return files
