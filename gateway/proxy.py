@@ -13,14 +13,17 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import anyio
-import httpx
 from fastapi.responses import Response, StreamingResponse
 
 from gateway.errors import GatewayError, from_upstream, sse_error_event
-from gateway.upstream import UpstreamClient, map_transport_error
+from gateway.upstream import UpstreamClient, UpstreamResponse
 
 Finish = Callable[[int, str | None, dict[str, Any] | None], None]
+
+
+def model_rewrite(engine_model: str, requested: str) -> tuple[bytes, bytes]:
+    """The bytes vLLM writes for its model name, and what the client must see instead."""
+    return b'"model":' + json.dumps(engine_model).encode(), b'"model":' + json.dumps(requested).encode()
 
 
 class SseRewriter:
@@ -37,8 +40,7 @@ class SseRewriter:
     def __init__(self, engine_model: str, requested: str, *, drop_usage: bool = False) -> None:
         self.rewrite = engine_model != requested
         self.drop_usage = drop_usage
-        self.old = b'"model":' + json.dumps(engine_model).encode()
-        self.new = b'"model":' + json.dumps(requested).encode()
+        self.old, self.new = model_rewrite(engine_model, requested)
         self.usage: dict[str, Any] | None = None
         self._pending = b""
 
@@ -81,22 +83,40 @@ def _usage(body: Any) -> dict[str, Any] | None:
     return usage if isinstance(usage, dict) else None
 
 
-async def forward_json(
-    client: UpstreamClient, url: str, content: bytes, headers: dict[str, str], requested: str, finish: Finish
-) -> Response:
-    response = await client.send("POST", url, content=content, headers=headers)
-    if response.status_code >= 400:
-        raise from_upstream(response.status_code, response.content)
+_DECODER = json.JSONDecoder()
+
+
+def body_usage(content: bytes) -> dict[str, Any] | None:
+    """The `usage` object of a completion body, decoded alone (the body itself is never parsed)."""
+    at = content.rfind(b'"usage":{')
+    if at < 0:
+        return None
     try:
-        body = response.json()
-    except ValueError as exc:
-        raise from_upstream(502, b'{"error": {"message": "engine answered with invalid JSON"}}') from exc
-    if isinstance(body, dict) and body.get("model") != requested:
-        body["model"] = requested
-        payload = json.dumps(body, separators=(",", ":")).encode()
-    else:
-        payload = response.content
-    finish(response.status_code, None, _usage(body))
+        usage, _ = _DECODER.raw_decode(content[at + 8 :].decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    return usage if isinstance(usage, dict) else None
+
+
+async def forward_json(
+    client: UpstreamClient,
+    url: str,
+    content: bytes,
+    headers: dict[str, str],
+    rewrite: tuple[bytes, bytes] | None,
+    finish: Finish,
+) -> Response:
+    """Non-streaming: the engine's JSON bytes, `model` put back by an exact byte replacement.
+
+    vLLM writes compact JSON, so `"model":"<engine name>"` appears exactly as built in `SseRewriter`.
+    """
+    response = await client.send("POST", url, content=content, headers=headers)
+    payload = await response.read()
+    if response.status_code >= 400:
+        raise from_upstream(response.status_code, payload)
+    if rewrite is not None:
+        payload = payload.replace(rewrite[0], rewrite[1], 1)
+    finish(response.status_code, None, body_usage(payload))
     out_headers = {"x-request-id": headers["x-request-id"]} if "x-request-id" in headers else {}
     return Response(
         payload, status_code=response.status_code, media_type="application/json", headers=out_headers
@@ -108,7 +128,7 @@ class _Relay:
 
     def __init__(
         self,
-        response: httpx.Response,
+        response: UpstreamResponse,
         rewriter: SseRewriter,
         finish: Finish,
         on_first_chunk: Callable[[float], None],
@@ -125,7 +145,7 @@ class _Relay:
     async def body(self) -> AsyncIterator[bytes]:
         first = True
         try:
-            async for chunk in self.response.aiter_raw():
+            async for chunk in self.response.iter_chunks():
                 if first:
                     first = False
                     self.on_first_chunk(time.perf_counter() - self.started)
@@ -136,10 +156,6 @@ class _Relay:
             if tail:
                 yield tail
             self.error = None
-        except httpx.TransportError as exc:
-            mapped = map_transport_error(exc)
-            self.error = mapped.code
-            yield sse_error_event(mapped)
         except GatewayError as exc:
             self.error = exc.code
             yield sse_error_event(exc)
@@ -150,8 +166,7 @@ class _Relay:
         if self.closed:
             return
         self.closed = True
-        with anyio.CancelScope(shield=True):
-            await self.response.aclose()  # closes the connection mid-stream: vLLM aborts the request
+        self.response.close()  # drops the connection mid-stream: vLLM aborts the request
         status = self.response.status_code
         if self.error == "client_disconnected":
             status = 499
@@ -184,12 +199,9 @@ async def forward_stream(
     on_first_chunk: Callable[[float], None],
 ) -> StreamingResponse:
     started = time.perf_counter()
-    response = await client.send("POST", url, content=content, headers=headers, stream=True)
+    response = await client.send("POST", url, content=content, headers=headers)
     if response.status_code >= 400:
-        try:
-            body = await response.aread()
-        finally:
-            await response.aclose()
+        body = await response.read()
         raise from_upstream(response.status_code, body)
     out_headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
     if "x-request-id" in headers:

@@ -1,19 +1,21 @@
 """The error-mapping table: engine answers and transport failures -> our status and OpenAI body.
 
-Pure logic, so the engine is an `httpx.MockTransport`; the same paths run against real servers in
-test_errors_e2e.py.
+Pure logic, so the transport failures are exception instances; the same paths run against real servers
+in test_errors_e2e.py (refused connection, read timeout, engine gone).
 """
 
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
-import httpx
+import aiohttp
 import pytest
 
 from gateway.errors import GatewayError, from_upstream
 from gateway.settings import Settings
-from gateway.upstream import UpstreamClient
+from gateway.upstream import UpstreamClient, map_transport_error
+from tests.conftest import free_port
 
 
 @pytest.mark.parametrize(
@@ -49,30 +51,34 @@ def test_from_upstream(
     assert "<html" not in body["message"]
 
 
-def raising(exc: Exception) -> httpx.MockTransport:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise exc
-
-    return httpx.MockTransport(handler)
+def connector_error() -> aiohttp.ClientConnectorError:
+    key = SimpleNamespace(host="127.0.0.1", port=1, is_ssl=False, ssl=None)
+    return aiohttp.ClientConnectorError(key, ConnectionRefusedError(111, "refused"))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
     ("exc", "status", "code"),
     [
-        (httpx.ConnectError("refused"), 502, "engine_unreachable"),
-        (httpx.ConnectTimeout("slow"), 502, "engine_unreachable"),
-        (httpx.ReadTimeout("slow"), 504, "upstream_timeout"),
-        (httpx.WriteTimeout("slow"), 504, "upstream_timeout"),
-        (httpx.PoolTimeout("busy"), 503, "engine_unavailable"),
-        (httpx.RemoteProtocolError("peer closed"), 502, "upstream_error"),
-        (httpx.ReadError("reset"), 502, "upstream_error"),
+        (connector_error(), 502, "engine_unreachable"),
+        (aiohttp.ConnectionTimeoutError("slow connect"), 502, "engine_unreachable"),
+        (aiohttp.SocketTimeoutError("slow read"), 504, "upstream_timeout"),
+        (TimeoutError(), 504, "upstream_timeout"),
+        (aiohttp.ServerDisconnectedError(), 502, "upstream_error"),
+        (aiohttp.ClientPayloadError("truncated"), 502, "upstream_error"),
+        (aiohttp.ClientOSError(104, "reset"), 502, "upstream_error"),
     ],
 )
 def test_transport_errors(exc: Exception, status: int, code: str) -> None:
+    err = map_transport_error(exc)
+    assert (err.status_code, err.code) == (status, code)
+    assert "<html" not in err.message
+
+
+def test_connection_refused_is_502_through_the_real_client() -> None:
     async def go() -> GatewayError:
-        client = UpstreamClient(Settings(), transport=raising(exc))
+        client = UpstreamClient(Settings())
         try:
-            await client.send("POST", "http://engine/v1/chat/completions", content=b"{}")
+            await client.send("POST", f"http://127.0.0.1:{free_port()}/v1/chat/completions", content=b"{}")
         except GatewayError as err:
             return err
         finally:
@@ -80,7 +86,5 @@ def test_transport_errors(exc: Exception, status: int, code: str) -> None:
         raise AssertionError("no error raised")
 
     err = asyncio.run(go())
-    assert (err.status_code, err.code) == (status, code)
-    assert isinstance(err.__cause__, httpx.TransportError)
-    if status == 503:
-        assert "Retry-After" in err.headers
+    assert (err.status_code, err.code) == (502, "engine_unreachable")
+    assert isinstance(err.__cause__, aiohttp.ClientError)

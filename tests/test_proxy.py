@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from gateway.proxy import SseRewriter
+from gateway.proxy import SseRewriter, body_usage
 
 
 def event(obj: dict) -> bytes:
@@ -46,3 +46,13 @@ def test_usage_event_dropped_only_when_the_client_did_not_ask() -> None:
 
 def test_same_name_passes_bytes_through() -> None:
     assert run(SseRewriter("tiny-llama", "tiny-llama"), [10]) == STREAM
+
+
+def test_body_usage_reads_only_the_usage_object() -> None:
+    body = (
+        b'{"id":"x","model":"lora-abc","choices":[{"text":"a \\"usage\\":{ trap"}],'
+        b'"usage":{"prompt_tokens":4,"completion_tokens":7}}'
+    )
+    assert body_usage(body) == {"prompt_tokens": 4, "completion_tokens": 7}
+    assert body_usage(b'{"id":"x"}') is None
+    assert body_usage(b'{"usage":{broken') is None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -37,10 +36,9 @@ async def _engine_answers(state: GatewayState, engine: Engine) -> bool:
     if not engine.ready:
         return False
     try:
-        response = await state.client.send("GET", engine.url("/health"), timeout=httpx.Timeout(2.0))
+        return await state.client.get_status(engine.url("/health"), timeout=2.0) == 200
     except GatewayError:
         return False
-    return response.status_code == 200
 
 
 @router.get("/metrics")

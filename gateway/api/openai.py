@@ -28,7 +28,7 @@ from gateway.errors import (
     validation_error,
 )
 from gateway.metrics import UNKNOWN, model_label
-from gateway.proxy import Finish, SseRewriter, forward_json, forward_stream
+from gateway.proxy import Finish, SseRewriter, forward_json, forward_stream, model_rewrite
 from gateway.registry.catalog import Target
 from gateway.residency import Lease
 from gateway.state import GatewayState
@@ -211,4 +211,5 @@ async def _forward(
             finish,
             on_first_chunk=lambda s: state.metrics.ttft.labels(label).observe(s),
         )
-    return await forward_json(state.client, url, body, headers, requested, finish)
+    rewrite = model_rewrite(target.engine_model, requested) if target.engine_model != requested else None
+    return await forward_json(state.client, url, body, headers, rewrite, finish)
