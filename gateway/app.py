@@ -10,9 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from gateway.api import admin, health, openai
-from gateway.engines.attached import AttachedEngine
-from gateway.engines.base import Engine
-from gateway.engines.managed import ManagedEngine
+from gateway.engines.pool import EnginePool
 from gateway.errors import install_error_handlers
 from gateway.metrics import Metrics
 from gateway.registry.blobs import BlobStore
@@ -25,13 +23,6 @@ from gateway.state import GatewayState
 from gateway.upstream import UpstreamClient
 
 log = logging.getLogger("lora_gateway")
-
-
-def build_engine(settings: Settings, client: UpstreamClient) -> Engine:
-    e = settings.engine
-    if e.mode == "attached":
-        return AttachedEngine("engine0", e.base_url, client, probe_interval_s=e.health_interval_s)
-    return ManagedEngine("engine0", e, settings.resolved_engine_model(), settings.base_model_name(), client)
 
 
 async def build_registry(settings: Settings) -> Registry:
@@ -63,7 +54,7 @@ async def build_state(settings: Settings) -> GatewayState:
     metrics = Metrics()
     client = UpstreamClient(settings)
     registry = await build_registry(settings)
-    engine = build_engine(settings, client)
+    pool = EnginePool(settings, client)
     residency = Residency(
         client,
         metrics,
@@ -71,20 +62,28 @@ async def build_state(settings: Settings) -> GatewayState:
         wait_timeout_s=settings.registry.load_wait_timeout_s,
         retry_after_s=settings.retry_after_s,
     )
-    engines = [engine]
-    engine.add_listener(residency.on_probe)
+    pool.add_listener(residency.on_probe)
+    # Preload at start (and restore after a restart): pinned adapters everywhere; with one engine, also
+    # the others up to its capacity. With several, routing places adapters where they are asked for.
     current = sorted(registry.adapters(), key=lambda r: not r.pinned)
-    for ref in current[: settings.max_resident()]:
-        residency.want(engine, ref)  # preload at start (pinned first), restore after a restart
+    for engine in pool.engines:
+        for ref in current[: settings.max_resident()]:
+            if ref.pinned or len(pool.engines) == 1:
+                residency.want(engine, ref)
 
     async def follow_registry() -> None:
         registered = {ref.engine_name: ref for ref in registry.versions()}
-        for e in engines:
+        for e in list(pool.engines):
             await residency.sync(e, registered)
 
     registry.on_change(follow_registry)
-    router = Router(engines, retry_after_s=settings.retry_after_s)
-    return GatewayState(settings, metrics, client, registry, engines, residency, router)
+    router = Router(
+        lambda: pool.engines,
+        retry_after_s=settings.retry_after_s,
+        max_resident=settings.max_resident(),
+        policy=settings.routing,
+    )
+    return GatewayState(settings, metrics, client, registry, pool, residency, router)
 
 
 async def collect_garbage(state: GatewayState, interval_s: float = 300.0) -> None:
@@ -106,8 +105,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = await build_state(settings)
         app.state.gateway = state
-        for engine in state.engines:
-            await engine.start()
+        await state.pool.start()
         log.info(
             "lora-gateway serving %s with %d adapter(s) on engine %s",
             state.registry.base_name,
@@ -119,8 +117,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             collector.cancel()
-            for engine in state.engines:
-                await engine.stop()
+            await state.pool.stop()
             await state.client.aclose()
             await asyncio.to_thread(state.registry.store.close)
 

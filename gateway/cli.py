@@ -2,6 +2,8 @@
 
     lora-gateway serve [--config FILE] [--engine-url URL | --model PATH] [--port 8000] ...
     lora-gateway models build-tiny        build the embedded default base model and demo adapters
+    lora-gateway adapters register|list|show|remove|pin|unpin|alias ...   a running gateway's registry
+                                          (gateway/cli_adapters.py)
 
 Heavy imports (uvicorn, torch, transformers) happen inside the commands, so `--help` is instant.
 """
@@ -14,9 +16,12 @@ from typing import Annotated, Any
 
 import typer
 
+from gateway.cli_adapters import adapters_app
+
 app = typer.Typer(help="Self-hosted multi-LoRA serving gateway in front of vLLM.", no_args_is_help=True)
 models_app = typer.Typer(help="Base models: build the embedded default.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(adapters_app, name="adapters")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML or TOML settings file.")]
 

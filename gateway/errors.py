@@ -9,7 +9,8 @@
     │   └── ModelNotFoundError        404 code=model_not_found
     ├── ConflictError                 409 invalid_request_error
     ├── EngineUnavailableError        503 server_error, Retry-After
-    ├── UpstreamError                 502 server_error (engine unreachable, or failing with 5xx)
+    ├── UpstreamError                 502 server_error: engine_unreachable (refused), upstream_error
+    │                                     (connection dropped), engine_error (the engine's own 5xx)
     ├── UpstreamTimeoutError          504 server_error
     └── UpstreamResponseError         the engine's own 4xx, passed through in OpenAI shape
 
@@ -146,7 +147,7 @@ def from_upstream(status_code: int, content: bytes) -> GatewayError:
     if status_code == 503:
         return EngineUnavailableError(f"Engine unavailable: {message}", code="engine_unavailable")
     if status_code >= 500:
-        return UpstreamError(f"Engine failed with HTTP {status_code}: {message}")
+        return UpstreamError(f"Engine failed with HTTP {status_code}: {message}", code="engine_error")
     type_ = _OPENAI_TYPES.get(status_code, "invalid_request_error")
     if status_code == 404 and "model" in message.lower():
         code = "model_not_found"

@@ -9,7 +9,10 @@ Lease.release()  always, exactly once (success, error, client gone): the adapter
 
 on_probe(engine, listed)   after every successful probe of an engine
   `resident` := what vLLM really lists; adapters we had that vLLM lost (it restarted) are loaded
-  again, pinned ones too; nothing is reported resident that vLLM does not have.
+  again, pinned ones too; nothing is reported resident that vLLM does not have. An adapter this
+  gateway loaded or unloaded after the probe asked for the listing keeps its state: the listing
+  may predate that change (without this, a stale listing dropped adapters with requests in flight
+  and brought back ones just evicted).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 
 from gateway.engines.base import Engine, ProbeResult
 from gateway.errors import EngineUnavailableError, GatewayError, UpstreamError
-from gateway.metrics import Metrics
+from gateway.metrics import UNKNOWN, Metrics
 from gateway.registry.catalog import AdapterRef
 from gateway.upstream import UpstreamClient
 
@@ -43,6 +46,7 @@ class _EngineBook:
     pinned: set[str] = field(default_factory=set)
     retiring: set[str] = field(default_factory=set)  # no longer registered: unload once idle
     loading: int = 0
+    touched: dict[str, float] = field(default_factory=dict)  # loaded/unloaded by us: monotonic time
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     released: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -125,8 +129,10 @@ class Residency:
 
     def forget(self, engine: Engine, key: str) -> None:
         """vLLM answered that it does not have `key` (restarted, or unloaded by someone else)."""
+        book = self.book(engine)
+        book.touched[key] = time.monotonic()
         engine.status.resident.discard(key)
-        self.book(engine).lru.pop(key, None)
+        book.lru.pop(key, None)
         self._observe_resident(engine)
 
     async def _make_room(self, engine: Engine, book: _EngineBook) -> None:
@@ -135,7 +141,7 @@ class Residency:
         while len(engine.status.resident) + book.loading >= self.max_resident:
             victim = self._eviction_candidate(engine, book)
             if victim is not None:
-                await self.unload(engine, victim, reason="evicted")
+                await self._evict(engine, book, victim)
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -150,8 +156,8 @@ class Residency:
 
     def _eviction_candidate(self, engine: Engine, book: _EngineBook) -> str | None:
         status = engine.status
-        ordered = [k for k in book.lru if k in status.resident]
-        ordered += sorted(k for k in status.resident if k not in book.lru)  # unknown age: oldest
+        ordered = sorted(k for k in status.resident if k not in book.lru)  # unknown age: oldest
+        ordered += [k for k in book.lru if k in status.resident]
         for key in ordered:
             if status.in_flight.get(key, 0) == 0 and key not in book.pinned:
                 lock = book.locks.get(key)
@@ -159,12 +165,22 @@ class Residency:
                     return key
         return None
 
+    async def _evict(self, engine: Engine, book: _EngineBook, key: str) -> None:
+        """Unload `key` under its own lock (load and unload of one adapter never overlap). The lock is
+        free (see `_eviction_candidate`), so taking it does not wait; check again all the same."""
+        async with book.locks.setdefault(key, asyncio.Lock()):
+            status = engine.status
+            if key in status.resident and not status.in_flight.get(key) and key not in book.pinned:
+                await self.unload(engine, key, reason="evicted")
+
     # --- engine calls --------------------------------------------------------------------------
     async def _load(self, engine: Engine, ref: AdapterRef) -> None:
         if not engine.ready:
             raise EngineUnavailableError(
                 f"Engine {engine.name} is not ready.", retry_after_s=self.retry_after_s
             )
+        book = self.book(engine)
+        book.touched[ref.engine_name] = time.monotonic()
         started = time.perf_counter()
         payload = {"lora_name": ref.engine_name, "lora_path": str(ref.path)}
         try:
@@ -181,7 +197,7 @@ class Residency:
         elapsed = time.perf_counter() - started
         self.metrics.adapter_loads.labels(ref.name, "ok").inc()
         self.metrics.adapter_load_duration.labels(ref.name).observe(elapsed)
-        book = self.book(engine)
+        book.touched[ref.engine_name] = time.monotonic()
         engine.status.resident.add(ref.engine_name)
         engine.status.last_load_at[ref.engine_name] = time.time()
         book.wanted[ref.engine_name] = ref
@@ -195,6 +211,7 @@ class Residency:
         """Unload one adapter; idempotent (an adapter vLLM does not have is already unloaded)."""
         book = self.book(engine)
         ref = book.wanted.pop(key, None)
+        book.touched[key] = time.monotonic()
         engine.status.resident.discard(key)
         book.lru.pop(key, None)
         try:
@@ -202,8 +219,11 @@ class Residency:
         except GatewayError as exc:
             if exc.status_code != 404:
                 log.warning("engine %s: unloading %s failed: %s", engine.name, key, exc.message)
+        book.touched[key] = time.monotonic()
+        engine.status.resident.discard(key)  # again: a listing older than the unload may have re-added it
         if reason == "evicted":
-            self.metrics.adapter_evictions.labels(ref.name if ref else key).inc()
+            # an adapter someone else loaded has no registered name: never a label of its own
+            self.metrics.adapter_evictions.labels(ref.name if ref else UNKNOWN).inc()
         self._observe_resident(engine)
         log.info("engine %s: %s adapter %s", engine.name, reason, key)
 
@@ -222,6 +242,7 @@ class Residency:
         """Follow the registry: pins, retired versions (unloaded once idle), pinned adapters loaded now."""
         book = self.book(engine)
         book.pinned = {key for key, ref in registered.items() if ref.pinned}
+        book.retiring -= registered.keys()  # removed, then registered again (same bytes) before it went idle
         for key in list(book.wanted):
             if key not in registered:
                 del book.wanted[key]
@@ -250,10 +271,13 @@ class Residency:
 
     async def on_probe(self, engine: Engine, result: ProbeResult) -> None:
         status, book = engine.status, self.book(engine)
-        lost = status.resident - result.adapters
+        changed = {key for key, at in book.touched.items() if at >= result.started_at}
+        book.touched.clear()  # the next probe starts after every change made so far
+        listed = set(result.adapters)
+        lost = status.resident - listed - changed
         if lost:
             log.warning("engine %s lost adapters %s (restarted?); restoring", engine.name, sorted(lost))
-        status.resident = set(result.adapters)
+        status.resident = (listed - changed) | (status.resident & changed)
         for key in list(book.lru):
             if key not in status.resident:
                 book.lru.pop(key)

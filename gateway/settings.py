@@ -47,6 +47,16 @@ class EngineSettings(BaseModel):
         "managed", description="managed: the gateway spawns and supervises vLLM; attached: use `url`."
     )
     url: str | None = Field(None, description="Base URL of an attached vLLM server (http://host:port).")
+    urls: list[str] = Field(default_factory=list, description="More attached vLLM servers (replicas).")
+    resolve_dns: bool = Field(
+        False,
+        description="Attached: each address `url`'s host name resolves to is one replica (re-resolved).",
+    )
+    dns_refresh_s: float = Field(30.0, description="How often `url` is resolved again when resolve_dns.")
+    replicas: int = Field(1, ge=1, description="Managed: vLLM processes to run, on ports port, port+1, ...")
+    devices_per_replica: int | None = Field(
+        None, ge=1, description="Managed: GPUs per replica; replica i gets CUDA_VISIBLE_DEVICES i*k..i*k+k-1."
+    )
     model: str | None = Field(
         None, description="Base model for a managed engine: local folder or HF id. Default: embedded tiny."
     )
@@ -70,7 +80,7 @@ class EngineSettings(BaseModel):
 
     @model_validator(mode="after")
     def _attached_needs_url(self) -> EngineSettings:
-        if self.mode == "attached" and not self.url:
+        if self.mode == "attached" and not (self.url or self.urls):
             raise ValueError("engine.url is required when engine.mode is 'attached'")
         if self.max_lora_rank not in (1, 8, 16, 32, 64, 128, 256, 320, 512):
             raise ValueError(
@@ -78,11 +88,21 @@ class EngineSettings(BaseModel):
             )
         return self
 
+    def attached_urls(self) -> list[str]:
+        return [u.rstrip("/") for u in ([self.url] if self.url else []) + self.urls]
+
+    def replica(self, index: int) -> EngineSettings:
+        """The settings of managed replica `index`: its own port, its own GPUs."""
+        env = dict(self.env)
+        if self.devices_per_replica:
+            k = self.devices_per_replica
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in range(index * k, index * k + k))
+        return self.model_copy(update={"port": self.port + index, "env": env, "replicas": 1})
+
     @property
     def base_url(self) -> str:
         if self.mode == "attached":
-            assert self.url is not None
-            return self.url.rstrip("/")
+            return self.attached_urls()[0]
         return f"http://{self.host}:{self.port}"
 
 
@@ -155,6 +175,12 @@ class Settings(BaseSettings):
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
     max_body_bytes: int = Field(8 * 1024 * 1024, description="Largest accepted request body (413 above).")
     retry_after_s: int = Field(5, description="Retry-After sent with 503 while the engine is not ready.")
+    routing: Literal["affinity", "round_robin"] = Field(
+        "affinity", description="How a request picks a replica (see gateway/routing.py)."
+    )
+    engine_cooldown_s: float = Field(
+        5.0, description="A replica that refused a connection is left out this long, then probed again."
+    )
     max_connections: int = Field(1000, description="Connection pool size towards the engine.")
 
     @classmethod

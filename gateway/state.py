@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from gateway.engines.base import Engine
+from gateway.engines.pool import EnginePool
 from gateway.metrics import Metrics
 from gateway.registry.service import Registry
 from gateway.residency import Residency
@@ -20,7 +21,11 @@ class GatewayState:
     metrics: Metrics
     client: UpstreamClient
     registry: Registry
-    engines: list[Engine]
+    pool: EnginePool
     residency: Residency
     router: Router
     started_at: float = field(default_factory=time.time)
+
+    @property
+    def engines(self) -> list[Engine]:
+        return self.pool.engines

@@ -156,7 +156,7 @@ class _ThreadServer(uvicorn.Server):
 
 
 @contextlib.contextmanager
-def serve_app(settings: Settings, *, wait_ready: bool = True) -> Iterator[str]:
+def serve_app(settings: Settings, *, wait_ready: bool = True, ready_timeout: float = 30) -> Iterator[str]:
     """Run a gateway built from `settings` in a thread on a free loopback port; yield its URL."""
     from gateway.app import create_app
 
@@ -167,7 +167,7 @@ def serve_app(settings: Settings, *, wait_ready: bool = True) -> Iterator[str]:
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + ready_timeout
         while not server.started:
             if time.monotonic() > deadline or not thread.is_alive():
                 raise RuntimeError("in-process gateway did not start")

@@ -19,11 +19,13 @@ from pydantic import BaseModel, ValidationError
 
 from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.auth import api_key, check_model_allowed, may_use
+from gateway.engines.base import Engine
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
     ModelNotFoundError,
     PayloadTooLargeError,
+    UpstreamError,
     UpstreamResponseError,
     validation_error,
 )
@@ -117,15 +119,25 @@ async def _complete(request: Request, route: str, schema: type[BaseModel]) -> Re
     started = time.perf_counter()
     label = UNKNOWN
     lease: Lease | None = None
+    engine: Engine | None = None
     finished = False
+
+    def let_go() -> None:
+        """Release what this request holds on its engine (before a retry, or when it ends)."""
+        nonlocal lease, engine
+        if lease is not None:
+            lease.release()
+            lease = None
+        if engine is not None:
+            engine.status.active -= 1
+            engine = None
 
     def finish(status: int, error: str | None, usage: dict[str, Any] | None) -> None:
         nonlocal finished
         if finished:
             return
         finished = True
-        if lease is not None:
-            lease.release()
+        let_go()
         metrics.in_flight.labels(label).dec()
         metrics.requests.labels(route, label, str(status)).inc()
         if error:
@@ -162,8 +174,11 @@ async def _complete(request: Request, route: str, schema: type[BaseModel]) -> Re
             "content-type": "application/json",
             "x-request-id": request.headers.get("x-request-id") or uuid.uuid4().hex,
         }
-        for attempt in (1, 2):
-            engine = state.router.pick(target)
+        excluded: list[Engine] = []
+        retried = False  # one retry at most, and only while nothing has reached the client
+        while True:
+            engine = state.router.pick(target, exclude=excluded)
+            engine.status.active += 1
             if target.adapter is not None:
                 lease = await state.residency.acquire(engine, target.adapter)
             try:
@@ -172,15 +187,23 @@ async def _complete(request: Request, route: str, schema: type[BaseModel]) -> Re
                     state, url, body, headers, parsed, target, requested, finish, drop_usage
                 )
             except UpstreamResponseError as exc:
-                # vLLM no longer has the adapter (restarted or unloaded since our last probe): load it
-                # again and retry once. Nothing has been sent to the client yet.
-                if attempt == 2 or target.adapter is None or exc.status_code != 404:
+                # vLLM no longer has the adapter (restarted, or unloaded by someone else since our last
+                # probe): forget it, so the retry loads it again.
+                if retried or target.adapter is None or exc.status_code != 404:
                     raise
                 state.residency.forget(engine, target.adapter.engine_name)
-                if lease is not None:
-                    lease.release()
-                    lease = None
-        raise AssertionError("unreachable")
+            except UpstreamError as exc:
+                # The replica refused the connection or dropped it before answering: it leaves the
+                # rotation for a while, and the request goes to another one (generation is safe to
+                # repeat, and the client has received nothing yet).
+                if exc.code not in ("engine_unreachable", "upstream_error"):
+                    raise
+                engine.cool_down(state.settings.engine_cooldown_s, exc.message)
+                excluded.append(engine)
+                if retried or len(state.engines) < 2:
+                    raise
+            retried = True
+            let_go()
     except GatewayError as exc:
         finish(exc.status_code, exc.code or exc.type, None)
         raise

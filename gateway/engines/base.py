@@ -32,6 +32,8 @@ class EngineState(StrEnum):
 class ProbeResult:
     base_models: set[str]
     adapters: set[str]
+    # time.monotonic() when the listing was asked for: loads and unloads after it may be missing from it
+    started_at: float = field(default_factory=time.monotonic)
 
 
 ProbeListener = Callable[["Engine", ProbeResult], Awaitable[None]]
@@ -49,6 +51,10 @@ class EngineStatus:
     ready_since: float | None = None
     last_error: str | None = None
     restarts: int = 0
+    active: int = 0  # requests in flight through this gateway, base model included
+    waiting: float = 0.0  # vLLM's own queue (vllm:num_requests_waiting), read at each probe
+    running: float = 0.0  # vllm:num_requests_running
+    cooldown_until: float = 0.0  # monotonic time; refused a connection: skipped until then
 
 
 class Engine:
@@ -95,6 +101,21 @@ class Engine:
     def ready(self) -> bool:
         return self.status.state == EngineState.READY
 
+    @property
+    def available(self) -> bool:
+        """Ready, and not cooling down after a refused connection: routing may pick it."""
+        return self.ready and time.monotonic() >= self.status.cooldown_until
+
+    @property
+    def load(self) -> float:
+        return self.status.active + self.status.waiting
+
+    def cool_down(self, seconds: float, error: str) -> None:
+        """Leave this engine out of routing for a while (its next successful probe after that restores it)."""
+        self.status.cooldown_until = time.monotonic() + seconds
+        self.status.last_error = error
+        log.warning("engine %s left out of routing for %.0f s: %s", self.name, seconds, error)
+
     def url(self, path: str) -> str:
         return self.base_url + path
 
@@ -123,6 +144,7 @@ class Engine:
 
     # --- probing ---------------------------------------------------------------------------------
     async def probe(self, timeout: float = 5.0) -> ProbeResult | None:
+        started = time.monotonic()
         try:
             data = await self.client.get_json(self.url("/v1/models"), timeout=timeout)
         except GatewayError as exc:
@@ -134,7 +156,20 @@ class Engine:
         models = data.get("data", []) if isinstance(data, dict) else []
         base = {m["id"] for m in models if isinstance(m, dict) and not m.get("parent")}
         adapters = {m["id"] for m in models if isinstance(m, dict) and m.get("parent")}
-        return ProbeResult(base, adapters)
+        await self._read_queue(timeout)
+        return ProbeResult(base, adapters, started)
+
+    async def _read_queue(self, timeout: float) -> None:
+        """vLLM's scheduler queue, from its Prometheus metrics (best effort: absent on other servers)."""
+        try:
+            response = await self.client.send("GET", self.url("/metrics"), timeout=timeout)
+            text = (await response.read()).decode("utf-8", "replace")
+        except GatewayError:
+            return
+        if response.status_code != 200:
+            return
+        self.status.waiting = _metric_sum(text, "vllm:num_requests_waiting")
+        self.status.running = _metric_sum(text, "vllm:num_requests_running")
 
     async def probe_once(self) -> bool:
         """Probe, update the state, tell the listeners. True when the engine answered."""
@@ -171,6 +206,21 @@ class Engine:
             "restarts": s.restarts,
             "last_error": s.last_error,
             "resident_adapters": sorted(s.resident),
+            "active_requests": s.active,
+            "queue_waiting": s.waiting,
+            "queue_running": s.running,
+            "cooling_down": time.monotonic() < s.cooldown_until,
             "in_flight": {k: v for k, v in s.in_flight.items() if v},
             "last_load_at": dict(s.last_load_at),
         }
+
+
+def _metric_sum(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+            try:
+                total += float(line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                continue
+    return total

@@ -1,0 +1,107 @@
+"""The set of engines behind one gateway, built from the settings.
+
+- managed: `engine.replicas` vLLM processes on consecutive ports (each with its own GPUs when
+  `engine.devices_per_replica` is set), all supervised by this gateway;
+- attached: `engine.url` plus `engine.urls`; with `engine.resolve_dns`, every address the host name of
+  `engine.url` resolves to is one replica (a Kubernetes headless Service), re-resolved every
+  `engine.dns_refresh_s`: new addresses join, vanished ones leave.
+
+Every engine gets the same listeners (residency's reconciliation), also those that join later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from urllib.parse import urlsplit, urlunsplit
+
+from gateway.engines.attached import AttachedEngine
+from gateway.engines.base import Engine, ProbeListener
+from gateway.engines.managed import ManagedEngine
+from gateway.settings import Settings
+from gateway.upstream import UpstreamClient
+
+log = logging.getLogger("lora_gateway.engine")
+
+
+class EnginePool:
+    def __init__(self, settings: Settings, client: UpstreamClient) -> None:
+        self.settings = settings
+        self.client = client
+        self.engines: list[Engine] = []
+        self._listeners: list[ProbeListener] = []
+        self._discovery: asyncio.Task[None] | None = None
+        e = settings.engine
+        if e.mode == "managed":
+            model, served = settings.resolved_engine_model(), settings.base_model_name()
+            for i in range(e.replicas):
+                self.engines.append(ManagedEngine(f"engine{i}", e.replica(i), model, served, client))
+        elif not e.resolve_dns:
+            for i, url in enumerate(e.attached_urls()):
+                self.engines.append(self._attached(f"engine{i}", url))
+
+    def _attached(self, name: str, url: str) -> AttachedEngine:
+        engine = AttachedEngine(
+            name, url, self.client, probe_interval_s=self.settings.engine.health_interval_s
+        )
+        for listener in self._listeners:
+            engine.add_listener(listener)
+        return engine
+
+    def add_listener(self, listener: ProbeListener) -> None:
+        self._listeners.append(listener)
+        for engine in self.engines:
+            engine.add_listener(listener)
+
+    async def start(self) -> None:
+        for engine in self.engines:
+            await engine.start()
+        if self.settings.engine.mode == "attached" and self.settings.engine.resolve_dns:
+            await self._resolve_once()
+            self._discovery = asyncio.create_task(self._discover(), name="engine-dns")
+
+    async def stop(self) -> None:
+        if self._discovery is not None:
+            self._discovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._discovery
+        await asyncio.gather(*(engine.stop() for engine in self.engines))
+
+    async def _discover(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.engine.dns_refresh_s)
+            try:
+                await self._resolve_once()
+            except Exception:
+                log.exception("resolving engine addresses failed; keeping the current replicas")
+
+    async def _resolve_once(self) -> None:
+        urls = set()
+        for base in self.settings.engine.attached_urls():
+            urls |= await resolve_replicas(base)
+        current = {e.base_url: e for e in self.engines}
+        for url in sorted(urls - current.keys()):
+            engine = self._attached(f"engine-{urlsplit(url).netloc}", url)
+            self.engines.append(engine)
+            await engine.start()
+            log.info("engine %s joined (%s)", engine.name, url)
+        for url in sorted(current.keys() - urls):
+            engine = current[url]
+            self.engines.remove(engine)
+            await engine.stop()
+            log.info("engine %s left (%s no longer resolves)", engine.name, url)
+
+
+async def resolve_replicas(url: str) -> set[str]:
+    """`http://vllm:8000` -> one URL per address the host name resolves to."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    out = set()
+    for family, *_, sockaddr in infos:
+        host = f"[{sockaddr[0]}]" if family == socket.AF_INET6 else sockaddr[0]
+        out.add(urlunsplit((parts.scheme, f"{host}:{port}", parts.path.rstrip("/"), "", "")))
+    return out

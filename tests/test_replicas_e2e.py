@@ -1,0 +1,141 @@
+"""Several real vLLM replicas behind one gateway: affinity, fewer loads than round-robin, failover.
+
+One gateway manages two vLLM CPU processes (`engine.replicas: 2`) for the whole module; a second,
+attached gateway over the same two replicas routes round-robin, for the comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from adapters.demo import RandomAdapterSpec, write_random_adapter
+from gateway.settings import Settings
+from tests.conftest import free_port, serve_app
+
+pytestmark = pytest.mark.engine
+
+
+def write_adapters(folder: Path, base: Path, prefix: str, seeds: range) -> list[str]:
+    names = []
+    for seed in seeds:
+        name = f"{prefix}{seed}"
+        write_random_adapter(base, folder / name, RandomAdapterSpec(name, seed=1000 + seed), "tiny-llama")
+        names.append(name)
+    return names
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    tiny_cache: dict[str, Path], cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict]:
+    root = tmp_path_factory.mktemp("replicas")
+    affinity_names = write_adapters(root / "affinity", tiny_cache["base"], "aff", range(4))
+    rr_names = write_adapters(root / "rr", tiny_cache["base"], "rr", range(4))
+    port = free_port()
+    managed = Settings(
+        cache_dir=cache_dir,
+        data_dir=root / "data-a",
+        adapters_dir=root / "affinity",
+        engine={"replicas": 2, "port": port, "max_cpu_loras": 2, "health_interval_s": 0.5},
+        registry={"max_resident": 2},
+    )
+    with serve_app(managed, ready_timeout=420) as url:
+        urls = [f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"]
+        deadline = time.monotonic() + 420
+        while not all(e["state"] == "ready" for e in engines(url)):  # both replicas up, not just one
+            assert time.monotonic() < deadline, engines(url)
+            time.sleep(0.5)
+        yield {"url": url, "vllm": urls, "root": root, "affinity": affinity_names, "rr": rr_names}
+
+
+def chat(url: str, model: str) -> httpx.Response:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2,
+        "temperature": 0,
+    }
+    return httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+
+
+def loads(url: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return sum(
+        float(x.split()[-1])
+        for x in text.splitlines()
+        if x.startswith("lora_gateway_adapter_loads_total{") and 'result="ok"' in x
+    )
+
+
+def engines(url: str) -> list[dict]:
+    return httpx.get(url + "/admin/engines").json()["data"]
+
+
+def test_affinity_keeps_an_adapter_on_its_replica(replicas: dict) -> None:
+    url = replicas["url"]
+    for _ in range(4):
+        assert chat(url, "aff0").status_code == 200
+    holders = [e["name"] for e in engines(url) if any(m.startswith("aff0@") for m in e["resident_models"])]
+    assert len(holders) == 1, f"aff0 should live on one replica, found on {holders}"
+
+
+def test_affinity_loads_a_third_of_round_robin_or_less(replicas: dict, cache_dir: Path) -> None:
+    rng = random.Random(1)
+    sequence = [rng.randrange(4) for _ in range(60)]
+    url = replicas["url"]
+    before = loads(url)
+    for i in sequence:
+        assert chat(url, replicas["affinity"][i]).status_code == 200
+    affinity_loads = loads(url) - before
+
+    rr = Settings(
+        cache_dir=cache_dir,
+        data_dir=replicas["root"] / "data-rr",
+        adapters_dir=replicas["root"] / "rr",
+        engine={"mode": "attached", "urls": replicas["vllm"], "max_cpu_loras": 2, "health_interval_s": 0.5},
+        registry={"max_resident": 2},
+        routing="round_robin",
+    )
+    with serve_app(rr) as rr_url:
+        before = loads(rr_url)
+        for i in sequence:
+            assert chat(rr_url, replicas["rr"][i]).status_code == 200
+        rr_loads = loads(rr_url) - before
+    assert affinity_loads * 3 <= rr_loads, f"affinity {affinity_loads} loads vs round-robin {rr_loads}"
+
+
+def test_killing_a_replica_fails_no_request(replicas: dict) -> None:
+    url = replicas["url"]
+    failures: list[str] = []
+    done = threading.Event()
+
+    def client(model: str) -> None:
+        while not done.is_set():
+            r = chat(url, model)
+            if r.status_code != 200:
+                failures.append(f"{model}: {r.status_code} {r.text[:200]}")
+
+    threads = [
+        threading.Thread(target=client, args=(m,)) for m in ("tiny-llama", "aff1", "aff2", "tiny-llama")
+    ]
+    for t in threads:
+        t.start()
+    try:
+        victim = next(e for e in engines(url) if e["state"] == "ready" and e["pid"])
+        os.killpg(psutil.Process(victim["pid"]).pid, signal.SIGKILL)
+        done.wait(8)  # requests keep flowing on the survivor while the victim is down
+    finally:
+        done.set()
+        for t in threads:
+            t.join(timeout=120)
+    assert not failures, failures[:5]
