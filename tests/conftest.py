@@ -156,8 +156,10 @@ class _ThreadServer(uvicorn.Server):
 
 
 @contextlib.contextmanager
-def serve_app(settings: Settings, *, wait_ready: bool = True, ready_timeout: float = 30) -> Iterator[str]:
-    """Run a gateway built from `settings` in a thread on a free loopback port; yield its URL."""
+def serve_app_server(
+    settings: Settings, *, wait_ready: bool = True, ready_timeout: float = 30
+) -> Iterator[tuple[str, uvicorn.Server]]:
+    """Run a gateway built from `settings` in a thread on a free loopback port; yield its URL and server."""
     from gateway.app import create_app
 
     port = free_port()
@@ -177,10 +179,17 @@ def serve_app(settings: Settings, *, wait_ready: bool = True, ready_timeout: flo
                 if time.monotonic() > deadline:
                     raise RuntimeError("in-process gateway never saw its engine ready")
                 time.sleep(0.1)
-        yield url
+        yield url, server
     finally:
         server.should_exit = True
-        thread.join(timeout=30)
+        thread.join(timeout=60)
+
+
+@contextlib.contextmanager
+def serve_app(settings: Settings, *, wait_ready: bool = True, ready_timeout: float = 30) -> Iterator[str]:
+    """Run a gateway built from `settings` in a thread on a free loopback port; yield its URL."""
+    with serve_app_server(settings, wait_ready=wait_ready, ready_timeout=ready_timeout) as (url, _):
+        yield url
 
 
 def attached_settings(vllm_url: str, cache_dir: Path, tmp_path: Path, **overrides: object) -> Settings:
