@@ -15,9 +15,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.api.schemas import ChatCompletionRequest, CompletionParams, CompletionRequest
 from gateway.auth import api_key, check_model_allowed, may_use
 from gateway.engines.base import Engine
 from gateway.errors import (
@@ -106,14 +106,14 @@ def parse_json(body: bytes) -> dict[str, Any]:
     return payload
 
 
-def validate(payload: dict[str, Any], schema: type[BaseModel]) -> BaseModel:
+def validate(payload: dict[str, Any], schema: type[CompletionParams]) -> CompletionParams:
     try:
         return schema.model_validate(payload)
     except ValidationError as exc:
         raise validation_error(exc.errors()) from exc
 
 
-async def _complete(request: Request, route: str, schema: type[BaseModel]) -> Response:
+async def _complete(request: Request, route: str, schema: type[CompletionParams]) -> Response:
     state: GatewayState = request.app.state.gateway
     metrics = state.metrics
     started = time.perf_counter()
@@ -158,15 +158,15 @@ async def _complete(request: Request, route: str, schema: type[BaseModel]) -> Re
             label = model_label(target.label, state.registry.known_labels())
             metrics.in_flight.labels(label).inc()
         parsed = validate(payload, schema)
-        requested: str = parsed.model  # type: ignore[attr-defined]
+        requested: str = parsed.model
         if target is None:
             raise ModelNotFoundError(requested)
         check_model_allowed(key, target.label)
 
-        client_wants_usage = bool((parsed.stream_options or {}).get("include_usage"))  # type: ignore[attr-defined]
-        drop_usage = parsed.stream and not client_wants_usage  # type: ignore[attr-defined]
+        client_wants_usage = bool((parsed.stream_options or {}).get("include_usage"))
+        drop_usage = parsed.stream and not client_wants_usage
         if drop_usage:  # ask for the usage event anyway (token metrics); the client will not see it
-            payload["stream_options"] = {**(parsed.stream_options or {}), "include_usage": True}  # type: ignore[attr-defined]
+            payload["stream_options"] = {**(parsed.stream_options or {}), "include_usage": True}
         if payload["model"] != target.engine_model or drop_usage:
             payload["model"] = target.engine_model
             body = json.dumps(payload).encode()
@@ -217,13 +217,13 @@ async def _forward(
     url: str,
     body: bytes,
     headers: dict[str, str],
-    parsed: BaseModel,
+    parsed: CompletionParams,
     target: Target,
     requested: str,
     finish: Finish,
     drop_usage: bool,
 ) -> Response:
-    if parsed.stream:  # type: ignore[attr-defined]
+    if parsed.stream:
         label = model_label(target.label, state.registry.known_labels())
         return await forward_stream(
             state.client,

@@ -11,7 +11,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
-class _Common(BaseModel):
+class CompletionParams(BaseModel):
+    """What chat and text completions share, and all the gateway itself reads."""
+
     model_config = ConfigDict(extra="allow", strict=False)
 
     model: str = Field(min_length=1, max_length=256)
@@ -37,12 +39,12 @@ class ChatMessage(BaseModel):
     content: str | list[Any] | None = None
 
 
-class ChatCompletionRequest(_Common):
+class ChatCompletionRequest(CompletionParams):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
-class CompletionRequest(_Common):
+class CompletionRequest(CompletionParams):
     prompt: str | list[str] | list[int] | list[list[int]]
 
     @field_validator("prompt")
