@@ -105,3 +105,29 @@ def test_affinity_loads_at_most_a_third_of_round_robin() -> None:
     requests = [rng.choice(["a1", "a2", "a3", "a4"]) for _ in range(1000)]
     affinity, round_robin = simulate_loads("affinity", requests), simulate_loads("round_robin", requests)
     assert affinity * 3 <= round_robin, (affinity, round_robin)
+
+
+def test_dns_discovery_survives_a_name_that_does_not_resolve_yet() -> None:
+    """A headless Service with no pod yet: the gateway starts (503s) instead of crashing."""
+    import asyncio
+
+    from gateway.engines.pool import EnginePool
+    from gateway.settings import Settings
+
+    async def go() -> int:
+        settings = Settings(
+            engine={
+                "mode": "attached",
+                "url": "http://no-such-host.invalid:8000",
+                "resolve_dns": True,
+                "dns_refresh_s": 60,
+            }
+        )
+        pool = EnginePool(settings, client=None)  # type: ignore[arg-type]
+        await pool.start()
+        try:
+            return len(pool.engines)
+        finally:
+            await pool.stop()
+
+    assert asyncio.run(go()) == 0

@@ -59,7 +59,10 @@ class EnginePool:
         for engine in self.engines:
             await engine.start()
         if self.settings.engine.mode == "attached" and self.settings.engine.resolve_dns:
-            await self._resolve_once()
+            try:
+                await self._resolve_once()
+            except OSError as exc:  # no replica scheduled yet (a GPU node pending): 503s until one is
+                log.warning("engine addresses do not resolve yet (%s); retrying", exc)
             self._discovery = asyncio.create_task(self._discover(), name="engine-dns")
 
     async def stop(self) -> None:
@@ -74,8 +77,8 @@ class EnginePool:
             await asyncio.sleep(self.settings.engine.dns_refresh_s)
             try:
                 await self._resolve_once()
-            except Exception:
-                log.exception("resolving engine addresses failed; keeping the current replicas")
+            except OSError as exc:
+                log.warning("resolving engine addresses failed (%s); keeping the current replicas", exc)
 
     async def _resolve_once(self) -> None:
         urls = set()
