@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-EXTRAS ?= cpu,train,loadtest,dev
+EXTRAS ?= cpu,train,loadtest,postgres,dev
 
 .PHONY: setup models serve test lint clean
 

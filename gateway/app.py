@@ -14,8 +14,8 @@ from gateway.engines.pool import EnginePool
 from gateway.errors import install_error_handlers
 from gateway.metrics import Metrics
 from gateway.registry.blobs import BlobStore
+from gateway.registry.open import open_store
 from gateway.registry.service import Registry, RegistryLimits, load_base_spec
-from gateway.registry.store import SqliteStore
 from gateway.residency import Residency
 from gateway.routing import Router
 from gateway.settings import Settings
@@ -28,8 +28,8 @@ log = logging.getLogger("lora_gateway")
 async def build_registry(settings: Settings) -> Registry:
     data = settings.data_dir
     await asyncio.to_thread(data.mkdir, parents=True, exist_ok=True)
-    store = await asyncio.to_thread(SqliteStore, data / "registry.sqlite3")
-    blobs = BlobStore(data / "adapters")
+    store = await asyncio.to_thread(open_store, settings.registry.url or data / "registry.sqlite3")
+    blobs = BlobStore(settings.registry.store_dir or data / "adapters")
     await asyncio.to_thread(blobs.cleanup_partial)
     base_name = settings.base_model_name()
     base = await asyncio.to_thread(load_base_spec, settings.resolved_engine_model(), base_name)
@@ -113,10 +113,14 @@ def create_app(settings: Settings) -> FastAPI:
             ", ".join(e.base_url for e in state.engines),
         )
         collector = asyncio.create_task(collect_garbage(state), name="blob-gc")
+        follower = asyncio.create_task(
+            state.registry.follow(settings.registry.poll_interval_s), name="registry-follow"
+        )
         try:
             yield
         finally:
             collector.cancel()
+            follower.cancel()
             await state.pool.stop()
             await state.client.aclose()
             await asyncio.to_thread(state.registry.store.close)

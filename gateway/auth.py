@@ -28,9 +28,12 @@ def bearer(request: Request) -> str | None:
 def is_loopback(request: Request) -> bool:
     host = request.client.host if request.client else ""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return host == "localhost"
+    # A dual-stack listener (`--host ::`) sees IPv4 clients as ::ffff:a.b.c.d
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return (mapped or address).is_loopback
 
 
 def require_admin(request: Request) -> None:

@@ -149,6 +149,16 @@ class RegistrySettings(BaseModel):
         30.0, description="How long a request waits for a free adapter slot before a 503."
     )
     seed_adapters_dir: bool = Field(True, description="Register the adapters found in adapters_dir at start.")
+    url: str | None = Field(
+        None,
+        description="Registry database: postgresql://... (shared by gateways); default: SQLite in data_dir.",
+    )
+    store_dir: Path | None = Field(
+        None, description="Adapter files by digest (a volume shared with vLLM). Default: data_dir/adapters."
+    )
+    poll_interval_s: float = Field(
+        2.0, description="How often the registry is checked for changes made by other gateways."
+    )
 
 
 class Settings(BaseSettings):

@@ -237,3 +237,7 @@ def upstream_process(*args: str) -> Iterator[UpstreamProcess]:
     finally:
         if proc.poll() is None:
             upstream.kill()
+
+
+# A real PostgreSQL server (tests/pg.py), started only when a test asks for it.
+from tests.pg import postgres_url  # noqa: E402, F401

@@ -68,6 +68,7 @@ class Registry:
         self._adapters: dict[str, Adapter] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._listeners: list[Callable[[], Any]] = []
+        self._token: str | None = None  # the store's change token at the last refresh
 
     # --- the catalog (request path: memory only) -------------------------------------------------
     def resolve(self, model: str) -> Target | None:
@@ -95,7 +96,19 @@ class Registry:
         self._listeners.append(listener)
 
     # --- writes ------------------------------------------------------------------------------------
+    async def follow(self, interval_s: float) -> None:
+        """Refresh whenever the store changed, also by another gateway sharing it (runs forever)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                token = await asyncio.to_thread(self.store.change_token)
+                if token != self._token:
+                    await self.refresh()
+            except Exception:  # the database is briefly unreachable: keep serving the last snapshot
+                log.exception("reading registry changes failed; serving the last known registry")
+
     async def refresh(self) -> None:
+        self._token = await asyncio.to_thread(self.store.change_token)
         adapters = await asyncio.to_thread(self.store.list_adapters)
         names: dict[str, AdapterRef] = {}
         versions: dict[str, AdapterRef] = {}

@@ -1,4 +1,4 @@
-"""The registry's durable state, behind `RegistryStore` so that Postgres can sit beside SQLite later.
+"""The registry's durable state, behind `RegistryStore`: SQLite here, Postgres in `postgres.py`.
 
     adapter  name, pinned, alias_version, last_version
       └── version 1, 2, 3, ...   per name, increasing, never reused (not even after removal)
@@ -10,11 +10,17 @@ resolves to version 3 while it is ready. Removing retires: rows stay as history,
 versions count as references to a blob (`referenced_digests()`), and an adapter without ready versions
 is neither listed nor resolvable (its pin and alias are cleared).
 
+`change_token()` is a cheap string that changes with every committed write (a counter in the one-row
+table `registry_meta`, bumped inside each write's transaction, plus a random id of the database), so
+gateways sharing one database notice each other's writes by polling it: read the token first, then
+the snapshot. Reads and refused writes leave it as it is.
+
 `SqliteStore` keeps one file in WAL mode (`synchronous=FULL`, foreign keys on) and creates or migrates
 the schema on open (table `schema_version`). It holds one connection opened with
 `check_same_thread=False`; a lock serializes every call, and every change runs in one
 `BEGIN IMMEDIATE` transaction, so a crash leaves the old state or the new. Other processes may open
 the same file (they wait up to `busy_timeout_s`). All methods block: call them through a thread.
+`open_store()` (in `open.py`) picks the backend from a URL or a path.
 """
 
 from __future__ import annotations
@@ -23,11 +29,11 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from adapters.validate import is_valid_adapter_name, validate_adapter_name
 
@@ -63,6 +69,17 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 PRIMARY KEY (name, version)
             )""",
             "CREATE INDEX versions_by_digest ON versions (digest)",
+        ],
+    ),
+    (
+        2,
+        [
+            """CREATE TABLE registry_meta (
+                id INTEGER PRIMARY KEY CHECK (id = 1),
+                instance TEXT NOT NULL,
+                changes INTEGER NOT NULL
+            )""",
+            "INSERT INTO registry_meta (id, instance, changes) VALUES (1, lower(hex(randomblob(16))), 0)",
         ],
     ),
 ]
@@ -150,6 +167,7 @@ class RegistryStore(Protocol):
     def remove_version(self, name: str, version: int) -> AdapterVersion: ...
     def remove_adapter(self, name: str) -> list[AdapterVersion]: ...
     def referenced_digests(self) -> set[str]: ...
+    def change_token(self) -> str: ...
     def close(self) -> None: ...
 
 
@@ -163,6 +181,43 @@ def parse_model_ref(model: str) -> tuple[str, int | None] | None:
     if not (version.isascii() and version.isdigit()) or version.startswith("0") or len(version) > 9:
         return None
     return name, int(version)
+
+
+def check_new_version(name: str, digest: str) -> None:
+    """What every store checks before recording a version: a valid name, a sha256 hex digest."""
+    validate_adapter_name(name)
+    if not _DIGEST_RE.fullmatch(digest):
+        raise ValueError(f"not a sha256 digest: {digest!r}")
+
+
+def resolve_model(store: RegistryStore, model: str) -> AdapterVersion | None:
+    """`RegistryStore.resolve`, the same for every backend."""
+    ref = parse_model_ref(model)
+    if ref is None:
+        return None
+    name, version = ref
+    if version is not None:
+        found = store.get_version(name, version)
+        return found if found and found.status == READY else None
+    adapter = store.get_adapter(name)
+    return adapter.current if adapter else None
+
+
+def require_listed(adapter: Adapter | None, name: str) -> Adapter:
+    """`adapter` if it has a ready version, else `adapter_not_found`."""
+    if adapter is None or not adapter.ready_versions:
+        raise RegistryNotFoundError(f"No adapter named {name!r}.", "adapter_not_found", "name")
+    return adapter
+
+
+def require_ready(adapter: Adapter, version: int) -> AdapterVersion:
+    """`adapter`'s ready `version`, else `version_not_found`."""
+    for v in adapter.ready_versions:
+        if v.version == version:
+            return v
+    raise RegistryNotFoundError(
+        f"Adapter {adapter.name!r} has no ready version {version}.", "version_not_found", "version"
+    )
 
 
 class SqliteStore:
@@ -205,11 +260,14 @@ class SqliteStore:
         self.close()
 
     @contextmanager
-    def _tx(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, write: bool = True, counted: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction; a write (unless not `counted`) bumps the change counter before COMMIT."""
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield self._conn
+                if write and counted:
+                    self._conn.execute("UPDATE registry_meta SET changes = changes + 1")
                 self._conn.execute("COMMIT")
             except BaseException:
                 if self._conn.in_transaction:
@@ -217,7 +275,7 @@ class SqliteStore:
                 raise
 
     def _migrate(self) -> None:
-        with self._tx() as c:
+        with self._tx(counted=False) as c:
             c.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = c.execute("SELECT version FROM schema_version").fetchone()
             if row is None:
@@ -238,6 +296,12 @@ class SqliteStore:
         with self._tx(write=False) as c:
             return c.execute("SELECT version FROM schema_version").fetchone()[0]
 
+    def change_token(self) -> str:
+        """Changes with every committed write, by this or any other connection (see the module doc)."""
+        with self._tx(write=False) as c:
+            instance, changes = c.execute("SELECT instance, changes FROM registry_meta").fetchone()
+        return f"{instance}:{changes}"
+
     # -- writes --------------------------------------------------------------------------------
 
     def add_version(
@@ -254,9 +318,7 @@ class SqliteStore:
         pinned: bool | None = None,
     ) -> AdapterVersion:
         """Record a new version of `name` (creating the adapter); `pinned` None keeps the pin as is."""
-        validate_adapter_name(name)
-        if not _DIGEST_RE.fullmatch(digest):
-            raise ValueError(f"not a sha256 digest: {digest!r}")
+        check_new_version(name, digest)
         now = self._clock()
         with self._tx() as c:
             row = c.execute("SELECT last_version FROM adapters WHERE name = ?", (name,)).fetchone()
@@ -360,8 +422,8 @@ class SqliteStore:
             rows = c.execute("SELECT * FROM adapters ORDER BY name").fetchall()
             versions: dict[str, list[AdapterVersion]] = {}
             for vrow in c.execute("SELECT * FROM versions ORDER BY name, version"):
-                versions.setdefault(vrow["name"], []).append(_version(vrow))
-        adapters = [_adapter(row, versions.get(row["name"], [])) for row in rows]
+                versions.setdefault(vrow["name"], []).append(version_from_row(vrow))
+        adapters = [adapter_from_row(row, versions.get(row["name"], [])) for row in rows]
         return [a for a in adapters if include_removed or a.ready_versions]
 
     def get_version(self, name: str, version: int) -> AdapterVersion | None:
@@ -370,19 +432,11 @@ class SqliteStore:
             row = c.execute(
                 "SELECT * FROM versions WHERE name = ? AND version = ?", (name, version)
             ).fetchone()
-        return _version(row) if row else None
+        return version_from_row(row) if row else None
 
     def resolve(self, model: str) -> AdapterVersion | None:
         """The ready version a `model` string names (`name` or `name@N`); None when there is none."""
-        ref = parse_model_ref(model)
-        if ref is None:
-            return None
-        name, version = ref
-        if version is not None:
-            found = self.get_version(name, version)
-            return found if found and found.status == READY else None
-        adapter = self.get_adapter(name)
-        return adapter.current if adapter else None
+        return resolve_model(self, model)
 
     def referenced_digests(self) -> set[str]:
         """Digests of ready versions: blobs outside this set may be garbage-collected."""
@@ -396,25 +450,17 @@ class SqliteStore:
         if row is None:
             return None
         vrows = c.execute("SELECT * FROM versions WHERE name = ? ORDER BY version", (name,)).fetchall()
-        return _adapter(row, [_version(v) for v in vrows])
+        return adapter_from_row(row, [version_from_row(v) for v in vrows])
 
     def _require_adapter(self, c: sqlite3.Connection, name: str) -> Adapter:
-        adapter = self._load(c, name)
-        if adapter is None or not adapter.ready_versions:
-            raise RegistryNotFoundError(f"No adapter named {name!r}.", "adapter_not_found", "name")
-        return adapter
+        return require_listed(self._load(c, name), name)
 
     def _require_ready(self, c: sqlite3.Connection, name: str, version: int) -> AdapterVersion:
-        adapter = self._require_adapter(c, name)
-        for v in adapter.ready_versions:
-            if v.version == version:
-                return v
-        raise RegistryNotFoundError(
-            f"Adapter {name!r} has no ready version {version}.", "version_not_found", "version"
-        )
+        return require_ready(self._require_adapter(c, name), version)
 
 
-def _version(row: sqlite3.Row) -> AdapterVersion:
+def version_from_row(row: sqlite3.Row | Mapping[str, Any]) -> AdapterVersion:
+    """A `versions` row (sqlite3.Row or a dict: every backend names the columns alike) as a record."""
     r = dict(row)
     return AdapterVersion(
         name=r["name"],
@@ -431,7 +477,8 @@ def _version(row: sqlite3.Row) -> AdapterVersion:
     )
 
 
-def _adapter(row: sqlite3.Row, versions: list[AdapterVersion]) -> Adapter:
+def adapter_from_row(row: sqlite3.Row | Mapping[str, Any], versions: list[AdapterVersion]) -> Adapter:
+    """An `adapters` row with its versions (oldest first) as a record."""
     r = dict(row)
     return Adapter(
         name=r["name"],

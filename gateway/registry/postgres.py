@@ -1,0 +1,347 @@
+"""`RegistryStore` in PostgreSQL, for several gateways sharing one registry (`store.py` has the semantics).
+
+    PostgresStore("postgresql://user:secret@db:5432/lora_gateway")
+
+The same tables as SQLite's (`adapters`, `versions`, `registry_meta`, `schema_version`), created or
+migrated on open under a transaction-level advisory lock, so gateways starting together migrate once.
+Give the registry its own database (or its own schema: `?options=-csearch_path%3Dlora_gateway`).
+Needs PostgreSQL 13 or newer and `psycopg` 3 with `psycopg_pool` (the `postgres` extra).
+
+Concurrency:
+- Threads: a small `psycopg_pool.ConnectionPool` (`pool_size`, default 4). Each call borrows one
+  connection for one transaction, so reads run side by side and a slow call blocks no other. A borrowed
+  connection is checked first, so one broken by a database restart is replaced, not handed out.
+- Processes (other gateways): every write is one READ COMMITTED transaction that first locks its
+  adapter's row: `add_version` through `INSERT ... ON CONFLICT (name) DO UPDATE SET last_version =
+  last_version + 1 RETURNING last_version` (a new name too: the second inserter waits for the first to
+  commit, then increments), the others through `SELECT ... FOR UPDATE`. Writers of one name therefore
+  run one after another and read what the previous one committed: two gateways registering `sql` at
+  once get versions N and N+1. The `registry_meta` counter is bumped last, just before COMMIT (so
+  locks are always taken in the order adapter row, then counter: no deadlock), and becomes visible
+  with the rows it counts. A gateway that dies mid-transaction leaves nothing: the server rolls back.
+- Reads of more than one statement (`get_adapter`, `list_adapters`) run in one REPEATABLE READ, READ
+  ONLY transaction, so an adapter and its versions come from one snapshot.
+
+Database errors after opening are psycopg's own (`psycopg.OperationalError`, ...), as SQLite's are
+`sqlite3`'s; failing to open is a `RegistryError` with code `storage_error`. All methods block.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from gateway.registry.store import (
+    READY,
+    Adapter,
+    AdapterVersion,
+    RegistryError,
+    adapter_from_row,
+    check_new_version,
+    require_listed,
+    require_ready,
+    resolve_model,
+    version_from_row,
+)
+
+Conn = psycopg.Connection[dict[str, Any]]
+
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (
+        1,
+        [
+            """CREATE TABLE adapters (
+                name TEXT PRIMARY KEY,
+                pinned BOOLEAN NOT NULL DEFAULT FALSE,
+                alias_version INTEGER,
+                last_version INTEGER NOT NULL DEFAULT 0,
+                created_at DOUBLE PRECISION NOT NULL,
+                updated_at DOUBLE PRECISION NOT NULL
+            )""",
+            """CREATE TABLE versions (
+                name TEXT NOT NULL REFERENCES adapters (name),
+                version INTEGER NOT NULL CHECK (version >= 1),
+                digest TEXT NOT NULL,
+                source TEXT NOT NULL,
+                revision TEXT,
+                description TEXT NOT NULL DEFAULT '',
+                rank INTEGER NOT NULL,
+                size_bytes BIGINT NOT NULL,
+                forced_base BOOLEAN NOT NULL DEFAULT FALSE,
+                status TEXT NOT NULL CHECK (status IN ('ready', 'retired')),
+                created_at DOUBLE PRECISION NOT NULL,
+                retired_at DOUBLE PRECISION,
+                PRIMARY KEY (name, version)
+            )""",
+            "CREATE INDEX versions_by_digest ON versions (digest)",
+            """CREATE TABLE registry_meta (
+                id INTEGER PRIMARY KEY CHECK (id = 1),
+                instance TEXT NOT NULL,
+                changes BIGINT NOT NULL
+            )""",
+            "INSERT INTO registry_meta (id, instance, changes) VALUES (1, gen_random_uuid()::text, 0)",
+        ],
+    ),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+_MIGRATION_LOCK = 0x6C6F_7261_2D67_7701  # b"lora-gw\x01": pg_advisory_xact_lock's key while migrating
+
+
+class PostgresStore:
+    """`RegistryStore` in a PostgreSQL database. Thread-safe (a connection pool); shared by processes."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        pool_size: int = 4,
+        timeout_s: float = 10.0,
+    ) -> None:
+        self.where = describe_url(url)  # for messages: no user name, no password
+        self._clock = clock
+        connect = {"autocommit": True, "row_factory": dict_row, "connect_timeout": max(2, round(timeout_s))}
+        try:
+            with psycopg.connect(url, **connect) as conn:  # alone first: a clear error if unreachable
+                self._migrate(conn)
+        except psycopg.Error as exc:  # unreachable, no such database, refused login, no privilege
+            raise RegistryError(f"Cannot open the registry at {self.where}: {exc}", "storage_error") from exc
+        self._pool: ConnectionPool[Conn] = ConnectionPool(
+            url,
+            kwargs=connect,
+            min_size=1,
+            max_size=pool_size,
+            timeout=timeout_s,
+            check=ConnectionPool.check_connection,
+            name="lora-gateway-registry",
+            open=True,
+        )
+        try:
+            self._pool.wait(timeout=timeout_s)
+        except PoolTimeout as exc:
+            self._pool.close()
+            raise RegistryError(f"Cannot open the registry at {self.where}: {exc}", "storage_error") from exc
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[Conn]:
+        """One write transaction; bumps the change counter last, just before COMMIT."""
+        with self._pool.connection() as conn, conn.transaction():
+            yield conn
+            conn.execute("UPDATE registry_meta SET changes = changes + 1")
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[Conn]:
+        """One read-only transaction whose statements all see the same committed state."""
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield conn
+
+    def _one(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """A single-statement read (a statement is its own snapshot)."""
+        with self._pool.connection() as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def _migrate(self, conn: Conn) -> None:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+            current = row["version"] if row else 0
+            if current > SCHEMA_VERSION:
+                raise RegistryError(
+                    f"{self.where} has schema v{current}; this gateway knows up to v{SCHEMA_VERSION}.",
+                    "schema_too_new",
+                )
+            for version, statements in MIGRATIONS:
+                if version > current:
+                    for sql in statements:
+                        conn.execute(sql)
+                    conn.execute("UPDATE schema_version SET version = %s", (version,))
+
+    def schema_version(self) -> int:
+        return self._one("SELECT version FROM schema_version")[0]["version"]
+
+    def change_token(self) -> str:
+        """Changes with every committed write, by any gateway (see `store.py`'s module doc)."""
+        row = self._one("SELECT instance, changes FROM registry_meta")[0]
+        return f"{row['instance']}:{row['changes']}"
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def add_version(
+        self,
+        name: str,
+        *,
+        digest: str,
+        source: str,
+        rank: int,
+        size_bytes: int,
+        revision: str | None = None,
+        description: str = "",
+        forced_base: bool = False,
+        pinned: bool | None = None,
+    ) -> AdapterVersion:
+        """Record a new version of `name` (creating the adapter); `pinned` None keeps the pin as is."""
+        check_new_version(name, digest)
+        now = self._clock()
+        with self._write() as c:
+            row = c.execute(
+                "INSERT INTO adapters AS a (name, last_version, created_at, updated_at)"
+                " VALUES (%s, 1, %s, %s) ON CONFLICT (name)"
+                " DO UPDATE SET last_version = a.last_version + 1, updated_at = %s"
+                " RETURNING last_version",
+                (name, now, now, now),
+            ).fetchone()
+            assert row is not None
+            record = AdapterVersion(
+                name=name, version=row["last_version"], digest=digest, source=source, revision=revision,
+                description=description, rank=rank, size_bytes=size_bytes, forced_base=forced_base,
+                status=READY, created_at=now,
+            )  # fmt: skip
+            self._insert_version(c, record)
+            if pinned is not None:
+                c.execute("UPDATE adapters SET pinned = %s WHERE name = %s", (pinned, name))
+            return record
+
+    def _insert_version(self, c: Conn, v: AdapterVersion) -> None:
+        c.execute(
+            "INSERT INTO versions (name, version, digest, source, revision, description, rank, size_bytes,"
+            " forced_base, status, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (v.name, v.version, v.digest, v.source, v.revision, v.description, v.rank, v.size_bytes,
+             v.forced_base, v.status, v.created_at),
+        )  # fmt: skip
+
+    def set_alias(self, name: str, version: int) -> Adapter:
+        """Make `name` resolve to `version` (which must be ready) instead of the newest version."""
+        with self._write() as c:
+            require_ready(self._lock(c, name), version)
+            c.execute(
+                "UPDATE adapters SET alias_version = %s, updated_at = %s WHERE name = %s",
+                (version, self._clock(), name),
+            )
+            return require_listed(self._load(c, name), name)
+
+    def clear_alias(self, name: str) -> Adapter:
+        with self._write() as c:
+            self._lock(c, name)
+            c.execute(
+                "UPDATE adapters SET alias_version = NULL, updated_at = %s WHERE name = %s",
+                (self._clock(), name),
+            )
+            return require_listed(self._load(c, name), name)
+
+    def set_pinned(self, name: str, pinned: bool) -> Adapter:
+        with self._write() as c:
+            self._lock(c, name)
+            c.execute(
+                "UPDATE adapters SET pinned = %s, updated_at = %s WHERE name = %s",
+                (pinned, self._clock(), name),
+            )
+            return require_listed(self._load(c, name), name)
+
+    def remove_version(self, name: str, version: int) -> AdapterVersion:
+        """Retire one ready version; returns it as it was."""
+        with self._write() as c:
+            record = require_ready(self._lock(c, name), version)
+            self._retire(c, name, [version])
+            return record
+
+    def remove_adapter(self, name: str) -> list[AdapterVersion]:
+        """Retire every ready version of `name`; returns them as they were."""
+        with self._write() as c:
+            ready = list(self._lock(c, name).ready_versions)
+            self._retire(c, name, [v.version for v in ready])
+            return ready
+
+    def _retire(self, c: Conn, name: str, versions: list[int]) -> None:
+        now = self._clock()
+        c.execute(
+            "UPDATE versions SET status = 'retired', retired_at = %s WHERE name = %s AND version = ANY(%s)",
+            (now, name, versions),
+        )
+        # An alias stays only while its version is ready, a pin only while some version is.
+        c.execute(
+            "UPDATE adapters AS a SET updated_at = %(now)s,"
+            " alias_version = CASE WHEN EXISTS (SELECT 1 FROM versions v WHERE v.name = a.name"
+            "     AND v.version = a.alias_version AND v.status = 'ready') THEN a.alias_version END,"
+            " pinned = a.pinned AND EXISTS (SELECT 1 FROM versions v WHERE v.name = a.name"
+            "     AND v.status = 'ready')"
+            " WHERE a.name = %(name)s",
+            {"now": now, "name": name},
+        )
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def get_adapter(self, name: str, *, include_removed: bool = False) -> Adapter | None:
+        with self._snapshot() as c:
+            adapter = self._load(c, name)
+        if adapter is None or (not include_removed and not adapter.ready_versions):
+            return None
+        return adapter
+
+    def list_adapters(self, *, include_removed: bool = False) -> list[Adapter]:
+        """Adapters sorted by name; without `include_removed`, only those with a ready version."""
+        with self._snapshot() as c:
+            rows = c.execute("SELECT * FROM adapters ORDER BY name").fetchall()
+            vrows = c.execute("SELECT * FROM versions ORDER BY name, version").fetchall()
+        versions: dict[str, list[AdapterVersion]] = {}
+        for vrow in vrows:
+            versions.setdefault(vrow["name"], []).append(version_from_row(vrow))
+        adapters = [adapter_from_row(row, versions.get(row["name"], [])) for row in rows]
+        return [a for a in adapters if include_removed or a.ready_versions]
+
+    def get_version(self, name: str, version: int) -> AdapterVersion | None:
+        """One version whatever its status (check `.status`); None if it never existed."""
+        rows = self._one("SELECT * FROM versions WHERE name = %s AND version = %s", (name, version))
+        return version_from_row(rows[0]) if rows else None
+
+    def resolve(self, model: str) -> AdapterVersion | None:
+        """The ready version a `model` string names (`name` or `name@N`); None when there is none."""
+        return resolve_model(self, model)
+
+    def referenced_digests(self) -> set[str]:
+        """Digests of ready versions: blobs outside this set may be garbage-collected."""
+        return {r["digest"] for r in self._one("SELECT DISTINCT digest FROM versions WHERE status = 'ready'")}
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _load(self, c: Conn, name: str, *, lock: bool = False) -> Adapter | None:
+        row = c.execute(
+            "SELECT * FROM adapters WHERE name = %s" + (" FOR UPDATE" if lock else ""), (name,)
+        ).fetchone()
+        if row is None:
+            return None
+        vrows = c.execute("SELECT * FROM versions WHERE name = %s ORDER BY version", (name,)).fetchall()
+        return adapter_from_row(row, [version_from_row(v) for v in vrows])
+
+    def _lock(self, c: Conn, name: str) -> Adapter:
+        """Lock `name`'s row until COMMIT (its other writers wait), then read it as committed."""
+        return require_listed(self._load(c, name, lock=True), name)
+
+
+def describe_url(url: str) -> str:
+    """`postgresql://host:port/dbname`, without the user name and password a URL may carry."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "postgresql://(unparsable URL)"
+    port = f":{params['port']}" if params.get("port") else ""
+    return f"postgresql://{params.get('host', '')}{port}/{params.get('dbname', '')}"
