@@ -4,6 +4,7 @@
     lora-gateway models build-tiny        build the embedded default base model and demo adapters
     lora-gateway adapters register|list|show|remove|pin|unpin|alias ...   a running gateway's registry
                                           (gateway/cli_adapters.py)
+    lora-gateway loadtest run|overhead|compare ...    load tests and benchmarks (loadtest/cli.py)
 
 Heavy imports (uvicorn, torch, transformers) happen inside the commands, so `--help` is instant.
 """
@@ -17,11 +18,13 @@ from typing import Annotated, Any
 import typer
 
 from gateway.cli_adapters import adapters_app
+from loadtest.cli import app as loadtest_app
 
 app = typer.Typer(help="Self-hosted multi-LoRA serving gateway in front of vLLM.", no_args_is_help=True)
 models_app = typer.Typer(help="Base models: build the embedded default.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(loadtest_app, name="loadtest", help="Load tests and benchmarks (loadtest/).")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML or TOML settings file.")]
 
