@@ -157,7 +157,7 @@ class _ThreadServer(uvicorn.Server):
 
 @contextlib.contextmanager
 def serve_app_server(
-    settings: Settings, *, wait_ready: bool = True, ready_timeout: float = 30
+    settings: Settings, *, wait_ready: bool = True, ready_timeout: float = 120
 ) -> Iterator[tuple[str, uvicorn.Server]]:
     """Run a gateway built from `settings` in a thread on a free loopback port; yield its URL and server."""
     from gateway.app import create_app
@@ -186,7 +186,7 @@ def serve_app_server(
 
 
 @contextlib.contextmanager
-def serve_app(settings: Settings, *, wait_ready: bool = True, ready_timeout: float = 30) -> Iterator[str]:
+def serve_app(settings: Settings, *, wait_ready: bool = True, ready_timeout: float = 120) -> Iterator[str]:
     """Run a gateway built from `settings` in a thread on a free loopback port; yield its URL."""
     with serve_app_server(settings, wait_ready=wait_ready, ready_timeout=ready_timeout) as (url, _):
         yield url

@@ -1,0 +1,150 @@
+"""Shared by the registry's end-to-end tests: adapters on disk, a gateway that may register them, calls.
+
+Each test runs its own in-process gateway (`serve_app`) attached to the session's vLLM, with its own
+data_dir (its own SQLite file and adapter store) and `tmp_path/"src"` as the one allowed root. The
+demo adapters are not seeded, so a test sees only what it registers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+from safetensors.numpy import save_file
+
+from gateway.settings import Settings
+from tests.conftest import attached_settings
+
+BASE = "tiny-llama"
+PROMPT = "show users older than 30"
+
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+LINEAR = (*ATTENTION, "gate_proj", "up_proj", "down_proj")
+
+
+def write_adapter(
+    base_dir: Path,
+    folder: Path,
+    seed: int,
+    *,
+    rank: int = 8,
+    target_modules: tuple[str, ...] = LINEAR,
+    scale: float = 0.08,
+    base_name: str = BASE,
+) -> Path:
+    """A valid PEFT LoRA adapter for the base in `base_dir`, random weights from `seed` (numpy only).
+
+    Different seeds give different greedy outputs, which is how the tests tell adapters apart.
+    """
+    config = json.loads((base_dir / "config.json").read_text())
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    q, kv = heads * head_dim, config.get("num_key_value_heads", heads) * head_dim
+    shapes = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
+              "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+              "down_proj": (inter, hidden)}  # fmt: skip
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for module in target_modules:
+            fan_in, fan_out = shapes[module]
+            block = "self_attn" if module in ATTENTION else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = rng.normal(0, scale, (rank, fan_in)).astype(np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = rng.normal(0, scale, (fan_out, rank)).astype(np.float32)
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name,
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "lora_dropout": 0.0,
+        "target_modules": list(target_modules),
+        "bias": "none",
+    }
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    (folder / "README.md").write_text(f"# {folder.name}\n\nRandom LoRA adapter (seed {seed}).\n")
+    return folder
+
+
+def registry_settings(
+    vllm_url: str, cache_dir: Path, tmp_path: Path, root: Path, **overrides: Any
+) -> Settings:
+    registry = {"allowed_roots": [root], "seed_adapters_dir": False, **overrides.pop("registry", {})}
+    return attached_settings(vllm_url, cache_dir, tmp_path, registry=registry, **overrides)
+
+
+def auth(token: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
+def register(url: str, name: str, source: Path | str, *, token: str | None = None, **body: Any) -> dict:
+    r = httpx.post(
+        url + "/admin/adapters",
+        json={"name": name, "source": str(source), **body},
+        headers=auth(token),
+        timeout=60,
+    )
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def complete(url: str, model: str, *, max_tokens: int = 6, key: str | None = None) -> httpx.Response:
+    # greedy, and never cut short by EOS: each adapter's answer is its own (vLLM's `ignore_eos`)
+    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    return httpx.post(url + "/v1/completions", json=body, headers=auth(key), timeout=120)
+
+
+def text(url: str, model: str, **kw: Any) -> str:
+    r = complete(url, model, **kw)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == model
+    return r.json()["choices"][0]["text"]
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` (e.g. `lora_gateway_adapter_loads_total`) matching `labels`."""
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def vllm_adapters(vllm_url: str) -> set[str]:
+    """The LoRA adapters vLLM itself lists now."""
+    data = httpx.get(vllm_url + "/v1/models", timeout=10).json()["data"]
+    return {m["id"] for m in data if m.get("parent")}
+
+
+def engine(url: str, token: str | None = None) -> dict:
+    r = httpx.get(url + "/admin/engines", headers=auth(token))
+    assert r.status_code == 200, r.text
+    [info] = r.json()["data"]
+    return info
+
+
+def assert_stopped(url: str) -> None:
+    """A gateway left running would keep acting on the shared vLLM (loading, evicting) behind later tests."""
+    try:
+        httpx.get(url + "/health", timeout=2)
+    except httpx.ConnectError:
+        return
+    raise AssertionError(f"the gateway at {url} still answers after serve_app() returned")
+
+
+def rewrite_config(folder: Path, **changes: Any) -> None:
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))

@@ -1,0 +1,150 @@
+"""gateway/residency.py, with the engine's load/unload routes played by a fake vLLM (pure asyncio logic).
+
+The interleavings here are the ones a real vLLM produces only now and then (tests/test_residency_e2e.py
+runs the real thing): a probe's listing that is older than a load or an eviction, an eviction racing a
+load of the same adapter, a version registered again while its retirement waits for requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from gateway.engines.base import Engine, EngineState, ProbeResult
+from gateway.metrics import UNKNOWN, Metrics
+from gateway.registry.catalog import AdapterRef
+from gateway.residency import Residency
+
+BASE = "tiny-llama"
+A = AdapterRef("a", "lora-a", Path("/store/a"))
+B = AdapterRef("b", "lora-b", Path("/store/b"))
+
+
+class FakeVllm:
+    """`post_json` of the upstream client: records calls; an unload can be held at a gate."""
+
+    def __init__(self) -> None:
+        self.loaded: set[str] = set()
+        self.calls: list[tuple[str, str]] = []
+        self.busy: set[str] = set()
+        self.overlaps: list[str] = []
+        self.unload_gate = asyncio.Event()
+        self.unload_gate.set()
+
+    async def post_json(self, url: str, payload: Any) -> bytes:
+        name, op = payload["lora_name"], url.rsplit("/", 1)[-1]
+        if name in self.busy:
+            self.overlaps.append(f"{op} {name} while another call on it runs")
+        self.busy.add(name)
+        try:
+            self.calls.append((op, name))
+            if op == "unload_lora_adapter":
+                await self.unload_gate.wait()
+                self.loaded.discard(name)
+            else:
+                self.loaded.add(name)
+            return b"ok"
+        finally:
+            self.busy.discard(name)
+
+
+def setup(max_resident: int) -> tuple[FakeVllm, Residency, Engine, Metrics]:
+    vllm, metrics = FakeVllm(), Metrics()
+    residency = Residency(vllm, metrics, max_resident=max_resident, wait_timeout_s=5)  # type: ignore[arg-type]
+    engine = Engine("engine0", "http://vllm.invalid", vllm, probe_interval_s=1.0)  # type: ignore[arg-type]
+    engine.status.state = EngineState.READY
+    return vllm, residency, engine, metrics
+
+
+def in_loop(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
+    @functools.wraps(test)
+    def run() -> None:
+        asyncio.run(test())
+
+    return run
+
+
+def loads(vllm: FakeVllm) -> list[str]:
+    return [name for op, name in vllm.calls if op == "load_lora_adapter"]
+
+
+@in_loop
+async def test_a_listing_older_than_a_load_does_not_drop_it() -> None:
+    vllm, residency, engine, _ = setup(max_resident=2)
+    listing = ProbeResult({BASE}, set())  # asked for before the load
+    lease = await residency.acquire(engine, A)
+    await residency.on_probe(engine, listing)
+    assert engine.status.resident == {"lora-a"}, "an adapter with a request in flight stays resident"
+    assert loads(vllm) == ["lora-a"], "and is not loaded a second time"
+    lease.release()
+    await residency.on_probe(engine, ProbeResult({BASE}, set()))  # a newer listing is the truth again
+    assert loads(vllm) == ["lora-a", "lora-a"] and engine.status.resident == {"lora-a"}  # restored
+
+
+@in_loop
+async def test_a_listing_older_than_an_eviction_does_not_bring_it_back() -> None:
+    vllm, residency, engine, _ = setup(max_resident=1)
+    (await residency.acquire(engine, A)).release()
+    listing = ProbeResult({BASE}, {"lora-a"})
+    lease = await residency.acquire(engine, B)  # evicts a
+    await residency.on_probe(engine, listing)
+    assert engine.status.resident == {"lora-b"} == vllm.loaded
+    lease.release()
+
+
+@in_loop
+async def test_an_eviction_and_a_load_of_the_same_adapter_never_overlap() -> None:
+    vllm, residency, engine, _ = setup(max_resident=1)
+    (await residency.acquire(engine, A)).release()
+    vllm.unload_gate.clear()
+    want_b = asyncio.create_task(residency.acquire(engine, B))  # evicting a: its unload is held
+    await asyncio.sleep(0.01)
+    want_a = asyncio.create_task(residency.acquire(engine, A))
+    await asyncio.sleep(0.01)
+    assert vllm.calls[-1] == ("unload_lora_adapter", "lora-a"), "a's load waits for its unload"
+    vllm.unload_gate.set()
+    (await want_b).release()
+    (await want_a).release()
+    assert not vllm.overlaps
+    assert vllm.calls[1:] == [
+        ("unload_lora_adapter", "lora-a"),
+        ("load_lora_adapter", "lora-b"),
+        ("unload_lora_adapter", "lora-b"),
+        ("load_lora_adapter", "lora-a"),
+    ]
+
+
+@in_loop
+async def test_registered_again_before_going_idle_is_not_retired() -> None:
+    vllm, residency, engine, _ = setup(max_resident=2)
+    lease = await residency.acquire(engine, A)
+    await residency.sync(engine, {})  # removed while a request is in flight: retire once idle
+    await residency.sync(engine, {"lora-a": A})  # the same bytes registered again
+    lease.release()
+    await asyncio.sleep(0.01)
+    assert ("unload_lora_adapter", "lora-a") not in vllm.calls and engine.status.resident == {"lora-a"}
+
+
+@in_loop
+async def test_retired_once_the_last_request_ends() -> None:
+    vllm, residency, engine, _ = setup(max_resident=2)
+    lease = await residency.acquire(engine, A)
+    await residency.sync(engine, {})
+    assert engine.status.resident == {"lora-a"}, "in flight: not yet"
+    lease.release()
+    await asyncio.sleep(0.01)
+    assert vllm.calls[-1] == ("unload_lora_adapter", "lora-a") and not engine.status.resident
+
+
+@in_loop
+async def test_adapters_of_unknown_age_go_first_under_no_label_of_their_own() -> None:
+    vllm, residency, engine, metrics = setup(max_resident=2)
+    await residency.on_probe(engine, ProbeResult({BASE}, {"lora-foreign"}))  # loaded by someone else
+    (await residency.acquire(engine, A)).release()
+    (await residency.acquire(engine, B)).release()
+    assert engine.status.resident == {"lora-a", "lora-b"}
+    assert metrics.adapter_evictions.labels(UNKNOWN)._value.get() == 1
+    assert metrics.adapter_evictions.labels("a")._value.get() == 0

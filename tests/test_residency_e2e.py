@@ -1,0 +1,223 @@
+"""Hot-load and eviction against the real vLLM: more adapters than resident slots, many clients at once.
+
+- N concurrent first requests to one cold adapter cause exactly one load (singleflight), all answered.
+- 16 clients spread over 5 adapters with 2 slots, while another adapter is registered and removed over
+  and over: no request fails, every answer is the one its adapter gives alone (greedy), an adapter with
+  a request in flight is never evicted, and every load is one cold miss: per adapter,
+  loads == evictions + (1 if resident at the end), so nothing was loaded twice without leaving first.
+- Every slot leased by a stream in flight: a request for another cold adapter waits
+  `registry.load_wait_timeout_s`, then gets 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import serve_app
+from tests.registry_helpers import (
+    PROMPT,
+    assert_stopped,
+    complete,
+    engine,
+    metric,
+    register,
+    registry_settings,
+    text,
+    vllm_adapters,
+    write_adapter,
+)
+from tests.test_errors_e2e import assert_openai_error
+
+pytestmark = pytest.mark.engine
+
+ADAPTERS = [f"r{i}" for i in range(5)]
+CLIENTS = 16
+STORM_S = 12.0
+MAX_TOKENS = 6
+LOADS = "lora_gateway_adapter_loads_total"
+EVICTIONS = "lora_gateway_adapter_evictions_total"
+
+
+class Storm:
+    """What the clients saw, and what /admin/engines showed meanwhile."""
+
+    def __init__(self) -> None:
+        self.answers: list[tuple[str, int, str]] = []  # (model, status, text or error body)
+        self.churn_cycles = 0
+        self.violations: list[str] = []
+        self.samples = 0
+
+
+def greedy(model: str) -> dict:
+    return {"model": model, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+
+
+async def client_loop(http: httpx.AsyncClient, seed: int, deadline: float, storm: Storm) -> None:
+    rng = random.Random(seed)
+    while time.monotonic() < deadline:
+        model = rng.choice(ADAPTERS)
+        body = greedy(model)
+        r = await http.post("/v1/completions", json=body)
+        storm.answers.append(
+            (model, r.status_code, r.json()["choices"][0]["text"] if r.is_success else r.text)
+        )
+
+
+async def churn_loop(
+    http: httpx.AsyncClient, sources: dict[str, Path], deadline: float, storm: Storm
+) -> None:
+    """Register `churn` from alternating weights, call it, remove it: again and again."""
+    while time.monotonic() < deadline:
+        which = "churn-a" if storm.churn_cycles % 2 == 0 else "churn-b"
+        r = await http.post("/admin/adapters", json={"name": "churn", "source": str(sources[which])})
+        assert r.status_code == 201, r.text
+        body = greedy("churn")
+        r = await http.post("/v1/completions", json=body)
+        storm.answers.append(
+            (which, r.status_code, r.json()["choices"][0]["text"] if r.is_success else r.text)
+        )
+        r = await http.delete("/admin/adapters/churn")
+        assert r.status_code == 200, r.text
+        storm.churn_cycles += 1
+
+
+async def watch_engines(http: httpx.AsyncClient, deadline: float, storm: Storm, mine: dict[str, str]) -> None:
+    while time.monotonic() < deadline:
+        [info] = (await http.get("/admin/engines")).json()["data"]
+        resident = set(info["resident_adapters"])
+        busy = set(info["in_flight"])
+        if not busy <= resident:
+            storm.violations.append(f"in flight but not resident: {busy - resident}")
+        if len(resident & set(mine.values())) > 2:
+            storm.violations.append(f"more than 2 of ours resident: {resident}")
+        storm.samples += 1
+        await asyncio.sleep(0.2)
+
+
+async def run_storm(url: str, sources: dict[str, Path], mine: dict[str, str]) -> Storm:
+    storm = Storm()
+    deadline = time.monotonic() + STORM_S
+    limits = httpx.Limits(max_connections=CLIENTS + 4)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as http:
+        await asyncio.gather(
+            *(client_loop(http, seed, deadline, storm) for seed in range(CLIENTS)),
+            churn_loop(http, sources, deadline, storm),
+            watch_engines(http, deadline, storm, mine),
+        )
+    return storm
+
+
+def engine_names(url: str) -> dict[str, str]:
+    adapters = httpx.get(url + "/admin/adapters").json()["data"]
+    return {a["name"]: v["engine_name"] for a in adapters for v in a["versions"] if v["status"] == "ready"}
+
+
+def test_singleflight_and_eviction_under_concurrent_clients_and_churn(
+    vllm_url: str, cache_dir: Path, tiny_cache: dict[str, Path], tmp_path: Path
+) -> None:
+    root = tmp_path / "src"
+    for i, name in enumerate([*ADAPTERS, "churn-a", "churn-b"]):
+        write_adapter(tiny_cache["base"], root / name, seed=1000 + i)
+    registry = {"max_resident": 2, "load_wait_timeout_s": 60}
+    # Frequent probes: each one's listing races the loads and evictions going on meanwhile.
+    engine_ = {"health_interval_s": 0.05}
+    settings = registry_settings(vllm_url, cache_dir, tmp_path, root, registry=registry, engine=engine_)
+    with serve_app(settings) as url:
+        for name in ADAPTERS:
+            register(url, name, root / name)
+
+        # Singleflight: 8 concurrent first requests to a cold adapter, one load.
+        with ThreadPoolExecutor(8) as pool:
+            first = list(pool.map(lambda _: text(url, "r0", max_tokens=MAX_TOKENS), range(8)))
+        assert metric(url, LOADS, adapter="r0") == 1
+        assert len(set(first)) == 1
+
+        # Each adapter's own answer, one request at a time; churn's two weights likewise.
+        expected = {name: text(url, name, max_tokens=MAX_TOKENS) for name in ADAPTERS}
+        for which in ("churn-a", "churn-b"):
+            register(url, "churn", root / which)
+            expected[which] = text(url, "churn", max_tokens=MAX_TOKENS)
+            httpx.delete(url + "/admin/adapters/churn").raise_for_status()
+        assert len(set(expected.values())) == len(expected), f"adapters must be told apart: {expected}"
+        assert expected["r0"] == first[0]
+
+        mine = engine_names(url)
+        storm = asyncio.run(run_storm(url, {n: root / n for n in ("churn-a", "churn-b")}, mine))
+
+        failed = [a for a in storm.answers if a[1] != 200]
+        assert not failed, f"{len(failed)} of {len(storm.answers)} failed: {failed[:5]}"
+        wrong = [a for a in storm.answers if a[2] != expected[a[0]]]
+        assert not wrong, f"{len(wrong)} answers from the wrong adapter: {wrong[:5]}"
+        assert storm.churn_cycles >= 2
+        assert len(storm.answers) > 2 * CLIENTS
+
+        time.sleep(1.5)  # a few probes: the gateway's view is vLLM's again
+        listed = vllm_adapters(vllm_url)
+        info = engine(url)
+        assert set(info["resident_adapters"]) <= listed and info["in_flight"] == {}
+        report = []
+        for name in ADAPTERS:
+            loads, evictions = metric(url, LOADS, adapter=name), metric(url, EVICTIONS, adapter=name)
+            resident = mine[name] in listed
+            report.append(f"{name}: {loads:.0f} loads, {evictions:.0f} evictions, resident={resident}")
+            assert loads == evictions + resident, f"a load without a cold miss: {report}"
+            assert mine[name] in info["last_load_at"]
+        assert metric(url, LOADS, result="error") == 0
+        assert not storm.violations, f"{len(storm.violations)} of {storm.samples}: {storm.violations[:5]}"
+        print(f"\n{len(storm.answers)} requests, {storm.churn_cycles} churn cycles; " + "; ".join(report))
+    assert_stopped(url)
+
+
+def test_all_slots_leased_by_streams_gives_503_with_retry_after(
+    vllm_url: str, cache_dir: Path, tiny_cache: dict[str, Path], tmp_path: Path
+) -> None:
+    root = tmp_path / "src"
+    for i, name in enumerate(["x", "y", "z"]):
+        write_adapter(tiny_cache["base"], root / name, seed=2000 + i)
+    registry = {"max_resident": 4, "load_wait_timeout_s": 0.5}
+    settings = registry_settings(vllm_url, cache_dir, tmp_path, root, registry=registry, retry_after_s=3)
+    with serve_app(settings) as url, httpx.Client(base_url=url, timeout=60) as http:
+        # The session's gateway shares this vLLM and reloads its demo adapters whenever they are evicted;
+        # pinned here too (same bytes, same engine names), they hold two slots that nobody fights over.
+        for demo in ("demo-a", "demo-b"):
+            register(url, demo, tiny_cache[demo], pin=True)
+        for name in ("x", "y", "z"):
+            register(url, name, root / name)
+        names = engine_names(url)
+        # Two streams whose client reads nothing: more bytes than the socket buffers hold (n=8, top-20
+        # logprobs, ~1 KB an event), so each keeps its lease until the client closes it, however slow
+        # or fast vLLM is. A stream holds its lease from its status line on.
+        context = json.loads((tiny_cache["base"] / "config.json").read_text())["max_position_embeddings"]
+        body = {"prompt": PROMPT, "max_tokens": context - 64, "temperature": 1.0, "ignore_eos": True}
+        body.update(stream=True, n=8, logprobs=20)  # n > 1 needs sampling
+        with (
+            http.stream("POST", "/v1/completions", json={**body, "model": "x"}) as sx,
+            http.stream("POST", "/v1/completions", json={**body, "model": "y"}) as sy,
+        ):
+            assert sx.status_code == sy.status_code == 200
+            waited = time.monotonic()
+            r = complete(url, "z")
+            waited = time.monotonic() - waited
+            info = engine(url)
+            assert info["in_flight"] == {names["x"]: 1, names["y"]: 1}
+            assert {"x@1", "y@1", "demo-a@1", "demo-b@1"} == set(info["resident_models"])
+            assert {names["x"], names["y"]} <= info["last_load_at"].keys()
+            assert_openai_error(r, 503, "adapter_slots_busy")
+            assert r.headers["retry-after"] == "3"
+            assert waited >= 0.5, waited
+        # The streams are gone (client disconnect): their leases are released, z can load.
+        deadline = time.monotonic() + 30
+        while (r := complete(url, "z")).status_code != 200:
+            assert r.status_code == 503 and time.monotonic() < deadline, r.text
+            time.sleep(0.2)
+        info = engine(url)
+        assert info["in_flight"] == {} and "z@1" in info["resident_models"]
+    assert_stopped(url)
