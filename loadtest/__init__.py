@@ -13,8 +13,16 @@ Modules, one idea each:
 - ``report``         ``results.json``, ``requests.jsonl``, ``report.md`` and PNG plots
 - ``fast_upstream``  a minimal OpenAI/vLLM-compatible server that answers at once
 - ``serving``        running a server in a thread or a subprocess for tests and benchmarks
-- ``overhead``       direct vs through the gateway, interleaved, at fixed offered rates
-- ``cli``            the typer app mounted as ``lora-gateway loadtest``
+- ``servers``        the gateway and vLLM processes a benchmark starts and stops; their memory, metrics
+- ``overhead``       direct vs through the gateway (and other proxies), interleaved, at fixed rates
+- ``overhead_report`` its files: results.json, report.md, plots
+- ``overhead_suite`` ``overhead --out`` alone: fast upstream, gateway, LiteLLM, real vLLM, closed loop
+- ``overhead_suite_report`` the suite's targets table and closed-loop table
+- ``litellm_proxy``  LiteLLM's proxy in its own venv (``.cache/litellm-venv``), for comparison only
+- ``compare``        merged vs adapter-only serving, and the thrash scenario, on servers it starts
+- ``compare_report`` ratios per concurrency, loads, memory, plots
+- ``cli``            the typer app mounted as ``lora-gateway loadtest`` (``cli_compare``: compare,
+                     thrash, benchmark)
 
 Importing the package is cheap: heavy imports (matplotlib, uvicorn, aiohttp) happen in functions.
 """

@@ -6,6 +6,11 @@
         --stream --out out/rate
     lora-gateway loadtest overhead --direct http://127.0.0.1:8001 --gateway http://127.0.0.1:8000 \\
         --rates 50,200,500,1000 --duration 10 --out out/overhead
+    lora-gateway loadtest overhead --out out/overhead [--litellm] [--no-vllm]   # starts its own servers
+    lora-gateway loadtest compare --base tiny --random-adapters 16 --thrash --out out/compare
+    lora-gateway loadtest compare --base /models/llama --adapters /a/sql,/a/chat --out out/compare
+    lora-gateway loadtest thrash --base tiny --random-adapters 16 --resident 8 --out out/thrash
+    lora-gateway loadtest benchmark --out docs/benchmarks      # everything in docs/benchmarks.md
     lora-gateway loadtest fast-upstream --port 8001
 
 Mounted by the gateway CLI with ``app.add_typer(loadtest_app, name="loadtest")``; also runnable as
@@ -94,6 +99,9 @@ def run(
     ignore_eos: Annotated[
         bool, typer.Option(help="Send vLLM's ignore_eos so outputs are max_tokens long.")
     ] = False,
+    token_ids: Annotated[
+        bool, typer.Option(help="Send vLLM's return_token_ids: one stream chunk per token.")
+    ] = False,
     warmup: Annotated[int, typer.Option(min=0, help="Unmeasured requests before each level.")] = 0,
     max_connections: Annotated[int | None, typer.Option(help="HTTP connection pool size.")] = None,
     client: Annotated[
@@ -121,6 +129,7 @@ def run(
             endpoint=endpoint,  # type: ignore[arg-type]  # checked in WorkloadSpec
             seed=seed,
             ignore_eos=ignore_eos,
+            extra_body={"return_token_ids": True} if token_ids else {},
         )
         cfg = SweepConfig(
             target=target,
@@ -173,8 +182,10 @@ def run(
 
 @app.command()
 def overhead(
-    direct: Annotated[str, typer.Option(help="Base URL of the upstream, reached directly.")],
-    gateway: Annotated[str, typer.Option(help="Base URL of the gateway in front of that upstream.")],
+    direct: Annotated[
+        str | None, typer.Option(help="Base URL of an upstream you run, reached directly.")
+    ] = None,
+    gateway: Annotated[str | None, typer.Option(help="Base URL of a gateway you run in front of it.")] = None,
     rates: Annotated[str, typer.Option(help="Offered rates per path (req/s), in order.")] = (
         "50,200,500,1000,1500,2000,3000"
     ),
@@ -195,9 +206,76 @@ def overhead(
     api_key: Annotated[str | None, typer.Option(help="Sent to both paths as a Bearer token.")] = None,
     stop_on_saturation: Annotated[bool, typer.Option(help="Skip higher rates once one is missed.")] = True,
     client: Annotated[str, typer.Option(help="HTTP client: aiohttp (light) or httpx.")] = "aiohttp",
+    vllm: Annotated[
+        bool, typer.Option(help="Self-managed: also measure in front of the real vLLM (tiny model).")
+    ] = True,
+    vllm_rates: Annotated[str, typer.Option(help="Self-managed: offered rates against vLLM.")] = "2,5,10,20",
+    litellm: Annotated[
+        bool,
+        typer.Option(help="Self-managed: also LiteLLM's proxy, in its own venv (.cache/litellm-venv)."),
+    ] = False,
+    litellm_rates: Annotated[
+        str, typer.Option(help="Self-managed: rates with LiteLLM.")
+    ] = "10,20,50,100,200",
+    closed_loop: Annotated[
+        str, typer.Option(help="Self-managed: closed-loop concurrency levels, each path alone.")
+    ] = "1,8,32",
+    closed_requests: Annotated[int, typer.Option(min=1, help="Self-managed: requests per level.")] = 2000,
+    paced_itl_ms: Annotated[
+        float, typer.Option(min=0, help="Self-managed: streams paced this far apart (ms), 0: skip that part.")
+    ] = 5.0,
+    other: Annotated[
+        list[str] | None,
+        typer.Option(help="With --direct/--gateway: another proxy in the same run, TAG=URL (repeatable)."),
+    ] = None,
 ) -> None:
-    """Added latency of the gateway over a direct upstream at fixed offered rates (open loop)."""
-    from loadtest.overhead import run_overhead, write_overhead_report
+    """Added latency of the gateway over a direct upstream at fixed offered rates (open loop).
+
+    With --direct and --gateway, measures those. With neither, starts its own: the fast upstream
+    and a gateway attached to it (each in its own process), LiteLLM with --litellm, and a managed
+    gateway over the real vLLM unless --no-vllm; then stops them.
+    """
+    if (direct is None) != (gateway is None):
+        raise typer.BadParameter("give both --direct and --gateway, or neither", param_hint="--gateway")
+    if direct is None:
+        from loadtest.overhead_suite import SuiteConfig, run_suite
+
+        cfg = SuiteConfig(
+            out=out,
+            rates=_floats(rates, "--rates"),
+            duration_s=duration,
+            modes=[m.strip() for m in modes.split(",") if m.strip()],
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            p99_target_ms=p99_target_ms,
+            closed_loop=[int(c) for c in _floats(closed_loop, "--closed-loop")],
+            closed_requests=closed_requests,
+            paced_itl_ms=paced_itl_ms,
+            vllm=vllm,
+            vllm_rates=_floats(vllm_rates, "--vllm-rates"),
+            vllm_duration_s=duration,
+            litellm=litellm,
+            litellm_rates=_floats(litellm_rates, "--litellm-rates"),
+            client=client,
+            seed=seed,
+        )
+        payload = run_suite(cfg, log=lambda line: typer.echo(line, err=True))
+        from loadtest.overhead_suite_report import target_rows
+
+        for target, measured, verdict in target_rows(payload["targets"]):
+            typer.echo(f"{target}: {measured} ({verdict})", err=True)
+        typer.echo(f"wrote {out}/report.md and {', '.join(payload['parts'].values())}", err=True)
+        return
+
+    from loadtest.overhead import run_overhead
+    from loadtest.overhead_report import write_overhead_report
+
+    others = {}
+    for item in other or []:
+        tag, sep, url = item.partition("=")
+        if not sep or not tag or not url:
+            raise typer.BadParameter(f"expected TAG=URL, got {item!r}", param_hint="--other")
+        others[tag] = (url, gateway_model or model)
 
     def show(lv: dict[str, Any]) -> None:
         added = lv["added_ms"]
@@ -207,14 +285,19 @@ def overhead(
             f"rate={lv['rate']:g} {lv['mode']}: gateway {g['request_throughput']:.0f} req/s, "
             f"{key[:-3]} p50 {_ms(g[key], 'p50')} ms p99 {_ms(g[key], 'p99')} ms, "
             f"added p50 {_ms(added[key], 'p50')} ms p99 {_ms(added[key], 'p99')} ms, "
-            f"{'sustained' if lv['sustained'] else 'NOT sustained: ' + lv['reason']}",
+            f"{'sustained' if lv['sustained'] else 'NOT sustained: ' + lv['reason']}"
+            + "".join(
+                f"; {tag} added p50 {_ms(a, 'p50')} ms p99 {_ms(a, 'p99')} ms"
+                for tag, o in lv.get("others", {}).items()
+                if (a := o["added_ms"][key])
+            ),
             err=True,
         )
 
     try:
         payload = run_overhead(
             direct,
-            gateway,
+            gateway,  # type: ignore[arg-type]  # both given (checked above)
             _floats(rates, "--rates"),
             duration,
             model=model,
@@ -230,6 +313,7 @@ def overhead(
             client=client,
             on_level=show,
             keep_records=True,
+            others=others,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -252,6 +336,12 @@ def fast_upstream(
     args = ["--host", host, "--port", str(port), "--itl-ms", str(itl_ms), "--ttft-ms", str(ttft_ms)]
     main(args + (["--strict-models"] if strict_models else []))
 
+
+from loadtest.cli_compare import benchmark, compare, thrash  # noqa: E402 - registered last
+
+app.command()(compare)
+app.command()(thrash)
+app.command()(benchmark)
 
 if __name__ == "__main__":
     app()

@@ -20,7 +20,13 @@ the upstream or the machine when the direct path missed too, else the gateway. O
 machine the generator shares the cores with what it measures, hence the aiohttp client by
 default here (``client``; several times less CPU per request than httpx).
 
-    from loadtest.overhead import run_overhead, write_overhead_report
+More proxies can be measured in the same run (``others``, e.g. LiteLLM's proxy in front of the
+same upstream): each request is then sent once per path, the order rotating, at k x R req/s for
+k paths; each proxy gets its own added latency and verdict under ``others``, and the sweep of a
+mode stops once the proxy named by ``stop_when`` misses a rate.
+
+    from loadtest.overhead import run_overhead
+    from loadtest.overhead_report import write_overhead_report
     result = run_overhead("http://127.0.0.1:8001", "http://127.0.0.1:8000", [50, 200, 500], 10)
     write_overhead_report(Path("out/overhead"), result)
 """
@@ -30,13 +36,12 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from loadtest import stats
 from loadtest.machine import machine_info
-from loadtest.report import fmt, level_name, machine_lines, table, write_json, write_requests
+from loadtest.report import fmt, level_name
 from loadtest.runner import Job, Sender, jobs_for, make_sender, run_closed_loop, run_open_loop, run_sync
 from loadtest.workload import WorkloadSpec, generate
 
@@ -46,11 +51,14 @@ ADDED_KEYS = ("e2e_ms", "ttfb_ms", "itl_ms")
 STATS = ("mean", "p50", "p90", "p99")
 
 
-def interleave(direct: Sequence[Job], gateway: Sequence[Job]) -> list[Job]:
-    """Pairs of the same request, direct first in even pairs and gateway first in odd ones."""
+def interleave(*paths: Sequence[Job]) -> list[Job]:
+    """The same request on every path, the order rotating: with two paths, direct first in even
+    pairs and gateway first in odd ones."""
     out: list[Job] = []
-    for i, (d, g) in enumerate(zip(direct, gateway, strict=True)):
-        out += [d, g] if i % 2 == 0 else [g, d]
+    k = len(paths)
+    for i, group in enumerate(zip(*paths, strict=True)):
+        r = i % k
+        out += [*group[r:], *group[:r]] if k > 2 else (list(group) if r == 0 else list(group[::-1]))
     return out
 
 
@@ -97,8 +105,17 @@ def run_overhead(
     client: str = "aiohttp",
     on_level: Callable[[dict[str, Any]], None] | None = None,
     keep_records: bool = False,
+    others: Mapping[str, tuple[str, str]] | None = None,
+    stop_when: str = "gateway",
+    ignore_eos: bool = False,
+    extra_body: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Measure the gateway's added latency at each offered rate; returns a JSON-ready payload.
+
+    ``others`` maps more proxies' tags to ``(url, model)``; ``stop_when`` is ``gateway`` or one
+    of those tags. ``ignore_eos`` and ``extra_body`` go into every request (for a real vLLM:
+    ``{"return_token_ids": True}`` makes a stream chunk per token, so the inter-chunk gap is the
+    inter-token gap even where a random model's text comes out in bursts).
 
     With ``keep_records`` the payload also holds ``_records`` (per-request records by level),
     which :func:`write_overhead_report` writes to ``requests.jsonl`` and drops from the JSON.
@@ -110,6 +127,11 @@ def run_overhead(
         raise ValueError(f"rates: must be > 0, got {list(rates)}")
     if duration_s <= 0:
         raise ValueError(f"duration_s: must be > 0, got {duration_s}")
+    others = dict(others or {})
+    if {"direct", "gateway"} & set(others):
+        raise ValueError("others: the tags 'direct' and 'gateway' are taken")
+    if stop_when != "gateway" and stop_when not in others:
+        raise ValueError(f"stop_when: must be 'gateway' or one of {sorted(others)}, got {stop_when!r}")
     config = {
         "direct_url": direct_url,
         "gateway_url": gateway_url,
@@ -127,7 +149,13 @@ def run_overhead(
         "seed": seed,
         "stop_on_saturation": stop_on_saturation,
         "client": client,
-        "interleaving": "pairs of the same request, one per path, in alternating order",
+        "interleaving": "pairs of the same request, one per path, in alternating order"
+        if not others
+        else f"the same request on each of the {2 + len(others)} paths, in rotating order",
+        "others": {tag: {"url": url, "model": m} for tag, (url, m) in others.items()},
+        "ignore_eos": ignore_eos,
+        "extra_body": dict(extra_body or {}),
+        "stop_when": stop_when,
     }
     sender = make_sender(client, api_key=api_key, timeout_s=timeout_s, max_connections=2048)
     started = dt.datetime.now(dt.UTC)
@@ -141,16 +169,21 @@ def run_overhead(
         "levels": levels,
         "max_sustained_rate": {m: max_sustained(levels, m) for m in modes},
     }
+    if others:
+        payload["others_max_sustained_rate"] = {
+            tag: {m: max_sustained(levels, m, tag) for m in modes} for tag in others
+        }
     if keep_records:
         payload["_records"] = records
     return payload
 
 
-def max_sustained(levels: Sequence[dict[str, Any]], mode: str) -> float | None:
-    """Highest rate sustained before the first one (in rate order) that was not."""
+def max_sustained(levels: Sequence[dict[str, Any]], mode: str, proxy: str = "gateway") -> float | None:
+    """Highest rate ``proxy`` sustained before the first one (in rate order) that it did not."""
     best = None
     for lv in sorted((lv for lv in levels if lv["mode"] == mode), key=lambda lv: lv["rate"]):
-        if not lv["sustained"]:
+        verdict = lv if proxy == "gateway" else lv.get("others", {}).get(proxy)
+        if verdict is None or not verdict["sustained"]:
             break
         best = lv["rate"]
     return best
@@ -163,6 +196,11 @@ async def _run(
     records: list[tuple[str, list[Any]]] = []
     saturated: set[str] = set()
     timeout_s = config["timeout_s"]
+    paths = [
+        ("direct", config["direct_url"], config["model"]),
+        ("gateway", config["gateway_url"], config["gateway_model"]),
+        *((tag, o["url"], o["model"]) for tag, o in config["others"].items()),
+    ]
     async with sender:
         for rate in config["rates"]:
             for mode in config["modes"]:
@@ -175,24 +213,17 @@ async def _run(
                     max_tokens=config["max_tokens"],
                     stream=mode == "stream",
                     seed=config["seed"],
+                    ignore_eos=config["ignore_eos"],
+                    extra_body=config["extra_body"],
                 )
-                gspec = dataclasses.replace(spec, models=[config["gateway_model"]])
                 if config["warmup"]:
-                    warm = dataclasses.replace(spec, seed=spec.seed + 1_000_003)
-                    gwarm = dataclasses.replace(gspec, seed=spec.seed + 1_000_003)
-                    wjobs = interleave(
-                        jobs_for(config["direct_url"], generate(warm, config["warmup"]), "direct"),
-                        jobs_for(config["gateway_url"], generate(gwarm, config["warmup"]), "gateway"),
-                    )
+                    wjobs = _jobs(paths, spec, config["warmup"], spec.seed + 1_000_003)
                     await run_closed_loop(sender, wjobs, 4, time_limit_s=timeout_s, drain_s=0)
-                jobs = interleave(
-                    jobs_for(config["direct_url"], generate(spec, n), "direct"),
-                    jobs_for(config["gateway_url"], generate(gspec, n), "gateway"),
-                )
+                jobs = _jobs(paths, spec, n, spec.seed)
                 run = await run_open_loop(
                     sender,
                     jobs,
-                    2 * rate,
+                    len(paths) * rate,
                     seed=config["seed"],
                     time_limit_s=config["duration_s"] * 1.5 + 1.0,
                     drain_s=timeout_s,
@@ -202,148 +233,65 @@ async def _run(
                 records.append((f"{level_name(rate)}/{mode}", run.records))
                 if on_level is not None:
                     on_level(entry)
-                if not entry["sustained"] and config["stop_on_saturation"]:
+                watched = entry if config["stop_when"] == "gateway" else entry["others"][config["stop_when"]]
+                if not watched["sustained"] and config["stop_on_saturation"]:
                     saturated.add(mode)
             if len(saturated) == len(config["modes"]):
                 break
     return levels, records
 
 
-def _level_entry(
-    rate: float, mode: str, recs: list[Any], n: int, duration_s: float, config: dict[str, Any]
+def _jobs(paths: Sequence[tuple[str, str, str]], spec: WorkloadSpec, n: int, seed: int) -> list[Job]:
+    """``n`` requests, each on every path (tag, url, model), interleaved."""
+    per_path = []
+    for tag, url, model in paths:
+        specs = generate(dataclasses.replace(spec, models=[model], seed=seed), n)
+        per_path.append(jobs_for(url, specs, tag))
+    return interleave(*per_path)
+
+
+def _verdict(
+    side: dict[str, Any], direct_ok: bool, lag_p99: float | None, config: dict[str, Any]
 ) -> dict[str, Any]:
-    groups = stats.by_tag(recs)
-    side = {
-        tag: stats.summarize(groups.get(tag, []), duration_s=duration_s, requested=n)
-        for tag in ("direct", "gateway")
-    }
-    ok, why = judge(side["gateway"], config["p99_target_ms"], config["max_error_rate"])
-    direct_ok, _ = judge(side["direct"], config["p99_target_ms"], config["max_error_rate"])
-    lag_p99 = stats.distribution((lag for r in recs if (lag := r.send_lag) is not None), 1000.0)["p99"]
+    ok, why = judge(side, config["p99_target_ms"], config["max_error_rate"])
     limited_by = None
     if not ok:
         if lag_p99 is not None and lag_p99 > max(5.0, config["p99_target_ms"] / 10):
             limited_by = f"load generator (send lag p99 {lag_p99:.1f} ms)"
         elif direct_ok:
-            limited_by = "gateway"
+            limited_by = "the proxy"
         else:
             limited_by = "upstream or machine (the direct path missed too)"
-    return {
+    return {"sustained": ok, "reason": why, "limited_by": limited_by}
+
+
+def _level_entry(
+    rate: float, mode: str, recs: list[Any], n: int, duration_s: float, config: dict[str, Any]
+) -> dict[str, Any]:
+    groups = stats.by_tag(recs)
+    tags = ["direct", "gateway", *config["others"]]
+    side = {tag: stats.summarize(groups.get(tag, []), duration_s=duration_s, requested=n) for tag in tags}
+    direct_ok, _ = judge(side["direct"], config["p99_target_ms"], config["max_error_rate"])
+    lag_p99 = stats.distribution((lag for r in recs if (lag := r.send_lag) is not None), 1000.0)["p99"]
+    gateway = _verdict(side["gateway"], direct_ok, lag_p99, config)
+    if gateway["limited_by"] == "the proxy":
+        gateway["limited_by"] = "gateway"
+    entry = {
         "rate": rate,
         "mode": mode,
         "direct": side["direct"],
         "gateway": side["gateway"],
         "added_ms": added_latency(side["direct"], side["gateway"]),
-        "sustained": ok,
-        "reason": why,
-        "limited_by": limited_by,
+        **gateway,
         "send_lag_p99_ms": lag_p99,
     }
-
-
-def render_overhead_markdown(payload: dict[str, Any]) -> str:
-    cfg = payload["config"]
-    out = [
-        "# Gateway overhead",
-        "",
-        f"- Direct: `{cfg['direct_url']}`; gateway: `{cfg['gateway_url']}`; model `{cfg['model']}`"
-        f" (through the gateway `{cfg['gateway_model']}`)",
-        f"- Open loop (Poisson), {cfg['duration_s']:g} s per level, each path at the offered rate; "
-        f"{cfg['interleaving']}; client {cfg['client']}",
-        f"- Prompt about {cfg['prompt_tokens']} tokens, max_tokens {cfg['max_tokens']}; "
-        f"sustained = gateway p99 e2e < {cfg['p99_target_ms']:g} ms, errors <= {cfg['max_error_rate']:.2%}",
-        f"- Started {payload['started_at']}, finished {payload['finished_at']}",
-        *machine_lines(payload["machine"]),
-        "",
-        "## Most requests per second sustained",
-        "",
-        table(
-            ["mode", f"max rate with p99 < {cfg['p99_target_ms']:g} ms (req/s)"],
-            [[m, "none" if r is None else level_name(r)] for m, r in payload["max_sustained_rate"].items()],
-        ),
-        "",
-    ]
-    sections = (("nonstream", (("e2e_ms", "e2e"),)), ("stream", (("ttfb_ms", "TTFB"), ("itl_ms", "ITL"))))
-    for mode, metrics in sections:
-        lvs = [lv for lv in payload["levels"] if lv["mode"] == mode]
-        if not lvs:
-            continue
-        out += [f"## Added latency, {'non-streaming' if mode == 'nonstream' else 'streaming'} (ms)", ""]
-        head = ["rate (req/s)", "achieved direct / gateway"]
-        rows = []
-        for _, label in metrics:
-            head += [f"{label} p50 direct", f"{label} p50 gateway", "added p50", "added p99"]
-        head += ["errors (d/g)", "send lag p99", "sustained"]
-        for lv in lvs:
-            d, g = lv["direct"], lv["gateway"]
-            achieved = f"{d['request_throughput']:.0f} / {g['request_throughput']:.0f}"
-            row: list[Any] = [level_name(lv["rate"]), achieved]
-            for key, _ in metrics:
-                row += [d[key]["p50"], g[key]["p50"], lv["added_ms"][key]["p50"], lv["added_ms"][key]["p99"]]
-            row += [f"{d['requests']['failed']}/{g['requests']['failed']}", lv["send_lag_p99_ms"]]
-            verdict = "yes" if lv["sustained"] else f"no: {lv['reason']}"
-            if lv["limited_by"]:
-                verdict += f" ({lv['limited_by']})"
-            row.append(verdict)
-            rows.append(row)
-        out += [table(head, rows), ""]
-    out += ["## Plots", "", "![added latency](overhead_added_latency.png)", ""]
-    out += ["![p99](overhead_p99.png)", ""]
-    return "\n".join(out)
-
-
-def plot_overhead(payload: dict[str, Any], out_dir: Path) -> list[Path]:
-    """``overhead_added_latency.png`` (added p50/p99 vs rate) and ``overhead_p99.png`` (both paths)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [
-        ("nonstream", "e2e_ms", "non-stream e2e"),
-        ("stream", "ttfb_ms", "stream TTFB"),
-        ("stream", "itl_ms", "stream ITL"),
-    ]
-    panels = [p for p in panels if any(lv["mode"] == p[0] for lv in payload["levels"])]
-    paths = []
-    for name, draw in (("overhead_added_latency", _draw_added), ("overhead_p99", _draw_p99)):
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-        for ax, (mode, key, title) in zip(axes[0], panels, strict=True):
-            lvs = sorted((lv for lv in payload["levels"] if lv["mode"] == mode), key=lambda lv: lv["rate"])
-            draw(ax, lvs, key)
-            ax.set(title=title, xlabel="offered rate per path (req/s)", ylabel="ms")
-            ax.grid(alpha=0.3)
-            ax.legend()
-        fig.tight_layout()
-        paths.append(out_dir / f"{name}.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-    return paths
-
-
-def _draw_added(ax: Any, lvs: list[dict[str, Any]], key: str) -> None:
-    for stat, style in (("p50", "o-"), ("p99", "^:")):
-        pts = [(lv["rate"], lv["added_ms"][key][stat]) for lv in lvs if lv["added_ms"][key][stat] is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"added {stat}")
-    ax.axhline(0, color="k", lw=0.5)
-
-
-def _draw_p99(ax: Any, lvs: list[dict[str, Any]], key: str) -> None:
-    for side, style in (("direct", "o-"), ("gateway", "s--")):
-        pts = [(lv["rate"], lv[side][key]["p99"]) for lv in lvs if lv[side][key]["p99"] is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{side} p99")
-    ax.set_ylim(bottom=0)
-
-
-def write_overhead_report(out_dir: Path, payload: dict[str, Any]) -> dict[str, Path]:
-    """``results.json``, ``requests.jsonl`` (if records were kept), ``report.md`` and two PNGs."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    records = payload.pop("_records", None)
-    files = {"results": write_json(out_dir / "results.json", payload)}
-    if records is not None:
-        files["requests"] = write_requests(out_dir / "requests.jsonl", records)
-    files["report"] = out_dir / "report.md"
-    files["report"].write_text(render_overhead_markdown(payload), encoding="utf-8")
-    for p in plot_overhead(payload, out_dir):
-        files[p.stem] = p
-    return files
+    if config["others"]:
+        entry["others"] = {
+            tag: {
+                "summary": side[tag],
+                "added_ms": added_latency(side["direct"], side[tag]),
+                **_verdict(side[tag], direct_ok, lag_p99, config),
+            }
+            for tag in config["others"]
+        }
+    return entry

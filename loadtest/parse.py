@@ -2,11 +2,12 @@
 
 Non-streaming: the body's ``usage``. Streaming (SSE): ``data:`` lines are JSON events until
 ``data: [DONE]``; a chunk whose first choice has non-empty ``delta.content`` (chat; also
-``reasoning_content``/``reasoning``) or ``text`` (completions) is a content chunk: its arrival
-time is recorded, the first one is TTFT. ``usage`` from the final chunk (``stream_options:
-{include_usage: true}``) gives the token counts; without it completion tokens are the number of
-content chunks. A ``data: {"error": ...}`` event ends the request as ``stream_error``; a stream
-that ends without ``[DONE]`` is ``incomplete_stream``.
+``reasoning_content``/``reasoning``) or ``text`` (completions), or non-empty ``token_ids`` (vLLM's
+``return_token_ids``, which sends a chunk per token even while the detokenizer holds back an
+incomplete character), is a content chunk: its arrival time is recorded, the first one is TTFT.
+``usage`` from the final chunk (``stream_options: {include_usage: true}``) gives the token counts;
+without it completion tokens are the number of content chunks. A ``data: {"error": ...}`` event
+ends the request as ``stream_error``; a stream that ends without ``[DONE]`` is ``incomplete_stream``.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class StreamParser:
                 text = choice.get("text")
             else:
                 text = next((delta[k] for k in _CONTENT_KEYS if delta.get(k)), None)
-            if text:
+            if text or choice.get("token_ids"):  # vLLM's return_token_ids: a chunk per token
                 if rec.ttft is None:
                     rec.ttft = now
                 rec.chunk_times.append(now)

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from loadtest.cli import app
 from loadtest.fast_upstream import UpstreamConfig, serve_in_subprocess, serve_in_thread
-from loadtest.overhead import run_overhead, write_overhead_report
+from loadtest.overhead import run_overhead
+from loadtest.overhead_report import write_overhead_report
 from loadtest.report import write_run_report
 from loadtest.runner import jobs_for, make_sender, run_closed_loop, run_sync
 from loadtest.sweep import SweepConfig, run_sweep
@@ -226,3 +227,37 @@ def test_fast_upstream_as_a_process_with_lora_routes() -> None:
         assert done["usage"]["completion_tokens"] == 3 and done["model"] == "sql"
         assert c.post("/v1/unload_lora_adapter", json={"lora_name": "sql"}).status_code == 200
         assert c.post("/v1/unload_lora_adapter", json={"lora_name": "sql"}).status_code == 404
+
+
+def test_overhead_starts_and_stops_its_own_servers(tmp_path: Path) -> None:
+    """``overhead --out`` alone: the fast upstream and a gateway, each in its own process, then gone."""
+    import psutil
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    args = ["overhead", "--out", str(tmp_path), "--no-vllm", "--rates", "50", "--duration", "0.3"]
+    res = CliRunner().invoke(app, [*args, "--closed-loop", "1,4", "--closed-requests", "40"])
+    assert res.exit_code == 0, f"{res.output}\n{res.exception!r}"
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before  # all stopped
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["parts"] == {"fast": "fast/results.json", "paced": "paced/results.json"}
+    t = payload["targets"]
+    paced = t["paced_stream_itl"]
+    assert [r["rate"] for r in paced] == [50, 200] and all(r["itl_ms"] == 5 for r in paced)
+    for r in paced:  # about a chunk every 5 ms on both paths (a busy CPU delays some, then bunches them)
+        assert 2.5 < r["itl_p50_direct_ms"] < 25 and 2.5 < r["itl_p50_gateway_ms"] < 25
+    assert t["tested_rates"] == [50, 200]  # 200 req/s, the target's rate, is always measured
+    assert t["added_p50_ms_at_200"] is not None and t["stream_added_ttfb_p50_ms_at_200"] is not None
+    fast = json.loads((tmp_path / "fast" / "results.json").read_text())
+    for lv in fast["levels"]:
+        for side in ("direct", "gateway"):
+            assert lv[side]["requests"]["completed"] == round(lv["rate"] * 0.3)
+    closed = payload["closed_loop"]
+    assert [(e["path"], e["concurrency"]) for e in closed] == [
+        ("direct", 1), ("direct", 4), ("gateway", 1), ("gateway", 4)
+    ]  # fmt: skip
+    for e in closed:
+        assert e["summary"]["requests"]["completed"] == 40 and ordered(e["summary"]["e2e_ms"])
+        assert set(e["cpu_us_per_request"]) == {"upstream", "gateway", "load_generator"}
+    report = (tmp_path / "report.md").read_text()
+    assert "## Targets" in report and "CPU share" in report and "(fast/report.md)" in report
+    assert (tmp_path / "fast" / "overhead_p99.png").read_bytes()[:8] == PNG

@@ -181,6 +181,19 @@ def test_stream_parser_records_chunks_usage_and_errors() -> None:
     assert not rec.ok and rec.error_kind == "incomplete_stream"
 
 
+def test_stream_parser_counts_token_id_chunks_without_text() -> None:
+    """vLLM's return_token_ids: a chunk per token even while the text of a character is held back."""
+    rec = RequestResult(index=0, model="m")
+    p = StreamParser(rec, start=0.0)
+    p.feed('data: {"choices": [{"delta": {"role": "assistant", "content": ""}}]}')
+    p.feed('data: {"choices": [{"delta": {}, "token_ids": [300]}]}')
+    p.feed('data: {"choices": [{"delta": {"content": "é"}, "token_ids": [301]}]}')
+    p.feed("data: [DONE]")
+    p.finish()
+    assert rec.ok and len(rec.chunk_times) == 2 and rec.completion_tokens == 2
+    assert rec.ttft == rec.chunk_times[0]
+
+
 def test_read_body() -> None:
     rec = RequestResult(index=0, model="m")
     read_body(rec, 200, b'{"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 4}}')

@@ -1,0 +1,400 @@
+"""``loadtest compare``: merged serving vs adapter-only serving, on servers it starts and stops itself.
+
+    merged      vLLM without --enable-lora on the base with adapter 1 merged in (adapters/merge.py)
+                (skipped with ``merged=False``; ``single=False`` skips adapter-1)
+    adapter-1   the gateway (attached) over vLLM --enable-lora on the base, every request to adapter 1
+    adapter-N   the same gateway and vLLM, requests spread over all N adapters under the mix
+    thrash      (``thrash=True``) the same vLLM behind a gateway keeping only ``thrash_resident``
+                adapters resident (``registry.max_resident``), the same mix as adapter-N
+
+The two vLLM servers start together (their slow CPU starts overlap; an idle vLLM costs ~1% of a
+core) and stay up; at each concurrency the modes run back to back (closed loop, streaming, with
+``ignore_eos`` so every mode generates the same number of tokens, and vLLM's ``return_token_ids``
+so every token is a chunk), so that the ratios of one level share the machine's moment on a CPU
+shared with other work. One gateway runs at a time over the LoRA vLLM (:class:`GatewaySlot`).
+Around each level the gateway's ``/metrics`` give the adapter loads and evictions during it.
+Memory is read from each vLLM's process tree (RSS, PSS; GPU memory where ``nvidia-smi`` exists)
+and from file sizes: N merged models cost N copies of a merged model, adapter-only serving one
+base plus N adapters.
+
+    from loadtest.compare import CompareConfig, run_compare
+    payload = run_compare(CompareConfig(base=Path("..."), adapters=[...], out=Path("out/compare")))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from loadtest.machine import machine_info
+from loadtest.servers import (
+    LoraOptions,
+    Server,
+    dir_bytes,
+    gateway_process,
+    gpu_memory,
+    scrape_counters,
+    tree_memory,
+    vllm_process,
+)
+from loadtest.sweep import SweepConfig, run_sweep
+from loadtest.workload import WorkloadSpec
+
+Log = Callable[[str], None]
+Merger = Callable[[Path, Path, Path], Path]
+LOADS = 'lora_gateway_adapter_loads_total{result="ok"}'
+LOAD_ERRORS = 'lora_gateway_adapter_loads_total{result="error"}'
+EVICTIONS = "lora_gateway_adapter_evictions_total"
+RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True, slots=True)
+class CompareConfig:
+    """One comparison. Adapter names are their folder names; the first one is the merged one."""
+
+    base: Path
+    adapters: Sequence[Path]
+    out: Path
+    base_name: str | None = None
+    mix: str = "zipf:1.1"
+    concurrency: Sequence[int] = (1, 4, 16)
+    requests: int = 64
+    prompt_tokens: int = 64
+    max_tokens: int = 32
+    ignore_eos: bool = True
+    max_loras: int | None = None
+    thrash: bool = False
+    thrash_resident: int | None = None
+    timeout_s: float = 300.0
+    time_limit_s: float = 600.0
+    client: str = "aiohttp"
+    seed: int = 0
+    vllm_args: Sequence[str] = ()
+    workdir: Path | None = None
+    merged: bool = True
+    single: bool = True
+    snapshot_base: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.adapters:
+            raise ValueError("adapters: give at least one adapter folder")
+        names = [Path(a).name for a in self.adapters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapters: folder names must differ, got {names}")
+        if not self.concurrency or any(c < 1 for c in self.concurrency):
+            raise ValueError(f"concurrency: must be >= 1, got {list(self.concurrency)}")
+        if self.thrash and len(self.adapters) < 2:
+            raise ValueError("thrash: needs at least 2 adapters")
+        if self.thrash_resident is not None and not 1 <= self.thrash_resident < len(self.adapters):
+            raise ValueError(
+                f"thrash_resident: must be 1..{len(self.adapters) - 1}, got {self.thrash_resident}"
+            )
+        WorkloadSpec(models=names, mix=self.mix)  # validates the mix
+
+    @property
+    def names(self) -> list[str]:
+        return [Path(a).name for a in self.adapters]
+
+    @property
+    def served_base(self) -> str:
+        return self.base_name or Path(self.base).name
+
+    def resident_in_thrash(self) -> int:
+        return self.thrash_resident or max(1, len(self.adapters) // 2)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("base", "out", "workdir"):
+            d[k] = None if d[k] is None else str(d[k])
+        d["adapters"] = [str(a) for a in self.adapters]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def lora_rank(adapter: Path) -> int:
+    import json
+
+    return int(json.loads((Path(adapter) / "adapter_config.json").read_text())["r"])
+
+
+def max_lora_rank(adapters: Sequence[Path]) -> int:
+    """The smallest rank vLLM accepts for ``--max-lora-rank`` that fits every adapter."""
+    r = max(lora_rank(a) for a in adapters)
+    return next(x for x in RANKS if x >= r)
+
+
+def default_merger() -> Merger:
+    try:
+        from adapters.merge import merge_adapter
+    except ImportError as exc:  # pragma: no cover - depends on the train extra
+        raise RuntimeError(f"merged serving needs adapters.merge.merge_adapter: {exc}") from exc
+    return merge_adapter
+
+
+def unload_all(vllm_url: str) -> list[str]:
+    """Unload every adapter vLLM lists (between two gateways sharing one vLLM)."""
+    with httpx.Client(base_url=vllm_url, timeout=60, trust_env=False) as c:
+        names = [m["id"] for m in c.get("/v1/models").json()["data"] if m.get("parent")]
+        for name in names:
+            c.post("/v1/unload_lora_adapter", json={"lora_name": name}).raise_for_status()
+    return names
+
+
+def served_models(url: str) -> set[str]:
+    return {m["id"] for m in httpx.get(url + "/v1/models", timeout=30, trust_env=False).json()["data"]}
+
+
+def memory_of(server: Server) -> dict[str, Any]:
+    return {**tree_memory(server.pid), "gpu_bytes": gpu_memory(server.pid)}
+
+
+class Runner:
+    """Runs each mode's levels against one URL, reading the gateway's counters around each level."""
+
+    def __init__(self, cfg: CompareConfig, log: Log) -> None:
+        self.cfg, self.log = cfg, log
+
+    def workload(self, models: Sequence[str], seed: int | None = None) -> WorkloadSpec:
+        c = self.cfg
+        return WorkloadSpec(
+            models=list(models),
+            mix=c.mix if len(models) > 1 else "uniform",
+            prompt_tokens=c.prompt_tokens,
+            max_tokens=c.max_tokens,
+            stream=True,
+            seed=c.seed if seed is None else seed,
+            ignore_eos=c.ignore_eos,
+            extra_body={
+                "return_token_ids": True
+            },  # a chunk per token: TTFT/TPOT per token, not per character
+        )
+
+    def sweep(self, url: str, workload: WorkloadSpec, level: int, requests: int) -> dict[str, Any]:
+        c = self.cfg
+        cfg = SweepConfig(
+            target=url,
+            workload=workload,
+            mode="concurrency",
+            levels=[level],
+            requests=requests,
+            timeout_s=c.timeout_s,
+            time_limit_s=c.time_limit_s,
+            client=c.client,
+        )
+        return run_sweep(cfg).payload["levels"][0]
+
+    def warm(self, url: str, models: Sequence[str]) -> None:
+        """One request per model, unmeasured (loads them; the first requests of a vLLM are slow)."""
+        self.sweep(url, self.workload(models, seed=self.cfg.seed + 99), 1, max(2, len(models)))
+
+    def level(
+        self, name: str, url: str, models: Sequence[str], c: int, metrics_url: str | None
+    ) -> dict[str, Any]:
+        """One concurrency level, with the gateway's load and eviction counters read around it."""
+        before = scrape_counters(metrics_url, [LOADS, LOAD_ERRORS, EVICTIONS]) if metrics_url else None
+        entry = self.sweep(url, self.workload(models), c, self.cfg.requests)
+        if metrics_url is not None and before is not None:
+            after = scrape_counters(metrics_url, [LOADS, LOAD_ERRORS, EVICTIONS])
+            done = entry["summary"]["requests"]["completed"]
+            loads = int(after[LOADS] - before[LOADS])
+            entry["adapter_loads"] = loads
+            entry["adapter_load_errors"] = int(after[LOAD_ERRORS] - before[LOAD_ERRORS])
+            entry["adapter_evictions"] = int(after[EVICTIONS] - before[EVICTIONS])
+            entry["loads_per_1000_requests"] = loads / done * 1000 if done else None
+        s = entry["summary"]
+        self.log(
+            f"{name} c={c}: {s['request_throughput']:.2f} req/s, "
+            f"{s['output_token_throughput']:.1f} tok/s, "
+            f"TTFT p50/p99 {_f(s['ttft_ms']['p50'])}/{_f(s['ttft_ms']['p99'])} ms, "
+            f"{s['requests']['failed']} failed"
+            + (f", {entry['adapter_loads']} loads, {entry['adapter_evictions']} evictions" if before else "")
+        )
+        return entry
+
+
+class GatewaySlot:
+    """One gateway at a time over the LoRA vLLM: ``all`` (every adapter resident) or ``thrash``
+    (``thrash_resident`` slots). Switching stops the current one and unloads vLLM's adapters, so the
+    next gateway starts from an empty engine; ``warmed`` tells which modes still need a warm-up."""
+
+    def __init__(self, cfg: CompareConfig, vllm: Server, adapters_dir: Path, work: Path, log: Log) -> None:
+        self.cfg, self.vllm, self.adapters_dir, self.work, self.log = cfg, vllm, adapters_dir, work, log
+        self.kind: str | None = None
+        self.server: Server | None = None
+        self.warmed: set[str] = set()
+        self._stack = contextlib.ExitStack()
+        self.starts = 0
+
+    def use(self, kind: str) -> Server:
+        if kind == self.kind and self.server is not None:
+            return self.server
+        self.close()
+        unload_all(self.vllm.url)
+        n = len(self.cfg.adapters)
+        resident = n if kind == "all" else self.cfg.resident_in_thrash()
+        settings = gateway_settings(self.cfg, self.vllm, self.adapters_dir, resident)
+        self.starts += 1
+        name = f"gateway-{kind}-{self.starts}"
+        self.server = self._stack.enter_context(gateway_process(settings, self.work, name=name))
+        missing = set(self.cfg.names) - served_models(self.server.url)
+        if missing:
+            raise RuntimeError(f"the gateway did not register {sorted(missing)}:\n{self.server.log_tail()}")
+        self.kind, self.warmed = kind, set()
+        self.log(f"gateway with {resident} resident slot(s) at {self.server.url}")
+        return self.server
+
+    def close(self) -> None:
+        self._stack.close()
+        self._stack = contextlib.ExitStack()
+        self.kind, self.server = None, None
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+@contextlib.contextmanager
+def _workdir(cfg: CompareConfig) -> Iterator[Path]:
+    if cfg.workdir is not None:
+        cfg.workdir.mkdir(parents=True, exist_ok=True)
+        yield cfg.workdir
+        return
+    with tempfile.TemporaryDirectory(prefix="lora-gateway-compare-") as tmp:
+        yield Path(tmp)
+
+
+def gateway_settings(cfg: CompareConfig, vllm: Server, adapters_dir: Path, resident: int) -> dict[str, Any]:
+    n = len(cfg.adapters)
+    engine = {
+        "mode": "attached",
+        "url": vllm.url,
+        "model": str(Path(cfg.base).absolute()),
+        "served_model_name": cfg.served_base,
+        "max_loras": cfg.max_loras or n,
+        "max_cpu_loras": n,
+        "max_lora_rank": max_lora_rank(cfg.adapters),
+        "health_interval_s": 2.0,
+    }
+    return {"engine": engine, "adapters_dir": str(adapters_dir), "registry": {"max_resident": resident}}
+
+
+def run_compare(cfg: CompareConfig, *, merger: Merger | None = None, log: Log = print) -> dict[str, Any]:
+    """Start, measure and stop every server; write the report; return the payload."""
+    started = dt.datetime.now(dt.UTC)
+    merge = merger or default_merger()
+    names, n = cfg.names, len(cfg.adapters)
+    modes: dict[str, list[dict[str, Any]]] = {}
+    memory: dict[str, Any] = {}
+    runner = Runner(cfg, log)
+    with _workdir(cfg) as work:
+        if cfg.snapshot_base:  # a private copy: a shared cache may be rebuilt under a starting vLLM
+            snap = work / "base" / cfg.served_base
+            shutil.copytree(cfg.base, snap, dirs_exist_ok=True)
+            cfg = dataclasses.replace(cfg, base=snap)
+        adapters_dir = work / "adapters"
+        for a in cfg.adapters:
+            shutil.copytree(a, adapters_dir / Path(a).name, dirs_exist_ok=True)
+        merged_dir = None
+        if cfg.merged:
+            log(f"merging {names[0]} into {cfg.base}")
+            merged_dir = Path(merge(Path(cfg.base), Path(cfg.adapters[0]), work / "merged" / names[0]))
+        rank = max_lora_rank(cfg.adapters)
+        lora = LoraOptions(max_loras=cfg.max_loras or n, max_lora_rank=rank, max_cpu_loras=n)
+        what = "merged, and the base with --enable-lora" if merged_dir else "the base with --enable-lora"
+        log(f"starting vLLM ({what}); about a minute on a CPU")
+        with contextlib.ExitStack() as stack:
+            if merged_dir is not None:
+                log_path = work / "vllm-merged.log"
+                merged = stack.enter_context(
+                    vllm_process(merged_dir, names[0], log_path, extra_args=cfg.vllm_args, wait=False)
+                )
+            base = stack.enter_context(
+                vllm_process(
+                    cfg.base,
+                    cfg.served_base,
+                    work / "vllm-lora.log",
+                    lora=lora,
+                    extra_args=cfg.vllm_args,
+                    name="vllm-lora",
+                    wait=False,
+                )
+            )
+            if merged_dir is not None:
+                merged.wait_ready()
+            base.wait_ready()
+            memory["lora_idle"] = memory_of(base)
+            slot = stack.enter_context(contextlib.closing(GatewaySlot(cfg, base, adapters_dir, work, log)))
+            plan = {"all": (["adapter_1"] if cfg.single else []) + ["adapter_n"], "thrash": ["thrash"]}
+            label = {"adapter_1": "adapter-1", "adapter_n": f"adapter-{n}", "thrash": "thrash"}
+            kinds = ["all", "thrash"] if cfg.thrash else ["all"]
+            for i, c in enumerate(cfg.concurrency):
+                # the modes of one level run back to back, so their ratios share the machine's moment;
+                # the gateway in use last stays for the next level (fewer restarts)
+                if merged_dir is not None:
+                    if i == 0:
+                        runner.warm(merged.url, names[:1])
+                    modes.setdefault("merged", []).append(
+                        runner.level("merged", merged.url, names[:1], c, None)
+                    )
+                    memory["merged"] = memory_of(merged)
+                for kind in kinds if i % 2 == 0 else kinds[::-1]:
+                    gw = slot.use(kind)
+                    for mode in plan[kind]:
+                        models = names[:1] if mode == "adapter_1" else names
+                        if mode not in slot.warmed:
+                            runner.warm(gw.url, models)
+                            slot.warmed.add(mode)
+                        entry = runner.level(label[mode], gw.url, models, c, gw.url)
+                        modes.setdefault(mode, []).append(entry)
+                        if mode == "adapter_n":
+                            m = memory_of(base)
+                            if (m["rss_bytes"] or 0) >= (memory.get("lora", {}).get("rss_bytes") or 0):
+                                memory["lora"] = m
+        files = {
+            "base_bytes": dir_bytes(cfg.base),
+            "merged_bytes": None if merged_dir is None else dir_bytes(merged_dir),
+            "adapter_bytes": {name: dir_bytes(adapters_dir / name) for name in names},
+        }
+    from loadtest.compare_report import summarize_compare, write_compare_report
+
+    payload: dict[str, Any] = {
+        "kind": "compare",
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "config": {**cfg.to_dict(), "thrash_resident": cfg.resident_in_thrash() if cfg.thrash else None},
+        "modes": modes,
+        "memory": {"processes": memory, "files": files},
+    }
+    payload["summary"] = summarize_compare(payload)
+    write_compare_report(cfg.out, payload)
+    return payload
+
+
+def random_adapters(base: Path, base_name: str, n: int, out: Path, *, rank: int = 8) -> list[Path]:
+    """``n`` random LoRA adapters for ``base`` (``adapters/demo.py``), named ``rand-00``..; reused while
+    the base's ``config.json`` is the same (a stamp in each folder says which one it was made for)."""
+    import hashlib
+
+    from adapters.demo import RandomAdapterSpec, write_random_adapter
+
+    stamp = hashlib.sha256((Path(base) / "config.json").read_bytes()).hexdigest()[:16] + f":{rank}"
+    paths = []
+    for i in range(n):
+        folder = out / f"rand-{i:02d}"
+        marker = folder / ".base-stamp"
+        if not (marker.is_file() and marker.read_text() == stamp):
+            spec = RandomAdapterSpec(folder.name, seed=1000 + i, rank=rank)
+            write_random_adapter(base, folder, spec, base_name)
+            marker.write_text(stamp)
+        paths.append(folder)
+    return paths

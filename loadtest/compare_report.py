@@ -1,0 +1,317 @@
+"""The comparison's numbers side by side: ratios per concurrency, loads, thrash, memory, two plots.
+
+Everything is derived from the ``compare`` payload alone (``summarize_compare``), so a report can be
+re-rendered from ``results.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from loadtest.report import fmt, level_name, machine_lines, table, write_json
+
+MODE_LABELS = {"merged": "merged", "adapter_1": "adapter-only, 1 adapter", "adapter_n": "adapter-only, N"}
+MODE_LABELS["thrash"] = "adapter-only, N, thrash"
+MULTI_TARGET = 0.9
+THRASH_TARGET = 3.0
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b <= 0:
+        return None
+    return a / b
+
+
+def _point(entry: dict[str, Any]) -> dict[str, Any]:
+    s = entry["summary"]
+    out = {
+        "completed": s["requests"]["completed"],
+        "failed": s["requests"]["failed"],
+        "request_throughput": s["request_throughput"],
+        "output_token_throughput": s["output_token_throughput"],
+        "ttft_p50_ms": s["ttft_ms"]["p50"],
+        "ttft_p99_ms": s["ttft_ms"]["p99"],
+        "tpot_p50_ms": s["tpot_ms"]["p50"],
+        "e2e_p99_ms": s["e2e_ms"]["p99"],
+    }
+    for key in ("adapter_loads", "adapter_evictions", "adapter_load_errors", "loads_per_1000_requests"):
+        if key in entry:
+            out[key] = entry[key]
+    return out
+
+
+def summarize_compare(payload: dict[str, Any]) -> dict[str, Any]:
+    """Per concurrency: each mode's point and the ratios; memory totals; the targets' verdicts."""
+    modes = payload["modes"]
+    n = len(payload["config"]["adapters"])
+    rows = []
+    for i, c in enumerate(payload["config"]["concurrency"]):
+        pts = {m: _point(levels[i]) for m, levels in modes.items() if i < len(levels)}
+        m, a1, an, th = (pts.get(k) for k in ("merged", "adapter_1", "adapter_n", "thrash"))
+
+        def r(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str) -> float | None:
+            return ratio(a and a[key], b and b[key])
+
+        ratios = {
+            "throughput_adapter_1_vs_merged": r(a1, m, "output_token_throughput"),
+            "throughput_adapter_n_vs_merged": r(an, m, "output_token_throughput"),
+            "throughput_adapter_n_vs_adapter_1": r(an, a1, "output_token_throughput"),
+            "ttft_p50_adapter_1_vs_merged": r(a1, m, "ttft_p50_ms"),
+            "ttft_p99_adapter_1_vs_merged": r(a1, m, "ttft_p99_ms"),
+            "ttft_p99_adapter_n_vs_merged": r(an, m, "ttft_p99_ms"),
+            "tpot_p50_adapter_1_vs_merged": r(a1, m, "tpot_p50_ms"),
+            "tpot_p50_adapter_n_vs_merged": r(an, m, "tpot_p50_ms"),
+            "ttft_p99_thrash_vs_all_resident": r(th, an, "ttft_p99_ms"),
+            "throughput_thrash_vs_all_resident": r(th, an, "output_token_throughput"),
+        }
+        rows.append({"concurrency": c, "modes": pts, "ratios": ratios})
+    procs = payload["memory"]["processes"]
+    files = payload["memory"]["files"]
+    memory: dict[str, Any] = {"n": n}
+    for key in ("rss_bytes", "pss_bytes", "gpu_bytes"):
+        merged = procs.get("merged", {}).get(key)
+        lora = procs.get("lora", {}).get(key)
+        memory[key] = {
+            "one_merged": merged,
+            "n_merged": None if merged is None else n * merged,
+            "base_plus_n_adapters": lora,
+            "ratio": ratio(None if merged is None else n * merged, lora),
+        }
+    adapters_total = sum(files["adapter_bytes"].values())
+    one = files["merged_bytes"]
+    memory["file_bytes"] = {
+        "one_merged": one,
+        "n_merged": None if one is None else n * one,
+        "base_plus_n_adapters": files["base_bytes"] + adapters_total,
+        "adapters": adapters_total,
+        "ratio": ratio(None if one is None else n * one, files["base_bytes"] + adapters_total),
+    }
+    multi = [x["ratios"]["throughput_adapter_n_vs_adapter_1"] for x in rows]
+    thrash = [x["ratios"]["ttft_p99_thrash_vs_all_resident"] for x in rows]
+    targets: dict[str, Any] = {
+        "adapter_n_vs_adapter_1_throughput_min": min((v for v in multi if v is not None), default=None),
+        "adapter_n_vs_adapter_1_target": MULTI_TARGET,
+    }
+    if "thrash" in modes:
+        targets["thrash_ttft_p99_ratio_max"] = max((v for v in thrash if v is not None), default=None)
+        targets["thrash_target"] = THRASH_TARGET
+        th_levels = modes["thrash"]
+        done = sum(e["summary"]["requests"]["completed"] for e in th_levels)
+        loads = sum(e.get("adapter_loads", 0) for e in th_levels)
+        targets["thrash_loads_per_1000_requests"] = loads / done * 1000 if done else None
+    return {"per_concurrency": rows, "memory": memory, "targets": targets}
+
+
+def _gib(x: float | None) -> str:
+    return "-" if x is None else f"{x / 2**30:.2f} GiB"
+
+
+def _mib(x: float | None) -> str:
+    return "-" if x is None else f"{x / 2**20:.1f} MiB"
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def render_compare_markdown(payload: dict[str, Any]) -> str:
+    cfg, summ = payload["config"], payload["summary"]
+    n = len(cfg["adapters"])
+    names = [Path(a).name for a in cfg["adapters"]]
+    present = [m for m in MODE_LABELS if m in payload["modes"]]
+    out = [
+        "# Merged vs adapter-only serving",
+        "",
+        f"- Base `{cfg['base']}` (served as `{cfg['base_name'] or Path(cfg['base']).name}`); {n} adapters "
+        f"({', '.join(names[:4])}{', ...' if n > 4 else ''}); merged: `{names[0]}` into the base",
+        f"- Modes: merged = vLLM without --enable-lora on the merged model; adapter-only = the gateway over "
+        f"vLLM --enable-lora (max_loras {cfg['max_loras'] or n}, max_cpu_loras {n}) with 1 adapter, and with "
+        f"all {n} under `{cfg['mix']}`"
+        + (
+            f"; thrash = the same with registry.max_resident {cfg['thrash_resident']}"
+            if "thrash" in present
+            else ""
+        ),
+        f"- Closed loop, concurrency {', '.join(str(c) for c in cfg['concurrency'])}; {cfg['requests']} "
+        f"streaming requests per level, prompt ~{cfg['prompt_tokens']} tokens, max_tokens {cfg['max_tokens']}"
+        f"{' (ignore_eos)' if cfg['ignore_eos'] else ''}",
+        f"- Started {payload['started_at']}, finished {payload['finished_at']}",
+        *machine_lines(payload["machine"]),
+        "",
+        "## Throughput (output tokens/s) and ratios",
+        "",
+    ]
+    head = ["concurrency", *[MODE_LABELS[m] for m in present], "adapter-1 / merged", f"adapter-{n} / merged"]
+    head.append(f"adapter-{n} / adapter-1")
+    rows = []
+    for row in summ["per_concurrency"]:
+        rt = row["ratios"]
+        cells: list[Any] = [row["concurrency"]]
+        cells += [row["modes"].get(m, {}).get("output_token_throughput") for m in present]
+        cells += [_x(rt["throughput_adapter_1_vs_merged"]), _x(rt["throughput_adapter_n_vs_merged"])]
+        cells.append(_x(rt["throughput_adapter_n_vs_adapter_1"]))
+        rows.append(cells)
+    out += [table(head, rows), ""]
+    out += ["## Latency (ms): TTFT p50 / p99, TPOT p50", ""]
+    head = ["concurrency", "mode", "req/s", "TTFT p50", "TTFT p99", "TPOT p50", "E2E p99", "failed"]
+    head += ["TTFT p99 / merged", "TPOT p50 / merged"]
+    rows = []
+    for row in summ["per_concurrency"]:
+        base = row["modes"].get("merged", {})
+        for m in present:
+            p = row["modes"].get(m)
+            if p is None:
+                continue
+            rows.append(
+                [
+                    row["concurrency"],
+                    MODE_LABELS[m],
+                    p["request_throughput"],
+                    p["ttft_p50_ms"],
+                    p["ttft_p99_ms"],
+                ]
+                + [p["tpot_p50_ms"], p["e2e_p99_ms"], p["failed"]]
+                + [_x(ratio(p["ttft_p99_ms"], base.get("ttft_p99_ms")))]
+                + [_x(ratio(p["tpot_p50_ms"], base.get("tpot_p50_ms")))]
+            )
+    out += [table(head, rows), ""]
+    out += ["## Adapter loads and evictions during each level (gateway /metrics)", ""]
+    rows = []
+    for row in summ["per_concurrency"]:
+        for m in present:
+            p = row["modes"].get(m, {})
+            if "adapter_loads" in p:
+                rows.append(
+                    [row["concurrency"], MODE_LABELS[m], p["completed"], p["adapter_loads"]]
+                    + [p["adapter_evictions"], p["adapter_load_errors"], p["loads_per_1000_requests"]]
+                )
+    head = [
+        "concurrency",
+        "mode",
+        "completed",
+        "loads",
+        "evictions",
+        "load errors",
+        "loads per 1000 requests",
+    ]
+    out += [table(head, rows), ""]
+    t = summ["targets"]
+    out += ["## Targets", ""]
+    trows = [
+        [
+            f"{n} adapters under `{cfg['mix']}`: throughput >= {MULTI_TARGET:.0%} of one adapter's "
+            "(worst concurrency)",
+            _x(t["adapter_n_vs_adapter_1_throughput_min"]),
+            _verdict(t["adapter_n_vs_adapter_1_throughput_min"], MULTI_TARGET, at_least=True),
+        ]
+    ]
+    if "thrash_ttft_p99_ratio_max" in t:
+        trows.append(
+            [
+                f"TTFT p99 with {n} adapters over {cfg['thrash_resident']} resident slots <= "
+                f"{THRASH_TARGET:g}x the all-resident p99 (worst concurrency)",
+                _x(t["thrash_ttft_p99_ratio_max"]),
+                _verdict(t["thrash_ttft_p99_ratio_max"], THRASH_TARGET, at_least=False),
+            ]
+        )
+        trows.append(
+            ["thrash: adapter loads per 1000 requests", fmt(t["thrash_loads_per_1000_requests"], 1), "-"]
+        )
+    out += [table(["target", "measured", "verdict"], trows), ""]
+    mem = summ["memory"]
+    out += [
+        "## Memory",
+        "",
+        f"N = {n}. Process memory is summed over each vLLM's process tree (API server, engine core, "
+        "workers) after its runs; RSS counts shared pages once per process, PSS splits them. "
+        "N merged models are N copies of the one measured.",
+        "",
+    ]
+    rows = []
+    for key, label, unit in (
+        ("rss_bytes", "process RSS", _gib),
+        ("pss_bytes", "process PSS", _gib),
+        ("gpu_bytes", "GPU memory", _gib),
+        ("file_bytes", "files on disk", _mib),
+    ):
+        d = mem[key]
+        if d["one_merged"] is None and d["base_plus_n_adapters"] is None:
+            continue
+        rows.append([label, unit(d["one_merged"]), unit(d["n_merged"]), unit(d["base_plus_n_adapters"])])
+        rows[-1].append(_x(d["ratio"]))
+    head = ["what", "one merged model", f"{n} merged models", f"one base + {n} adapters", "ratio"]
+    out += [table(head, rows), ""]
+    out += [
+        "## Plots",
+        "",
+        "![throughput](compare_throughput.png)",
+        "",
+        "![ttft p99](compare_ttft_p99.png)",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def _verdict(v: float | None, limit: float, *, at_least: bool) -> str:
+    if v is None:
+        return "not measured"
+    ok = v >= limit if at_least else v <= limit
+    return "met" if ok else f"missed by {abs(v - limit):.2f}"
+
+
+def plot_compare(payload: dict[str, Any], out_dir: Path) -> list[Path]:
+    """``compare_throughput.png`` (req/s and tok/s) and ``compare_ttft_p99.png``, one line per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = payload["summary"]["per_concurrency"]
+    present = [m for m in MODE_LABELS if m in payload["modes"]]
+    xs = [r["concurrency"] for r in rows]
+    styles = dict(zip(MODE_LABELS, ("o-", "s--", "^-.", "d:"), strict=True))
+
+    def panel(ax: Any, key: str, title: str) -> None:
+        for m in present:
+            pts = [
+                (r["concurrency"], r["modes"][m][key])
+                for r in rows
+                if r["modes"].get(m, {}).get(key) is not None
+            ]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[m], label=MODE_LABELS[m])
+        ax.set(title=title, xlabel="concurrency")
+        if len(xs) > 1 and max(xs) / min(xs) >= 8:
+            ax.set_xscale("log", base=2)
+            ax.minorticks_off()
+        ax.set_xticks(xs, [level_name(x) for x in xs])
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    panel(axes[0], "request_throughput", "requests/s")
+    panel(axes[1], "output_token_throughput", "output tokens/s")
+    fig.suptitle("Throughput vs concurrency, per mode")
+    fig.tight_layout()
+    paths.append(out_dir / "compare_throughput.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    panel(ax, "ttft_p99_ms", "p99 TTFT (ms) vs concurrency, per mode")
+    fig.tight_layout()
+    paths.append(out_dir / "compare_ttft_p99.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def write_compare_report(out_dir: Path, payload: dict[str, Any]) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"results": write_json(out_dir / "results.json", payload)}
+    files["report"] = out_dir / "report.md"
+    files["report"].write_text(render_compare_markdown(payload), encoding="utf-8")
+    for p in plot_compare(payload, out_dir):
+        files[p.stem] = p
+    return files
