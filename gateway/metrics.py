@@ -7,6 +7,8 @@ model names cannot create new time series. Buckets are vLLM's own, so dashboards
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 UNKNOWN = "__unknown__"
@@ -66,6 +68,7 @@ FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
             "lora_gateway_requests",
@@ -128,9 +131,18 @@ class Metrics:
             "lora_gateway_resident_adapters", "Adapters loaded in an engine now.", ["engine"], registry=r
         )
 
+    def child(self, metric: Any, *values: str) -> Any:
+        """`metric.labels(*values)`, cached: the request path asks for the same few series every time,
+        and prometheus-client takes a lock and builds a key on each `labels()` call."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-def model_label(name: str | None, known: set[str]) -> str:
+def model_label(name: str | None, known: frozenset[str] | set[str]) -> str:
     return name if name is not None and name in known else UNKNOWN

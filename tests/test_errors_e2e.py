@@ -99,18 +99,18 @@ def test_engine_not_ready_is_503_with_retry_after(cache_dir: Path, tmp_path: Pat
         assert health.json()["error"]["code"] == "engine_unavailable"
 
 
-def test_upstream_read_timeout_is_504(vllm_url: str, cache_dir: Path, tmp_path: Path) -> None:
-    settings = attached_settings(vllm_url, cache_dir, tmp_path, timeouts={"read_s": 0.3})
-    with serve_app(settings) as url:
-        body = {
-            "model": "demo-a",
-            "messages": MESSAGES,
-            "max_tokens": 900,
-            "temperature": 0,
-            "ignore_eos": True,
-        }
-        r = httpx.post(url + CHAT, json=body, timeout=60)
-        assert_openai_error(r, 504, "upstream_timeout")
+def test_upstream_read_timeout_is_504(tmp_path: Path, cache_dir: Path) -> None:
+    """An engine that accepts the request, then stays silent longer than `timeouts.read_s`: 504.
+
+    The engine is the project's fast upstream told to wait 5 s before answering (the real vLLM
+    generates the tiny model's tokens too fast, and too unevenly under load, to stay silent reliably).
+    """
+    with upstream_process("--ttft-ms", "5000") as upstream:
+        settings = attached_settings(upstream.url, cache_dir, tmp_path, timeouts={"read_s": 0.5})
+        with serve_app(settings) as url:
+            body = {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": 4}
+            r = httpx.post(url + CHAT, json=body, timeout=60)
+            assert_openai_error(r, 504, "upstream_timeout")
 
 
 def test_engine_gone_after_ready_is_502(tmp_path: Path, cache_dir: Path) -> None:

@@ -64,6 +64,7 @@ class Registry:
         self.base_name = base_name
         self.limits = limits
         self._names: dict[str, AdapterRef] = {}  # "sql" -> its current version
+        self._labels: frozenset[str] = frozenset({base_name})  # metric label values: base + names
         self._versions: dict[str, AdapterRef] = {}  # "sql@3" -> that version
         self._adapters: dict[str, Adapter] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -83,8 +84,8 @@ class Registry:
     def versions(self) -> list[AdapterRef]:
         return list(self._versions.values())
 
-    def known_labels(self) -> set[str]:
-        return {self.base_name, *self._names}
+    def known_labels(self) -> frozenset[str]:
+        return self._labels
 
     def adapter(self, name: str) -> Adapter | None:
         return self._adapters.get(name)
@@ -121,6 +122,7 @@ class Registry:
                     names[adapter.name] = ref
         self._adapters = {a.name: a for a in adapters}
         self._names, self._versions = names, versions
+        self._labels = frozenset({self.base_name, *names})
         for listener in self._listeners:
             result = listener()
             if asyncio.iscoroutine(result):
