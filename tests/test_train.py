@@ -57,17 +57,20 @@ def quick(tiny_base: Path, data: Path, out: Path, **extra: object) -> TrainOptio
 
 def test_importing_the_cli_stays_light() -> None:
     code = (
-        "import sys, adapters.cli, adapters.train; "
+        "import sys, adapters.cli, adapters.train, gateway.cli, gateway.app; "
         "print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
-def test_cli_mounts_train_merge_evaluate() -> None:
+@pytest.mark.parametrize("module", ["adapters.cli", "gateway.cli"])
+def test_cli_mounts_train_merge_evaluate(module: str) -> None:
+    import importlib
+
     from typer.testing import CliRunner
 
-    from adapters.cli import app
+    app = importlib.import_module(module).app
 
     runner = CliRunner()
     result = runner.invoke(app, ["train", "--help"])
