@@ -335,7 +335,7 @@ def main(options: TrainOptions) -> Path:
         "training": {k: v for k, v in summary.items() if k != "log_history"},
         "environment": _environment(),
     }
-    if eval_subset and options.method == "sft":
+    if eval_subset:  # SFT: against the completions; DPO: against the chosen answers
         from adapters.evaluate import compare_base_adapter
 
         report["evaluation"] = compare_base_adapter(

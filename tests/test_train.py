@@ -256,11 +256,13 @@ def test_sft_writes_a_plain_peft_adapter_with_report(
 
 @pytest.mark.train
 def test_dpo_runs_a_few_steps(tiny_base: Path, demo_files: dict[str, Path], tmp_path: Path) -> None:
-    out = main(
-        quick(tiny_base, demo_files["prefs"], tmp_path / "dpo", method="dpo", max_steps=2, batch_size=4)
-    )
+    prefs = demo_files["prefs"]
+    options = quick(tiny_base, prefs, tmp_path / "dpo", method="dpo", max_steps=2, batch_size=4, eval=prefs)
+    out = main(options)
     report = json.loads((out / "training_report.json").read_text())
     assert report["data"]["format"] == "preference" and report["training"]["steps"] == 2
+    assert report["loss"]["train"] and report["evaluation"]["adapter"]["examples"] == 4
+    assert report["evaluation"]["base"]["loss"] != report["evaluation"]["adapter"]["loss"]
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
