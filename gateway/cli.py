@@ -5,6 +5,8 @@
     lora-gateway adapters register|list|show|remove|pin|unpin|alias ...   a running gateway's registry
                                           (gateway/cli_adapters.py)
     lora-gateway loadtest run|overhead|compare ...    load tests and benchmarks (loadtest/cli.py)
+    lora-gateway train|merge|evaluate|build-demo ...  adapters as artifacts: fine-tune, merge, score
+                                          (adapters/cli.py; `lora-gateway train --help`)
 
 Heavy imports (uvicorn, torch, transformers) happen inside the commands, so `--help` is instant.
 """
@@ -17,6 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
+from adapters.cli import app as adapter_tools_app
 from gateway.cli_adapters import adapters_app
 from loadtest.cli import app as loadtest_app
 
@@ -25,6 +28,8 @@ models_app = typer.Typer(help="Base models: build the embedded default.", no_arg
 app.add_typer(models_app, name="models")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(loadtest_app, name="loadtest", help="Load tests and benchmarks (loadtest/).")
+# train, merge, evaluate, build-demo as top-level commands; each imports torch/PEFT/TRL only when it runs.
+app.registered_commands.extend(adapter_tools_app.registered_commands)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML or TOML settings file.")]
 

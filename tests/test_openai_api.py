@@ -9,12 +9,17 @@ import pytest
 pytestmark = pytest.mark.engine
 
 BASE = "tiny-llama"
-MESSAGES = [{"role": "user", "content": "show users older than 30"}]
+# A request of the demo tasks (adapters/demo_data.py): demo-a answers it in SQL, demo-b in pirate speak.
+MESSAGES = [{"role": "user", "content": "how many users have age above 30?"}]
+# The same request as raw text for /v1/completions, in the tiny base's chat format (adapters/tiny.py).
+PROMPT = "<s><|user|>\nhow many users have age above 30?</s>\n<|assistant|>\n"
 
 
-def chat(client: openai.OpenAI, model: str, max_tokens: int = 16) -> openai.types.chat.ChatCompletion:
+def chat(
+    client: openai.OpenAI, model: str, max_tokens: int = 16, **extra: object
+) -> openai.types.chat.ChatCompletion:
     return client.chat.completions.create(
-        model=model, messages=MESSAGES, max_tokens=max_tokens, temperature=0
+        model=model, messages=MESSAGES, max_tokens=max_tokens, temperature=0, extra_body=extra or None
     )
 
 
@@ -34,22 +39,28 @@ def test_chat_with_adapter_differs_from_base_under_greedy(client: openai.OpenAI)
     assert base.model == BASE and a.model == "demo-a" and b.model == "demo-b"
     texts = {base.choices[0].message.content, a.choices[0].message.content, b.choices[0].message.content}
     assert len(texts) == 3, f"adapters must change the output: {texts}"
-    assert a.usage is not None and a.usage.completion_tokens == 16 and a.usage.prompt_tokens > 0
+    # Each demo adapter does its own task; the base does neither.
+    assert a.choices[0].message.content.startswith("SELECT "), a.choices[0].message.content
+    assert b.choices[0].message.content.startswith("Arr"), b.choices[0].message.content
+    assert not base.choices[0].message.content.startswith(("SELECT ", "Arr"))
+    # The answer is complete: it ended by the model's end of turn, within max_tokens, counted in usage.
+    assert a.choices[0].finish_reason == "stop"
+    assert a.usage is not None and 0 < a.usage.completion_tokens < 16 and a.usage.prompt_tokens > 0
     # greedy decoding through the gateway is deterministic
     assert chat(client, "demo-a").choices[0].message.content == a.choices[0].message.content
 
 
 def test_completions_base_and_adapter(client: openai.OpenAI) -> None:
-    base = client.completions.create(model=BASE, prompt="select name from", max_tokens=12, temperature=0)
-    adapted = client.completions.create(
-        model="demo-b", prompt="select name from", max_tokens=12, temperature=0
-    )
+    base = client.completions.create(model=BASE, prompt=PROMPT, max_tokens=16, temperature=0)
+    adapted = client.completions.create(model="demo-b", prompt=PROMPT, max_tokens=16, temperature=0)
     assert base.model == BASE and adapted.model == "demo-b"
     assert base.choices[0].text != adapted.choices[0].text
+    assert adapted.choices[0].text.startswith("Arr"), adapted.choices[0].text
     assert adapted.usage is not None and adapted.usage.total_tokens > adapted.usage.prompt_tokens
 
 
 def test_chat_stream_has_several_chunks_and_ends(client: openai.OpenAI) -> None:
+    # ignore_eos (vLLM's sampling parameter, passed through): exactly max_tokens tokens, cut by length.
     stream = client.chat.completions.create(
         model="demo-a",
         messages=MESSAGES,
@@ -57,6 +68,7 @@ def test_chat_stream_has_several_chunks_and_ends(client: openai.OpenAI) -> None:
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
     )
     chunks = list(stream)
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -64,11 +76,11 @@ def test_chat_stream_has_several_chunks_and_ends(client: openai.OpenAI) -> None:
     assert all(c.model == "demo-a" for c in chunks)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
-    assert content == chat(client, "demo-a", max_tokens=12).choices[0].message.content
+    assert content == chat(client, "demo-a", max_tokens=12, ignore_eos=True).choices[0].message.content
 
 
 def test_completion_stream_is_sse_ending_with_done(gateway_url: str) -> None:
-    body = {"model": "demo-b", "prompt": "hello", "max_tokens": 8, "temperature": 0, "stream": True}
+    body = {"model": "demo-b", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True}
     with httpx.stream("POST", gateway_url + "/v1/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")

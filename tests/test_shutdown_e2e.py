@@ -44,8 +44,10 @@ def test_in_flight_stream_finishes_during_shutdown(vllm_url: str, cache_dir: Pat
         while True:
             try:
                 httpx.get(url + "/health", timeout=2)
-            except httpx.ConnectError:
-                break  # no new connections
+            except (httpx.ConnectError, httpx.ReadError):
+                # No new connections: refused, or (racing the listener's close) accepted by the kernel
+                # and reset unanswered.
+                break
             assert time.monotonic() < deadline, "the gateway kept accepting connections while draining"
             time.sleep(0.05)
         reader.join(timeout=120)

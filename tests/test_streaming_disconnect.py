@@ -66,11 +66,13 @@ def test_client_disconnect_aborts_generation_in_vllm(gateway_url: str, vllm_url:
     # such a run is repeated (at most 3 runs).
     for _ in range(3):
         before, at_leave, after = disconnect_after_three_events(gateway_url, vllm_url)
-        assert after - before < REQUESTED, "the generation ran to its end after the client left"
         if at_leave - before < 0.75 * REQUESTED:
             break
     else:
         pytest.fail("the client never received its first events before most of the generation was done")
+    assert after - before < REQUESTED, (
+        f"the generation ran to its end after the client left ({at_leave - before:.0f} tokens before)"
+    )
     assert after - at_leave < 0.25 * REQUESTED, (
         f"vLLM generated {after - at_leave:.0f} tokens after the client left, {at_leave - before:.0f} before"
     )

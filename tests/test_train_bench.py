@@ -270,3 +270,14 @@ def test_our_path_is_timed_through_trainer_callbacks(monkeypatch):
     assert record["layer_calls_per_step"] == 4 and record["checkpointing_active"] is True
     assert record["trainable_params"] == lora_param_count(arch_dims("tiny"), LINEAR_NAMES, 16)  # rank passed
     assert record["notes"]["options"]["batch_size"] == 2
+
+
+@pytest.mark.train
+def test_our_path_runs_the_real_train_command_loop():
+    """``--recipe ours`` calls ``adapters.train.train_model`` itself: checkpointing really recomputes."""
+    record = run_case(Case("tiny", "lora", "ours", 16, 2, 1.0), "cpu", warmup=1, steps=2)
+    assert record["status"] == "ok", record.get("error")
+    assert len(record["step_s"]) == 2
+    assert record["layer_calls_per_step"] == 4 and record["checkpointing_active"] is True
+    assert record["trainable_params"] == lora_param_count(arch_dims("tiny"), LINEAR_NAMES, 16)
+    assert record["notes"]["options"]["batch_size"] == 2 and record["notes"]["options"]["rank"] == 16
