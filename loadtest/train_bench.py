@@ -93,12 +93,23 @@ SUITES: dict[str, list[Case]] = {
     ],
     # Our train path next to the baseline and the best levers, in one call.
     "h200-ours": [
-        *[_c(r, "lora", 2048, 4) for r in (OURS, B)],
-        _c(L, "lora", 2048, 4, 0.75, liger=True),
-        *[_c(r, "qlora", 2048, 4) for r in (OURS, B)],
-        *[_c(r, "lora", 2048, 1) for r in (OURS, B)],
-        _c(OURS, "qlora", 2048, 1, arch="llama3-70b"),
-        _c(OURS, "lora", 2048, 1, 0.0),
+        # Call 1: 8B LoRA. The textbook baseline next to our train path, plain and with the levers.
+        _c(B, "lora", 2048, 4),
+        _c(OURS, "lora", 2048, 4),
+        _c(OURS, "lora", 2048, 4, 0.75, liger=True),
+        _c(OURS, "lora", 2048, 1, 0.0, liger=True),
+        _c(B, "lora", 2048, 1, 0.0),
+        _c(OURS, "lora", 2048, 2, 0.0, liger=True),
+        _c(OURS, "lora", 2048, 1),
+        _c(B, "lora", 2048, 1),
+    ],
+    "h200-ours-qlora": [
+        # Call 2: 8B QLoRA next to the baseline, then 70B QLoRA (built layer by layer).
+        _c(B, "qlora", 2048, 4),
+        _c(OURS, "qlora", 2048, 4, liger=True),
+        _c(OURS, "qlora", 2048, 1, liger=True),
+        _c(B, "qlora", 2048, 1),
+        _c(OURS, "qlora", 2048, 1, arch="llama3-70b", liger=True),
     ],
     "tiny": [Case("tiny", m, r, 64, 2, c) for m in ("lora", "qlora") for r in (B, L) for c in (1.0, 0.0)],
 }
@@ -206,7 +217,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-fraction", type=float, default=None, help="checkpoint this share of layers")
     p.add_argument("--num-layers", type=int, default=None, help="fewer decoder layers (extrapolation)")
     p.add_argument("--steps", type=int, default=4, help="timed optimizer steps")
-    p.add_argument("--liger", action="store_true", help="levers recipe: Liger's fused kernels")
+    p.add_argument("--liger", action="store_true", help="levers and ours: Liger's fused kernels")
     p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
     p.add_argument("--device", default="cuda")
     p.add_argument("--suite", default=None, help=f"run a planned list: {', '.join(SUITES)}")

@@ -47,7 +47,7 @@ class Case:
     checkpointing: float  # fraction of decoder layers checkpointed: 1.0 all, 0.0 none
     targets: str = "all-linear"  # "all-linear" or "qv"
     num_layers: int | None = None  # fewer decoder layers than the architecture (extrapolated runs)
-    liger: bool = False  # levers only: Liger's fused RMSNorm, SwiGLU and RoPE kernels
+    liger: bool = False  # levers and ours: Liger's fused RMSNorm, SwiGLU and RoPE kernels
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "qlora"):
@@ -60,8 +60,8 @@ class Case:
             raise ValueError(f"checkpointing: a fraction in [0, 1], got {self.checkpointing}")
         if self.recipe == "baseline" and self.checkpointing not in (0.0, 1.0):
             raise ValueError("checkpointing: the baseline checkpoints all layers or none")
-        if self.liger and self.recipe != "levers":
-            raise ValueError("liger: only the levers recipe takes Liger kernels")
+        if self.liger and self.recipe == "baseline":
+            raise ValueError("liger: the textbook baseline takes no Liger kernels")
         if self.seq < 2 or self.micro_batch < 1:
             raise ValueError(f"seq >= 2 and micro_batch >= 1 needed, got {self.seq}, {self.micro_batch}")
 
