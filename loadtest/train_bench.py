@@ -111,6 +111,17 @@ SUITES: dict[str, list[Case]] = {
         _c(B, "qlora", 2048, 1),
         _c(OURS, "qlora", 2048, 1, arch="llama3-70b", liger=True),
     ],
+    "h200-ours-seqs": [
+        # Call 4: our path (with Liger) at the other sequence lengths, micro-batch 1, checkpointing on/off.
+        *[
+            _c(OURS, m, seq, 1, ckpt, liger=True)
+            for m in ("lora", "qlora")
+            for seq in (512, 4096)
+            for ckpt in (1.0, 0.0)
+        ],
+        _c(OURS, "lora", 512, 16, liger=True),
+        _c(OURS, "qlora", 4096, 2, liger=True),
+    ],
     "tiny": [Case("tiny", m, r, 64, 2, c) for m in ("lora", "qlora") for r in (B, L) for c in (1.0, 0.0)],
 }
 
@@ -200,6 +211,7 @@ def cases_from_args(args: argparse.Namespace) -> list[Case]:
             fraction,
             args.targets,
             args.num_layers,
+            liger=args.liger and recipe != "baseline",  # the textbook baseline never takes them
         )
         for recipe in args.recipe.split(",")
     ]

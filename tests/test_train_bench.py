@@ -109,6 +109,10 @@ def test_suite_selection_and_cli_case():
         ("baseline", 0.0, 512),
         ("levers", 0.0, 512),
     ]
+    # --liger reaches our train path and the levers, never the textbook baseline.
+    args = train_bench.parse_args(["--recipe", "baseline,ours,levers", "--liger", "--out", "x"])
+    cases = train_bench.cases_from_args(args)
+    assert [(c.recipe, c.liger) for c in cases] == [("baseline", False), ("ours", True), ("levers", True)]
 
 
 def test_chunked_loss_matches_transformers_loss():
