@@ -8,6 +8,7 @@ the first byte is sent as one `data: {"error": ...}` event, then the stream ends
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -176,16 +177,43 @@ class _Relay:
 
 
 class RelayResponse(StreamingResponse):
-    """A StreamingResponse that closes its upstream even if the body was never iterated."""
+    """Relays one upstream SSE stream to the client; closes the upstream on every path.
+
+    Starlette's `StreamingResponse` watches for the client leaving with an anyio task group (the
+    server speaks ASGI 2.3), which costs more than the rest of relaying a short stream. Here one
+    plain asyncio task waits for `http.disconnect` and cancels the relay, which then closes the
+    upstream response (vLLM aborts the generation) and records the request as 499.
+    """
 
     def __init__(self, relay: _Relay, headers: dict[str, str]) -> None:
         super().__init__(relay.body(), media_type="text/event-stream", headers=headers)
         self.relay = relay
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        relaying = asyncio.current_task()
+        client_left = done = False
+
+        async def watch() -> None:
+            nonlocal client_left
+            # The server also says http.disconnect once the response is complete: not a departure.
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not done and relaying is not None:
+                client_left = True
+                relaying.cancel()
+
+        watcher = asyncio.create_task(watch())
         try:
-            await super().__call__(scope, receive, send)
+            await self.stream_response(send)
+            done = True  # set before this task can yield to the watcher again
+        except asyncio.CancelledError:
+            if not client_left or relaying is None:
+                raise
+            relaying.uncancel()  # our own cancel: the client left, nothing is wrong
+        except OSError:
+            pass  # the connection broke under a write: the client is gone too
         finally:
+            watcher.cancel()
             await self.relay.close()
 
 
