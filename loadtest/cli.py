@@ -10,6 +10,7 @@
     lora-gateway loadtest compare --base tiny --random-adapters 16 --thrash --out out/compare
     lora-gateway loadtest compare --base /models/llama --adapters /a/sql,/a/chat --out out/compare
     lora-gateway loadtest thrash --base tiny --random-adapters 16 --resident 8 --out out/thrash
+    lora-gateway loadtest routing --replicas 2 --random-adapters 8 --resident 2 --out out/routing
     lora-gateway loadtest benchmark --out docs/benchmarks      # everything in docs/benchmarks.md
     lora-gateway loadtest fast-upstream --port 8001
 
@@ -337,10 +338,11 @@ def fast_upstream(
     main(args + (["--strict-models"] if strict_models else []))
 
 
-from loadtest.cli_compare import benchmark, compare, thrash  # noqa: E402 - registered last
+from loadtest.cli_compare import benchmark, compare, routing, thrash  # noqa: E402 - registered last
 
 app.command()(compare)
 app.command()(thrash)
+app.command()(routing)
 app.command()(benchmark)
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ own vLLM servers and gateways (registered on the app by ``loadtest.cli``).
     lora-gateway loadtest compare --base tiny --random-adapters 16 --thrash --out out/compare
     lora-gateway loadtest compare --base /models/llama --adapters /a/sql,/a/chat --out out/compare
     lora-gateway loadtest thrash --base tiny --random-adapters 16 --resident 8 --out out/thrash
+    lora-gateway loadtest routing --replicas 2 --random-adapters 8 --resident 2 --out out/routing
     lora-gateway loadtest benchmark --out docs/benchmarks      # everything in docs/benchmarks.md
 """
 
@@ -182,6 +183,91 @@ def thrash(
     )
 
 
+def _routing(**kw: Any) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from loadtest.routing import RoutingConfig, run_routing
+
+    try:
+        cfg = RoutingConfig(**kw)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    console = Console(stderr=True)
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+    tasks: dict[str, Any] = {}
+
+    def progress(label: str, done: int, total: int) -> None:
+        if label not in tasks:
+            tasks[label] = bar.add_task(label, total=total)
+        bar.update(tasks[label], completed=done, visible=done < total)
+
+    with bar:
+        payload = run_routing(
+            cfg, log=lambda line: bar.console.print(line, soft_wrap=True), progress=progress
+        )
+    t = payload["summary"]["totals"]
+    for p in ("affinity", "round_robin"):
+        console.print(f"{p}: {t[p]['adapter_loads']} loads, {t[p]['loads_per_1000_requests']:.1f} per 1000")
+    ratio = t["loads_ratio_affinity_vs_round_robin"]
+    console.print(f"loads, affinity / round-robin: {'-' if ratio is None else f'{ratio:.2f}x'}")
+    console.print(f"wrote {cfg.out}/report.md, results.json and plots")
+    return payload
+
+
+def routing(
+    base: BaseOpt = "tiny",
+    adapters: AdaptersOpt = None,
+    random_adapters: RandomOpt = None,
+    replicas: Annotated[int, typer.Option(min=2, help="vLLM replicas started (all on this machine).")] = 2,
+    resident: Annotated[
+        int, typer.Option(min=1, help="Adapter slots per replica (registry.max_resident, vLLM max_loras).")
+    ] = 2,
+    out: Annotated[Path, typer.Option(help="Directory for results.json, report.md and plots.")] = Path(
+        "out/routing"
+    ),
+    mix: Annotated[str, typer.Option(help="How requests draw adapters: uniform or zipf:S.")] = "zipf:1.1",
+    concurrency: ConcOpt = "1,4,8",
+    requests: Annotated[int, typer.Option(min=1, help="Requests per level and policy.")] = 200,
+    prompt_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    vllm_arg: VllmArgOpt = None,
+    workdir: Annotated[Path | None, typer.Option(help="Keep servers' logs and files here [temp].")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    timeout: Annotated[float, typer.Option(min=0.001, help="Per-request timeout (s).")] = 300.0,
+) -> None:
+    """Affinity routing vs round-robin over the same vLLM replicas and request sequence: adapter loads
+    per 1000 requests, TTFT, throughput (default: 8 random adapters over 2 replicas x 2 slots)."""
+    if adapters is None and random_adapters is None:
+        random_adapters = 8
+    base_dir, base_name, paths = _adapters(base, adapters, random_adapters, workdir)
+    _routing(
+        base=base_dir,
+        base_name=base_name,
+        snapshot_base=base == "tiny",
+        adapters=paths,
+        out=out,
+        replicas=replicas,
+        resident=resident,
+        mix=mix,
+        concurrency=_ints(concurrency, "--concurrency"),
+        requests=requests,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        vllm_args=vllm_arg or [],
+        workdir=workdir,
+        seed=seed,
+        timeout_s=timeout,
+    )
+
+
 def benchmark(
     out: Annotated[Path, typer.Option(help="Where the reports go.")] = Path("docs/benchmarks"),
     litellm: Annotated[bool, typer.Option(help="Include LiteLLM's proxy (installs it in .cache/).")] = True,
@@ -189,7 +275,8 @@ def benchmark(
     requests: Annotated[int, typer.Option(min=1, help="compare: requests per level and mode.")] = 200,
 ) -> None:
     """The full benchmark of docs/benchmarks.md: overhead (fast upstream, LiteLLM, real vLLM), then
-    compare (merged vs adapter-only, 16 random adapters under zipf:1.1) with the thrash scenario."""
+    compare (merged vs adapter-only, 16 random adapters under zipf:1.1) with the thrash scenario, then
+    routing (affinity vs round-robin over 2 replicas, 8 random adapters, 2 slots per replica)."""
     from loadtest.overhead_suite import SuiteConfig, run_suite
     from loadtest.overhead_suite_report import target_rows
 
@@ -207,4 +294,13 @@ def benchmark(
         concurrency=[1, 4, 16, 64],
         requests=requests,
         thrash=True,
+    )
+    base_dir, base_name, paths = _adapters("tiny", None, 8, None)
+    _routing(
+        base=base_dir,
+        base_name=base_name,
+        snapshot_base=True,
+        adapters=paths,
+        out=out / "routing",
+        requests=requests,
     )
