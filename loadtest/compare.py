@@ -214,7 +214,7 @@ class Runner:
         self.log(
             f"{name} c={c}: {s['request_throughput']:.2f} req/s, "
             f"{s['output_token_throughput']:.1f} tok/s, "
-            f"TTFT p50/p99 {_f(s['ttft_ms']['p50'])}/{_f(s['ttft_ms']['p99'])} ms, "
+            f"TTFT p50/p99 {fmt_ms(s['ttft_ms']['p50'])}/{fmt_ms(s['ttft_ms']['p99'])} ms, "
             f"{s['requests']['failed']} failed"
             + (f", {entry['adapter_loads']} loads, {entry['adapter_evictions']} evictions" if before else "")
         )
@@ -258,17 +258,19 @@ class GatewaySlot:
         self.kind, self.server = None, None
 
 
-def _f(x: float | None) -> str:
+def fmt_ms(x: float | None) -> str:
+    """A latency for a progress line: one decimal, "-" when there is none."""
     return "-" if x is None else f"{x:.1f}"
 
 
 @contextlib.contextmanager
-def _workdir(cfg: CompareConfig) -> Iterator[Path]:
-    if cfg.workdir is not None:
-        cfg.workdir.mkdir(parents=True, exist_ok=True)
-        yield cfg.workdir
+def workdir(path: Path | None, prefix: str) -> Iterator[Path]:
+    """`path` (created) when given, else a temporary folder removed afterwards."""
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
         return
-    with tempfile.TemporaryDirectory(prefix="lora-gateway-compare-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         yield Path(tmp)
 
 
@@ -295,7 +297,7 @@ def run_compare(cfg: CompareConfig, *, merger: Merger | None = None, log: Log = 
     modes: dict[str, list[dict[str, Any]]] = {}
     memory: dict[str, Any] = {}
     runner = Runner(cfg, log)
-    with _workdir(cfg) as work:
+    with workdir(cfg.workdir, "lora-gateway-compare-") as work:
         if cfg.snapshot_base:  # a private copy: a shared cache may be rebuilt under a starting vLLM
             snap = work / "base" / cfg.served_base
             shutil.copytree(cfg.base, snap, dirs_exist_ok=True)

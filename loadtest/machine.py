@@ -53,16 +53,21 @@ def _memory_gib() -> float | None:
         return None
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages, or None where the OS has none."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def machine_info() -> dict[str, Any]:
     """A JSON-ready description of this machine and the relevant package versions."""
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         usable = os.cpu_count()
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        load = None
+    load = load_average()
     return {
         "cpu_count": os.cpu_count(),
         "cpu_usable": usable,

@@ -23,11 +23,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import os
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,11 +36,13 @@ from loadtest.compare import (
     EVICTIONS,
     LOAD_ERRORS,
     LOADS,
+    fmt_ms,
     max_lora_rank,
     served_models,
     unload_all,
+    workdir,
 )
-from loadtest.machine import machine_info
+from loadtest.machine import load_average, machine_info
 from loadtest.servers import LoraOptions, Server, gateway_process, scrape_counters, tree_memory, vllm_process
 from loadtest.sweep import SweepConfig, run_sweep
 from loadtest.workload import WorkloadSpec
@@ -228,40 +228,19 @@ def measure(
     s = entry["summary"]
     log(
         f"{label}: {s['request_throughput']:.2f} req/s, TTFT p50/p99 "
-        f"{_f(s['ttft_ms']['p50'])}/{_f(s['ttft_ms']['p99'])} ms, {s['requests']['failed']} failed, "
+        f"{fmt_ms(s['ttft_ms']['p50'])}/{fmt_ms(s['ttft_ms']['p99'])} ms, {s['requests']['failed']} failed, "
         f"{loads} loads, {entry['adapter_evictions']} evictions"
     )
     return entry
 
 
-def _f(x: float | None) -> str:
-    return "-" if x is None else f"{x:.1f}"
-
-
-@contextlib.contextmanager
-def _workdir(cfg: RoutingConfig) -> Iterator[Path]:
-    if cfg.workdir is not None:
-        cfg.workdir.mkdir(parents=True, exist_ok=True)
-        yield cfg.workdir
-        return
-    with tempfile.TemporaryDirectory(prefix="lora-gateway-routing-") as tmp:
-        yield Path(tmp)
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def run_routing(cfg: RoutingConfig, *, log: Log = print, progress: Progress | None = None) -> dict[str, Any]:
     """Start the replicas, run both policies at each level, stop everything, write the report."""
     started = dt.datetime.now(dt.UTC)
-    load_before = _load_average()
+    load_before = load_average()
     policies: dict[str, list[dict[str, Any]]] = {p: [] for p in POLICIES}
     memory: dict[str, Any] = {}
-    with _workdir(cfg) as work:
+    with workdir(cfg.workdir, "lora-gateway-routing-") as work:
         if cfg.snapshot_base:  # a private copy: a shared cache may be rebuilt under a starting vLLM
             snap = work / "base" / cfg.served_base
             shutil.copytree(cfg.base, snap, dirs_exist_ok=True)
