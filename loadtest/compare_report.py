@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loadtest.report import fmt, level_name, machine_lines, table, write_json
+from loadtest.report import fmt, level_axis, machine_lines, table, write_json
 
 MODE_LABELS = {"merged": "merged", "adapter_1": "adapter-only, 1 adapter", "adapter_n": "adapter-only, N"}
 MODE_LABELS["thrash"] = "adapter-only, N, thrash"
@@ -281,10 +281,7 @@ def plot_compare(payload: dict[str, Any], out_dir: Path) -> list[Path]:
             ]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[m], label=MODE_LABELS[m])
         ax.set(title=title, xlabel="concurrency")
-        if len(xs) > 1 and max(xs) / min(xs) >= 8:
-            ax.set_xscale("log", base=2)
-            ax.minorticks_off()
-        ax.set_xticks(xs, [level_name(x) for x in xs])
+        level_axis(ax, xs)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

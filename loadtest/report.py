@@ -147,10 +147,9 @@ def _series(levels: list[dict[str, Any]], key: str, stat: str) -> tuple[list[flo
     return xs, ys
 
 
-def _level_axis(ax: Any, levels: list[dict[str, Any]], log_x: bool) -> None:
-    """Ticks at the measured levels, labelled plainly (log base 2 when they span a wide range)."""
-    xs = [lv["level"] for lv in levels]
-    if log_x:
+def level_axis(ax: Any, xs: Sequence[float]) -> None:
+    """Ticks at the measured levels, labelled plainly (log base 2 when they span 8x or more)."""
+    if len(xs) > 1 and max(xs) / min(xs) >= 8:
         ax.set_xscale("log", base=2)
         ax.minorticks_off()
     ax.set_xticks(xs, [level_name(x) for x in xs])
@@ -161,7 +160,6 @@ def plot_run(payload: dict[str, Any], out_dir: Path) -> list[Path]:
     plt = _pyplot()
     mode, levels = payload["config"]["mode"], payload["levels"]
     xlabel = MODE_LABEL[mode]
-    log_x = len(levels) > 1 and max(lv["level"] for lv in levels) / min(lv["level"] for lv in levels) >= 8
     metrics = [(k, label) for k, label in LATENCY_METRICS if any(lv["summary"][k]["count"] for lv in levels)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
     for ax, (key, label) in zip(axes[0], metrics, strict=True):
@@ -170,7 +168,7 @@ def plot_run(payload: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set(title=f"{label} (ms)", xlabel=xlabel)
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
-        _level_axis(ax, levels, log_x)
+        level_axis(ax, [lv["level"] for lv in levels])
         ax.legend()
     fig.suptitle(f"Latency vs {xlabel}")
     fig.tight_layout()
@@ -190,7 +188,7 @@ def plot_run(payload: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set(title=label, xlabel=xlabel)
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
-        _level_axis(ax, levels, log_x)
+        level_axis(ax, [lv["level"] for lv in levels])
     fig.suptitle(f"Throughput vs {xlabel}")
     fig.tight_layout()
     paths.append(out_dir / f"throughput_vs_{mode}.png")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.compare_report import ratio
-from loadtest.report import level_name, machine_lines, table, write_json
+from loadtest.report import level_axis, machine_lines, table, write_json
 
 POLICY_LABELS = {"affinity": "affinity", "round_robin": "round-robin"}
 
@@ -163,10 +163,7 @@ def plot_routing(payload: dict[str, Any], out_dir: Path) -> list[Path]:
             ]
             ax.plot([q[0] for q in pts], [q[1] for q in pts], styles[p], label=POLICY_LABELS[p])
         ax.set(title=title, xlabel="concurrency")
-        if len(xs) > 1 and max(xs) / min(xs) >= 8:
-            ax.set_xscale("log", base=2)
-            ax.minorticks_off()
-        ax.set_xticks(xs, [level_name(x) for x in xs])
+        level_axis(ax, xs)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
