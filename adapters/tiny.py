@@ -25,12 +25,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from adapters.artifacts import swap_into_place
 
 TINY_NAME = "tiny-llama"
 
@@ -97,20 +98,10 @@ def build_tiny(cache_dir: Path, *, force: bool = False) -> Path:
         _write_tokenizer(tmp)
         _write_model(tmp)
         (tmp / "BUILD_ID").write_text(build_id() + "\n")
-        _swap_into_place(tmp, target)
+        swap_into_place(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}-old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_tokenizer(folder: Path) -> None:
