@@ -109,7 +109,7 @@ def serve(
     timeout_s: float = START_TIMEOUT_S,
 ) -> Iterator[LiteLLMProxy]:
     """Run LiteLLM's proxy (one worker) in front of ``upstream``; yields it ready, stops it after."""
-    from loadtest.serving import free_port, wait_ready
+    from loadtest.serving import free_port, stop, wait_ready
 
     py = ensure_venv(venv, log=log)
     version = installed_version(venv) or "?"
@@ -129,12 +129,7 @@ def serve(
             wait_ready(url, timeout_s=timeout_s, proc=proc, path="/health/liveliness")
             yield LiteLLMProxy(url, master_key, model, version, proc.pid)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc, grace_s=20)
             if log:
                 out.close()  # type: ignore[union-attr]
 

@@ -78,9 +78,14 @@ def serve_in_subprocess(
         wait_ready(url, timeout_s=timeout_s, proc=proc)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, grace_s=10)
+
+
+def stop(proc: subprocess.Popen[Any], *, grace_s: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after ``grace_s``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
