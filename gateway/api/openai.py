@@ -51,6 +51,10 @@ async def completions(request: Request) -> Response:
 # would only add time (about a tenth of the gateway's CPU per request, measured in docs/benchmarks.md).
 router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
 router.add_route("/v1/completions", completions, methods=["POST"])
+# The same two, declared again for the OpenAPI schema (/docs, /openapi.json) only: the Starlette routes
+# above come first in the routing table, so these never serve a request.
+for _path, _endpoint in (("/v1/chat/completions", chat_completions), ("/v1/completions", completions)):
+    router.add_api_route(_path, _endpoint, methods=["POST"], response_model=None)
 
 
 @router.get("/v1/models")
