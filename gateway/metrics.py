@@ -127,6 +127,12 @@ class Metrics:
         self.adapter_evictions = Counter(
             "lora_gateway_adapter_evictions", "Adapters unloaded to make room.", ["adapter"], registry=r
         )
+        self.adapter_drains = Counter(
+            "lora_gateway_adapter_drains",
+            "Busy adapters that stopped taking new requests so that a waiting load gets their slot.",
+            ["adapter"],
+            registry=r,
+        )
         self.resident_adapters = Gauge(
             "lora_gateway_resident_adapters", "Adapters loaded in an engine now.", ["engine"], registry=r
         )

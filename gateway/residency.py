@@ -3,9 +3,19 @@
 acquire(engine, adapter) -> Lease
   resident?  yes -> count one more request in flight
              no  -> under the adapter's lock (singleflight: one load, the others wait for it)
-                    make room (evict the least recently used adapter that is idle and not pinned;
-                    wait up to `wait_timeout_s` when none can go, then 503 + Retry-After), load it
+                    make room, load it
 Lease.release()  always, exactly once (success, error, client gone): the adapter becomes evictable.
+
+Making room when every slot is taken: the least recently used idle adapter (not pinned) is unloaded.
+When every resident adapter has requests in flight, waiting for one to go idle by chance can take
+forever under steady traffic (the popular ones never do), so the waiting load *drains* one: the
+resident adapter with the fewest requests in flight (then the least recently used) takes no new
+requests; the ones it has finish; it is unloaded as soon as it is idle, within one generation time.
+Requests for a draining adapter wait (the router sends them to another replica that has it, if
+any), then load it again. One adapter drains per waiting load, never more; when a load stops
+waiting (it found room, or gave up), the drains it no longer needs are lifted. A load that finds no
+room within `wait_timeout_s` answers 503 + Retry-After, and so does a request whose adapter drained
+for longer than that.
 
 on_probe(engine, listed)   after every successful probe of an engine
   `resident` := what vLLM really lists; adapters we had that vLLM lost (it restarted) are loaded
@@ -45,10 +55,11 @@ class _EngineBook:
     )  # what should be resident (restored on restart)
     pinned: set[str] = field(default_factory=set)
     retiring: set[str] = field(default_factory=set)  # no longer registered: unload once idle
-    loading: int = 0
+    loading: int = 0  # loads under way: slots reserved for them
+    waiting_loads: int = 0  # loads waiting in `_make_room` for a slot: how many adapters may drain
     touched: dict[str, float] = field(default_factory=dict)  # loaded/unloaded by us: monotonic time
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
-    released: asyncio.Event = field(default_factory=asyncio.Event)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # an adapter went idle, or drained, or left
 
 
 class Lease:
@@ -87,24 +98,36 @@ class Residency:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def book(self, engine: Engine) -> _EngineBook:
-        return self._books.setdefault(engine.name, _EngineBook())
+        book = self._books.get(engine.name)  # on every request: no throw-away _EngineBook
+        if book is None:
+            book = self._books[engine.name] = _EngineBook()
+        return book
 
     # --- requests ------------------------------------------------------------------------------
     async def acquire(self, engine: Engine, ref: AdapterRef) -> Lease:
-        status, book, key = engine.status, self.book(engine), ref.engine_name
-        if key not in status.resident:
-            lock = book.locks.setdefault(key, asyncio.Lock())
-            async with lock:
-                if key not in status.resident:
-                    await self._make_room(engine, book)
-                    try:
-                        await self._load(engine, ref)
-                    finally:
-                        book.loading -= 1
+        status, key = engine.status, ref.engine_name
+        if key in status.resident and key not in status.draining:  # the hot path
+            self._hold(engine, self.book(engine), key)
+            return Lease(self, engine, key)
+        book = self.book(engine)
+        deadline = time.monotonic() + self.wait_timeout_s
+        while True:
+            if key in status.resident:
+                if key not in status.draining:
+                    self._hold(engine, book, key)
+                    return Lease(self, engine, key)
+                await self._wait(engine, book, deadline)  # it leaves (then we load it again) or stays
+                continue
+            async with book.locks.setdefault(key, asyncio.Lock()):
+                if key in status.resident:  # another request loaded it while we waited for the lock
+                    continue
+                await self._make_room(engine, book, deadline)
+                try:
+                    await self._load(engine, ref)
+                finally:
+                    book.loading -= 1
                 self._hold(engine, book, key)
-        else:
-            self._hold(engine, book, key)
-        return Lease(self, engine, key)
+                return Lease(self, engine, key)
 
     def _hold(self, engine: Engine, book: _EngineBook, key: str) -> None:
         engine.status.in_flight[key] = engine.status.in_flight.get(key, 0) + 1
@@ -117,10 +140,26 @@ class Residency:
         if not in_flight[key]:
             del in_flight[key]
             book = self.book(engine)
-            book.released.set()
-            book.released = asyncio.Event()
+            self._notify(book)
             if key in book.retiring:
                 self._spawn(self._retire_now(engine, key))
+
+    @staticmethod
+    def _notify(book: _EngineBook) -> None:
+        book.changed.set()
+        book.changed = asyncio.Event()
+
+    async def _wait(self, engine: Engine, book: _EngineBook, deadline: float) -> None:
+        """Wait for the next change of residency (at most 1 s, then the caller looks again)."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise EngineUnavailableError(
+                f"All {self.max_resident} adapter slots of engine {engine.name} are busy; try again.",
+                retry_after_s=self.retry_after_s,
+                code="adapter_slots_busy",
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(book.changed.wait(), timeout=min(remaining, 1.0))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -132,38 +171,82 @@ class Residency:
         book = self.book(engine)
         book.touched[key] = time.monotonic()
         engine.status.resident.discard(key)
+        engine.status.draining.discard(key)
         book.lru.pop(key, None)
         self._observe_resident(engine)
+        self._notify(book)
 
-    async def _make_room(self, engine: Engine, book: _EngineBook) -> None:
-        """Reserve a slot for one load, evicting an idle adapter if the engine is full."""
-        deadline = time.monotonic() + self.wait_timeout_s
-        while len(engine.status.resident) + book.loading >= self.max_resident:
-            victim = self._eviction_candidate(engine, book)
-            if victim is not None:
-                await self._evict(engine, book, victim)
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise EngineUnavailableError(
-                    f"All {self.max_resident} adapter slots of engine {engine.name} are busy; try again.",
-                    retry_after_s=self.retry_after_s,
-                    code="adapter_slots_busy",
-                )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(book.released.wait(), timeout=min(remaining, 1.0))
+    async def _make_room(self, engine: Engine, book: _EngineBook, deadline: float) -> None:
+        """Reserve a slot for one load: evict an idle adapter if the engine is full, else drain one."""
+        book.waiting_loads += 1
+        try:
+            while len(engine.status.resident) + book.loading >= self.max_resident:
+                victim = self._eviction_candidate(engine, book)
+                if victim is not None:
+                    await self._evict(engine, book, victim)
+                    continue
+                self._drain(engine, book)
+                await self._wait(engine, book, deadline)
+        finally:
+            book.waiting_loads -= 1
+            self._undrain(engine, book)
         book.loading += 1
+
+    def _ordered(self, engine: Engine, book: _EngineBook) -> list[str]:
+        """Resident adapters, least recently used first (those of unknown age before all)."""
+        resident = engine.status.resident
+        return sorted(k for k in resident if k not in book.lru) + [k for k in book.lru if k in resident]
 
     def _eviction_candidate(self, engine: Engine, book: _EngineBook) -> str | None:
         status = engine.status
-        ordered = sorted(k for k in status.resident if k not in book.lru)  # unknown age: oldest
-        ordered += [k for k in book.lru if k in status.resident]
-        for key in ordered:
-            if status.in_flight.get(key, 0) == 0 and key not in book.pinned:
-                lock = book.locks.get(key)
-                if lock is None or not lock.locked():
-                    return key
+        for key in self._ordered(engine, book):
+            if status.in_flight.get(key, 0) == 0 and key not in book.pinned and not self._locked(book, key):
+                return key
         return None
+
+    @staticmethod
+    def _locked(book: _EngineBook, key: str) -> bool:
+        """Being loaded, unloaded or retired right now: neither evicted nor drained."""
+        lock = book.locks.get(key)
+        return lock is not None and lock.locked()
+
+    def _drain(self, engine: Engine, book: _EngineBook) -> None:
+        """Stop admitting requests to busy adapters, one per waiting load, so that slots come free."""
+        status = engine.status
+        if len(status.draining) >= book.waiting_loads:
+            return
+        ordered = self._ordered(engine, book)
+        age = {key: i for i, key in enumerate(ordered)}
+        candidates = [
+            k
+            for k in ordered
+            if k not in status.draining and k not in book.pinned and not self._locked(book, k)
+        ]
+        candidates.sort(key=lambda k: (status.in_flight.get(k, 0), age[k]))
+        for key in candidates[: book.waiting_loads - len(status.draining)]:
+            status.draining.add(key)
+            self.metrics.adapter_drains.labels(self._label(book, key)).inc()
+            log.info(
+                "engine %s: draining adapter %s (%d in flight) to make room",
+                engine.name,
+                key,
+                status.in_flight.get(key, 0),
+            )
+
+    def _undrain(self, engine: Engine, book: _EngineBook) -> None:
+        """Lift the drains no waiting load needs any more (the busiest first): their requests go on."""
+        status = engine.status
+        excess = len(status.draining) - book.waiting_loads
+        if excess <= 0:
+            return
+        busiest = sorted(status.draining, key=lambda k: -status.in_flight.get(k, 0))
+        status.draining.difference_update(busiest[:excess])
+        self._notify(book)
+
+    @staticmethod
+    def _label(book: _EngineBook, key: str) -> str:
+        ref = book.wanted.get(key)  # an adapter someone else loaded has no registered name
+        return ref.name if ref else UNKNOWN
 
     async def _evict(self, engine: Engine, book: _EngineBook, key: str) -> None:
         """Unload `key` under its own lock (load and unload of one adapter never overlap). The lock is
@@ -210,9 +293,11 @@ class Residency:
     async def unload(self, engine: Engine, key: str, *, reason: str = "unloaded") -> None:
         """Unload one adapter; idempotent (an adapter vLLM does not have is already unloaded)."""
         book = self.book(engine)
-        ref = book.wanted.pop(key, None)
+        label = self._label(book, key)
+        book.wanted.pop(key, None)
         book.touched[key] = time.monotonic()
         engine.status.resident.discard(key)
+        engine.status.draining.discard(key)
         book.lru.pop(key, None)
         try:
             await self.client.post_json(engine.url("/v1/unload_lora_adapter"), {"lora_name": key})
@@ -222,9 +307,9 @@ class Residency:
         book.touched[key] = time.monotonic()
         engine.status.resident.discard(key)  # again: a listing older than the unload may have re-added it
         if reason == "evicted":
-            # an adapter someone else loaded has no registered name: never a label of its own
-            self.metrics.adapter_evictions.labels(ref.name if ref else UNKNOWN).inc()
+            self.metrics.adapter_evictions.labels(label).inc()
         self._observe_resident(engine)
+        self._notify(book)  # requests waiting for it while it drained go and load it again
         log.info("engine %s: %s adapter %s", engine.name, reason, key)
 
     def _observe_resident(self, engine: Engine) -> None:
@@ -278,6 +363,7 @@ class Residency:
         if lost:
             log.warning("engine %s lost adapters %s (restarted?); restoring", engine.name, sorted(lost))
         status.resident = (listed - changed) | (status.resident & changed)
+        status.draining &= status.resident
         for key in list(book.lru):
             if key not in status.resident:
                 book.lru.pop(key)

@@ -3,9 +3,9 @@
 `affinity` (the default), in order:
 
 1. base-model requests: the least loaded replica;
-2. the adapter is resident somewhere: the least loaded of those replicas (affinity), unless all of
-   them are saturated (load >= `spread_at`) and another replica with a free adapter slot is less
-   loaded: then the hot adapter spreads there;
+2. the adapter is resident somewhere (and not draining there, see `gateway/residency.py`): the least
+   loaded of those replicas (affinity), unless all of them are saturated (load >= `spread_at`) and
+   another replica with a free adapter slot is less loaded: then the hot adapter spreads there;
 3. the adapter is cold: a replica with a free slot, else any; among the least loaded ones (within
    `slack`), the adapter's rendezvous-hash favourite, so a cold adapter keeps going to the same
    replica instead of being loaded on (and evicting from) every replica in turn.
@@ -68,7 +68,7 @@ class Router:
         if target.adapter is None:
             return self._least_loaded(ready)
         key = target.adapter.engine_name
-        warm = [e for e in ready if key in e.status.resident]
+        warm = [e for e in ready if key in e.status.resident and key not in e.status.draining]
         if warm:
             best = self._least_loaded(warm)
             if best.load < self.spread_at:

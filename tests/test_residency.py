@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.engines.base import Engine, EngineState, ProbeResult
+from gateway.errors import EngineUnavailableError
 from gateway.metrics import UNKNOWN, Metrics
 from gateway.registry.catalog import AdapterRef
 from gateway.residency import Residency
@@ -21,6 +22,7 @@ from gateway.residency import Residency
 BASE = "tiny-llama"
 A = AdapterRef("a", "lora-a", Path("/store/a"))
 B = AdapterRef("b", "lora-b", Path("/store/b"))
+C = AdapterRef("c", "lora-c", Path("/store/c"))
 
 
 class FakeVllm:
@@ -51,9 +53,9 @@ class FakeVllm:
             self.busy.discard(name)
 
 
-def setup(max_resident: int) -> tuple[FakeVllm, Residency, Engine, Metrics]:
+def setup(max_resident: int, wait_timeout_s: float = 5) -> tuple[FakeVllm, Residency, Engine, Metrics]:
     vllm, metrics = FakeVllm(), Metrics()
-    residency = Residency(vllm, metrics, max_resident=max_resident, wait_timeout_s=5)  # type: ignore[arg-type]
+    residency = Residency(vllm, metrics, max_resident=max_resident, wait_timeout_s=wait_timeout_s)  # type: ignore[arg-type]
     engine = Engine("engine0", "http://vllm.invalid", vllm, probe_interval_s=1.0)  # type: ignore[arg-type]
     engine.status.state = EngineState.READY
     return vllm, residency, engine, metrics
@@ -148,3 +150,98 @@ async def test_adapters_of_unknown_age_go_first_under_no_label_of_their_own() ->
     assert engine.status.resident == {"lora-a", "lora-b"}
     assert metrics.adapter_evictions.labels(UNKNOWN)._value.get() == 1
     assert metrics.adapter_evictions.labels("a")._value.get() == 0
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+@in_loop
+async def test_a_load_drains_the_least_busy_adapter_when_every_slot_is_busy() -> None:
+    vllm, residency, engine, metrics = setup(max_resident=2)
+    a1, a2 = await residency.acquire(engine, A), await residency.acquire(engine, A)
+    b1 = await residency.acquire(engine, B)  # a: 2 in flight, b: 1; b is the more recently used
+    want_c = asyncio.create_task(residency.acquire(engine, C))
+    await settle()
+    assert engine.status.draining == {"lora-b"}, "the fewest requests in flight drains first"
+    assert metrics.adapter_drains.labels("b")._value.get() == 1
+    assert not want_c.done()
+    (await residency.acquire(engine, A)).release()  # a takes new requests as before
+    want_b = asyncio.create_task(residency.acquire(engine, B))
+    await settle()
+    assert not want_b.done(), "a draining adapter takes no new request"
+    b1.release()  # b's last request ends: it goes at once, and c loads in its slot
+    c1 = await asyncio.wait_for(want_c, 1)
+    assert engine.status.resident == {"lora-a", "lora-c"} and engine.status.in_flight["lora-c"] == 1
+    assert vllm.calls[-2:] == [("unload_lora_adapter", "lora-b"), ("load_lora_adapter", "lora-c")]
+    await settle()  # the request that wanted b loads it again: c (1 in flight, not a's 2) drains now
+    assert engine.status.draining == {"lora-c"} and not want_b.done()
+    c1.release()
+    (await asyncio.wait_for(want_b, 1)).release()
+    assert engine.status.resident == {"lora-a", "lora-b"} and not engine.status.draining
+    a1.release()
+    a2.release()
+    assert not vllm.overlaps and metrics.adapter_evictions.labels("b")._value.get() == 1
+
+
+@in_loop
+async def test_a_drain_is_lifted_when_another_adapter_goes_idle_first() -> None:
+    vllm, residency, engine, _ = setup(max_resident=2)
+    a1 = await residency.acquire(engine, A)
+    b1, b2 = await residency.acquire(engine, B), await residency.acquire(engine, B)
+    want_c = asyncio.create_task(residency.acquire(engine, C))
+    await settle()
+    assert engine.status.draining == {"lora-a"}
+    want_a = asyncio.create_task(residency.acquire(engine, A))
+    b1.release()
+    b2.release()  # b is idle before a: b is evicted, a keeps its slot and takes requests again
+    (await asyncio.wait_for(want_c, 1)).release()
+    (await asyncio.wait_for(want_a, 1)).release()
+    a1.release()
+    assert not engine.status.draining and engine.status.resident == {"lora-a", "lora-c"}
+    assert loads(vllm) == ["lora-a", "lora-b", "lora-c"], "a was never unloaded"
+
+
+@in_loop
+async def test_a_load_that_gives_up_lifts_its_drain_and_pinned_adapters_never_drain() -> None:
+    pinned = AdapterRef("p", "lora-p", Path("/store/p"), pinned=True)
+    vllm, residency, engine, _ = setup(max_resident=2, wait_timeout_s=0.2)
+    p1, a1 = await residency.acquire(engine, pinned), await residency.acquire(engine, A)
+    want_c = asyncio.create_task(residency.acquire(engine, C))
+    await settle()
+    assert engine.status.draining == {"lora-a"}, "not the pinned one, though it is as busy"
+    try:
+        await want_c
+    except EngineUnavailableError as exc:
+        assert exc.code == "adapter_slots_busy" and exc.headers["Retry-After"] == str(residency.retry_after_s)
+    else:
+        raise AssertionError("c found no slot within wait_timeout_s: 503 expected")
+    assert not engine.status.draining, "nobody waits for a slot any more"
+    a2 = await asyncio.wait_for(residency.acquire(engine, A), 0.01)  # a takes requests again, no wait
+    for lease in (p1, a1, a2):
+        lease.release()
+    assert loads(vllm) == ["lora-p", "lora-a"]
+
+
+@in_loop
+async def test_requests_waiting_for_a_draining_adapter_go_on_when_the_load_gives_up() -> None:
+    _, residency, engine, _ = setup(max_resident=1, wait_timeout_s=0.3)
+    a1 = await residency.acquire(engine, A)
+    want_b = asyncio.create_task(residency.acquire(engine, B))
+    await settle()
+    assert engine.status.draining == {"lora-a"}
+    await asyncio.sleep(0.1)
+    want_a = asyncio.create_task(residency.acquire(engine, A))
+    await settle()
+    assert not want_a.done(), "a drains: its new request waits"
+    try:
+        await want_b
+    except EngineUnavailableError as exc:
+        assert exc.code == "adapter_slots_busy"
+    else:
+        raise AssertionError("a never went idle: b's load gives up with 503")
+    a2 = await asyncio.wait_for(want_a, 0.1)  # woken when b gave up, long before its own deadline
+    assert not engine.status.draining and engine.status.in_flight == {"lora-a": 2}
+    a1.release()
+    a2.release()

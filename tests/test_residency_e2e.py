@@ -6,7 +6,10 @@
   a request in flight is never evicted, and every load is one cold miss: per adapter,
   loads == evictions + (1 if resident at the end), so nothing was loaded twice without leaving first.
 - Every slot leased by a stream in flight: a request for another cold adapter waits
-  `registry.load_wait_timeout_s`, then gets 503 with Retry-After.
+  `registry.load_wait_timeout_s`, then gets 503 with Retry-After; the adapter it drained meanwhile
+  takes requests again.
+- Every slot busy, but the streams end: the cold adapter drains the least busy one, whose new
+  requests wait; it loads as soon as that one's stream ends, and the drained adapter loads again.
 """
 
 from __future__ import annotations
@@ -192,12 +195,7 @@ def test_all_slots_leased_by_streams_gives_503_with_retry_after(
         for name in ("x", "y", "z"):
             register(url, name, root / name)
         names = engine_names(url)
-        # Two streams whose client reads nothing: more bytes than the socket buffers hold (n=8, top-20
-        # logprobs, ~1 KB an event), so each keeps its lease until the client closes it, however slow
-        # or fast vLLM is. A stream holds its lease from its status line on.
-        context = json.loads((tiny_cache["base"] / "config.json").read_text())["max_position_embeddings"]
-        body = {"prompt": PROMPT, "max_tokens": context - 64, "temperature": 1.0, "ignore_eos": True}
-        body.update(stream=True, n=8, logprobs=20)  # n > 1 needs sampling
+        body = held_stream(tiny_cache)
         with (
             http.stream("POST", "/v1/completions", json={**body, "model": "x"}) as sx,
             http.stream("POST", "/v1/completions", json={**body, "model": "y"}) as sy,
@@ -213,6 +211,10 @@ def test_all_slots_leased_by_streams_gives_503_with_retry_after(
             assert_openai_error(r, 503, "adapter_slots_busy")
             assert r.headers["retry-after"] == "3"
             assert waited >= 0.5, waited
+            # z drained x or y while it waited; it gave up, so both take requests again at once
+            assert engine(url)["draining"] == []
+            assert metric(url, "lora_gateway_adapter_drains_total") == 1
+            assert complete(url, "x").status_code == complete(url, "y").status_code == 200
         # The streams are gone (client disconnect): their leases are released, z can load.
         deadline = time.monotonic() + 30
         while (r := complete(url, "z")).status_code != 200:
@@ -220,4 +222,58 @@ def test_all_slots_leased_by_streams_gives_503_with_retry_after(
             time.sleep(0.2)
         info = engine(url)
         assert info["in_flight"] == {} and "z@1" in info["resident_models"]
+    assert_stopped(url)
+
+
+def held_stream(tiny_cache: dict[str, Path]) -> dict:
+    """A stream whose client reads nothing: more bytes than the socket buffers hold (n=8, top-20
+    logprobs, ~1 KB an event), so it keeps its lease until the client closes it, however slow or fast
+    vLLM is. A stream holds its lease from its status line on."""
+    context = json.loads((tiny_cache["base"] / "config.json").read_text())["max_position_embeddings"]
+    body = {"prompt": PROMPT, "max_tokens": context - 64, "temperature": 1.0, "ignore_eos": True}
+    return body | {"stream": True, "n": 8, "logprobs": 20}  # n > 1 needs sampling
+
+
+def test_a_cold_adapter_drains_the_least_busy_one_and_loads_when_it_is_idle(
+    vllm_url: str, cache_dir: Path, tiny_cache: dict[str, Path], tmp_path: Path
+) -> None:
+    root = tmp_path / "src"
+    for i, name in enumerate(["x", "y", "z"]):
+        write_adapter(tiny_cache["base"], root / name, seed=2100 + i)
+    registry = {"max_resident": 4, "load_wait_timeout_s": 60}
+    settings = registry_settings(vllm_url, cache_dir, tmp_path, root, registry=registry)
+    with (
+        serve_app(settings) as url,
+        httpx.Client(base_url=url, timeout=60) as http,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        for demo in ("demo-a", "demo-b"):  # pinned: two of the four slots, never drained
+            register(url, demo, tiny_cache[demo], pin=True)
+        for name in ("x", "y", "z"):
+            register(url, name, root / name)
+        names = engine_names(url)
+        body = held_stream(tiny_cache)
+        with (
+            http.stream("POST", "/v1/completions", json={**body, "model": "x"}) as sx1,
+            http.stream("POST", "/v1/completions", json={**body, "model": "x"}) as sx2,
+            http.stream("POST", "/v1/completions", json={**body, "model": "y"}) as sy,
+        ):
+            assert sx1.status_code == sx2.status_code == sy.status_code == 200
+            want_z = pool.submit(complete, url, "z")
+            deadline = time.monotonic() + 30
+            while engine(url)["draining"] != [names["y"]]:  # y: one request in flight, x two
+                assert time.monotonic() < deadline and not want_z.done(), engine(url)
+                time.sleep(0.05)
+            want_y = pool.submit(complete, url, "y")
+            assert complete(url, "x").status_code == 200, "x is not draining: it takes requests"
+            assert not want_y.done() and not want_z.done(), "y takes no new request while it drains"
+            sy.close()  # y's last request ends: y goes, z loads in its slot
+            assert want_z.result(timeout=60).status_code == 200
+            assert want_y.result(timeout=60).status_code == 200, "then y loads again, when z is idle"
+            info = engine(url)
+            assert info["in_flight"] == {names["x"]: 2} and info["draining"] == []
+            assert {"x@1", "y@1", "demo-a@1", "demo-b@1"} == set(info["resident_models"])
+        assert metric(url, "lora_gateway_adapter_drains_total", adapter="y") == 1
+        assert metric(url, "lora_gateway_adapter_evictions_total", adapter="y") == 1
+        assert metric(url, "lora_gateway_adapter_loads_total", adapter="y", result="ok") == 2
     assert_stopped(url)

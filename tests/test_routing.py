@@ -131,3 +131,11 @@ def test_dns_discovery_survives_a_name_that_does_not_resolve_yet() -> None:
             await pool.stop()
 
     assert asyncio.run(go()) == 0
+
+
+def test_a_draining_adapter_is_not_warm_there() -> None:
+    a, b = engine("a", resident={"lora-sql"}, active=0), engine("b", resident={"lora-sql"}, active=3)
+    router = Router([a, b], retry_after_s=1, max_resident=4)
+    assert router.pick(adapter("sql")) is a
+    a.status.draining = {"lora-sql"}  # a is making room: its new requests would wait for the reload
+    assert all(router.pick(adapter("sql")) is b for _ in range(5))

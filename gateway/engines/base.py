@@ -47,6 +47,7 @@ class EngineStatus:
     generation: int = 0  # bumped each time the engine (re)becomes ready
     resident: set[str] = field(default_factory=set)
     in_flight: dict[str, int] = field(default_factory=dict)
+    draining: set[str] = field(default_factory=set)  # resident, taking no new requests: evicted when idle
     last_load_at: dict[str, float] = field(default_factory=dict)
     ready_since: float | None = None
     last_error: str | None = None
@@ -211,6 +212,7 @@ class Engine:
             "queue_running": s.running,
             "cooling_down": time.monotonic() < s.cooldown_until,
             "in_flight": {k: v for k, v in s.in_flight.items() if v},
+            "draining": sorted(s.draining),
             "last_load_at": dict(s.last_load_at),
         }
 
