@@ -60,6 +60,7 @@ async def build_state(settings: Settings) -> GatewayState:
         metrics,
         max_resident=settings.max_resident(),
         wait_timeout_s=settings.registry.load_wait_timeout_s,
+        drain_after_s=settings.registry.drain_after_s,
         retry_after_s=settings.retry_after_s,
     )
     pool.add_listener(residency.on_probe)

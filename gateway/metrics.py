@@ -127,6 +127,14 @@ class Metrics:
         self.adapter_evictions = Counter(
             "lora_gateway_adapter_evictions", "Adapters unloaded to make room.", ["adapter"], registry=r
         )
+        self.adapter_wait = Histogram(
+            "lora_gateway_adapter_wait_seconds",
+            "Time a request for an adapter that was not ready to take it (not resident, or draining) waited "
+            "before it went to the engine: for a free slot, a drain, the load.",
+            ["adapter"],
+            buckets=FAST_BUCKETS,
+            registry=r,
+        )
         self.adapter_drains = Counter(
             "lora_gateway_adapter_drains",
             "Busy adapters that stopped taking new requests so that a waiting load gets their slot.",

@@ -7,15 +7,17 @@ acquire(engine, adapter) -> Lease
 Lease.release()  always, exactly once (success, error, client gone): the adapter becomes evictable.
 
 Making room when every slot is taken: the least recently used idle adapter (not pinned) is unloaded.
-When every resident adapter has requests in flight, waiting for one to go idle by chance can take
-forever under steady traffic (the popular ones never do), so the waiting load *drains* one: the
+When every resident adapter has requests in flight, the load waits for one to go idle. Under steady
+traffic the popular ones never do, so a load that has waited `drain_after_s` *drains* one: the
 resident adapter with the fewest requests in flight (then the least recently used) takes no new
-requests; the ones it has finish; it is unloaded as soon as it is idle, within one generation time.
-Requests for a draining adapter wait (the router sends them to another replica that has it, if
-any), then load it again. One adapter drains per waiting load, never more; when a load stops
-waiting (it found room, or gave up), the drains it no longer needs are lifted. A load that finds no
-room within `wait_timeout_s` answers 503 + Retry-After, and so does a request whose adapter drained
-for longer than that.
+requests; the ones it has finish; it is unloaded as soon as it is idle, within one generation time,
+and no adapter starves behind busy ones. Requests for a draining adapter wait (the router sends them
+to another replica that has it, if any), then load it again. Draining at once would be fairer but
+costs loads: a drained adapter is usually still wanted, and reloading it drains another (measured
+in docs/benchmarks.md). One adapter drains per overdue load, never more; when a load stops waiting
+(it found room, or gave up), the drains it no longer needs are lifted. A load that finds no room
+within `wait_timeout_s` answers 503 + Retry-After, and so does a request whose adapter drained for
+longer than that.
 
 on_probe(engine, listed)   after every successful probe of an engine
   `resident` := what vLLM really lists; adapters we had that vLLM lost (it restarted) are loaded
@@ -56,7 +58,7 @@ class _EngineBook:
     pinned: set[str] = field(default_factory=set)
     retiring: set[str] = field(default_factory=set)  # no longer registered: unload once idle
     loading: int = 0  # loads under way: slots reserved for them
-    waiting_loads: int = 0  # loads waiting in `_make_room` for a slot: how many adapters may drain
+    overdue_loads: int = 0  # loads that waited `drain_after_s` for a slot: how many adapters may drain
     touched: dict[str, float] = field(default_factory=dict)  # loaded/unloaded by us: monotonic time
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # an adapter went idle, or drained, or left
@@ -87,12 +89,14 @@ class Residency:
         *,
         max_resident: int,
         wait_timeout_s: float = 30.0,
+        drain_after_s: float = 1.0,
         retry_after_s: int = 5,
     ) -> None:
         self.client = client
         self.metrics = metrics
         self.max_resident = max_resident
         self.wait_timeout_s = wait_timeout_s
+        self.drain_after_s = drain_after_s
         self.retry_after_s = retry_after_s
         self._books: dict[str, _EngineBook] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -110,12 +114,12 @@ class Residency:
             self._hold(engine, self.book(engine), key)
             return Lease(self, engine, key)
         book = self.book(engine)
-        deadline = time.monotonic() + self.wait_timeout_s
+        started = time.monotonic()
+        deadline = started + self.wait_timeout_s
         while True:
             if key in status.resident:
                 if key not in status.draining:
-                    self._hold(engine, book, key)
-                    return Lease(self, engine, key)
+                    break
                 await self._wait(engine, book, deadline)  # it leaves (then we load it again) or stays
                 continue
             async with book.locks.setdefault(key, asyncio.Lock()):
@@ -126,8 +130,10 @@ class Residency:
                     await self._load(engine, ref)
                 finally:
                     book.loading -= 1
-                self._hold(engine, book, key)
-                return Lease(self, engine, key)
+                break
+        self._hold(engine, book, key)
+        self.metrics.adapter_wait.labels(ref.name).observe(time.monotonic() - started)
+        return Lease(self, engine, key)
 
     def _hold(self, engine: Engine, book: _EngineBook, key: str) -> None:
         engine.status.in_flight[key] = engine.status.in_flight.get(key, 0) + 1
@@ -149,9 +155,13 @@ class Residency:
         book.changed.set()
         book.changed = asyncio.Event()
 
-    async def _wait(self, engine: Engine, book: _EngineBook, deadline: float) -> None:
-        """Wait for the next change of residency (at most 1 s, then the caller looks again)."""
-        remaining = deadline - time.monotonic()
+    async def _wait(
+        self, engine: Engine, book: _EngineBook, deadline: float, wake_at: float | None = None
+    ) -> None:
+        """Wait for the next change of residency, or `wake_at`, or 1 s, whichever comes first (the
+        caller then looks again); past `deadline`, 503 + Retry-After."""
+        now = time.monotonic()
+        remaining = deadline - now
         if remaining <= 0:
             raise EngineUnavailableError(
                 f"All {self.max_resident} adapter slots of engine {engine.name} are busy; try again.",
@@ -159,7 +169,8 @@ class Residency:
                 code="adapter_slots_busy",
             )
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(book.changed.wait(), timeout=min(remaining, 1.0))
+            timeout = min(remaining, 1.0, 1.0 if wake_at is None else max(wake_at - now, 0.0))
+            await asyncio.wait_for(book.changed.wait(), timeout=timeout)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -177,19 +188,26 @@ class Residency:
         self._notify(book)
 
     async def _make_room(self, engine: Engine, book: _EngineBook, deadline: float) -> None:
-        """Reserve a slot for one load: evict an idle adapter if the engine is full, else drain one."""
-        book.waiting_loads += 1
+        """Reserve a slot for one load: evict an idle adapter if the engine is full; after
+        `drain_after_s` with none idle, drain a busy one."""
+        drain_at = time.monotonic() + self.drain_after_s
+        overdue = False
         try:
             while len(engine.status.resident) + book.loading >= self.max_resident:
                 victim = self._eviction_candidate(engine, book)
                 if victim is not None:
                     await self._evict(engine, book, victim)
                     continue
-                self._drain(engine, book)
-                await self._wait(engine, book, deadline)
+                if not overdue and time.monotonic() >= drain_at:
+                    overdue = True
+                    book.overdue_loads += 1
+                if overdue:
+                    self._drain(engine, book)
+                await self._wait(engine, book, deadline, None if overdue else drain_at)
         finally:
-            book.waiting_loads -= 1
-            self._undrain(engine, book)
+            if overdue:
+                book.overdue_loads -= 1
+                self._undrain(engine, book)
         book.loading += 1
 
     def _ordered(self, engine: Engine, book: _EngineBook) -> list[str]:
@@ -213,7 +231,7 @@ class Residency:
     def _drain(self, engine: Engine, book: _EngineBook) -> None:
         """Stop admitting requests to busy adapters, one per waiting load, so that slots come free."""
         status = engine.status
-        if len(status.draining) >= book.waiting_loads:
+        if len(status.draining) >= book.overdue_loads:
             return
         ordered = self._ordered(engine, book)
         age = {key: i for i, key in enumerate(ordered)}
@@ -223,7 +241,7 @@ class Residency:
             if k not in status.draining and k not in book.pinned and not self._locked(book, k)
         ]
         candidates.sort(key=lambda k: (status.in_flight.get(k, 0), age[k]))
-        for key in candidates[: book.waiting_loads - len(status.draining)]:
+        for key in candidates[: book.overdue_loads - len(status.draining)]:
             status.draining.add(key)
             self.metrics.adapter_drains.labels(self._label(book, key)).inc()
             log.info(
@@ -236,7 +254,7 @@ class Residency:
     def _undrain(self, engine: Engine, book: _EngineBook) -> None:
         """Lift the drains no waiting load needs any more (the busiest first): their requests go on."""
         status = engine.status
-        excess = len(status.draining) - book.waiting_loads
+        excess = len(status.draining) - book.overdue_loads
         if excess <= 0:
             return
         busiest = sorted(status.draining, key=lambda k: -status.in_flight.get(k, 0))

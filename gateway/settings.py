@@ -148,6 +148,12 @@ class RegistrySettings(BaseModel):
     load_wait_timeout_s: float = Field(
         30.0, description="How long a request waits for a free adapter slot before a 503."
     )
+    drain_after_s: float = Field(
+        1.0,
+        ge=0,
+        description="A load that has waited this long for a slot, with every resident adapter busy, drains "
+        "one (it takes no new requests and is evicted once idle): no adapter starves behind busy ones.",
+    )
     seed_adapters_dir: bool = Field(True, description="Register the adapters found in adapters_dir at start.")
     url: str | None = Field(
         None,

@@ -53,9 +53,17 @@ class FakeVllm:
             self.busy.discard(name)
 
 
-def setup(max_resident: int, wait_timeout_s: float = 5) -> tuple[FakeVllm, Residency, Engine, Metrics]:
+def setup(
+    max_resident: int, wait_timeout_s: float = 5, drain_after_s: float = 0
+) -> tuple[FakeVllm, Residency, Engine, Metrics]:
     vllm, metrics = FakeVllm(), Metrics()
-    residency = Residency(vllm, metrics, max_resident=max_resident, wait_timeout_s=wait_timeout_s)  # type: ignore[arg-type]
+    residency = Residency(
+        vllm,  # type: ignore[arg-type]
+        metrics,
+        max_resident=max_resident,
+        wait_timeout_s=wait_timeout_s,
+        drain_after_s=drain_after_s,
+    )
     engine = Engine("engine0", "http://vllm.invalid", vllm, probe_interval_s=1.0)  # type: ignore[arg-type]
     engine.status.state = EngineState.READY
     return vllm, residency, engine, metrics
@@ -155,6 +163,32 @@ async def test_adapters_of_unknown_age_go_first_under_no_label_of_their_own() ->
 async def settle() -> None:
     for _ in range(20):
         await asyncio.sleep(0)
+
+
+@in_loop
+async def test_a_load_waits_drain_after_s_for_an_idle_slot_before_it_drains_one() -> None:
+    vllm, residency, engine, metrics = setup(max_resident=2, drain_after_s=0.3)
+    a1, b1 = await residency.acquire(engine, A), await residency.acquire(engine, B)
+    want_c = asyncio.create_task(residency.acquire(engine, C))
+    await asyncio.sleep(0.1)
+    assert not engine.status.draining, "not yet: a slot may come free by itself"
+    b1.release()  # it does: nothing drained, b evicted because idle
+    (await asyncio.wait_for(want_c, 1)).release()
+    assert metrics.adapter_drains.labels("a")._value.get() == 0 and not engine.status.draining
+    want_b = asyncio.create_task(residency.acquire(engine, B))
+    await asyncio.sleep(0.1)
+    assert not engine.status.draining  # c is idle: evicted at once, no drain
+    b2 = await asyncio.wait_for(want_b, 1)
+    want_c = asyncio.create_task(residency.acquire(engine, C))  # a and b busy now
+    await asyncio.sleep(0.1)
+    assert not engine.status.draining
+    await asyncio.sleep(0.35)
+    assert engine.status.draining in ({"lora-a"}, {"lora-b"}), "overdue: one busy adapter drains"
+    a1.release()
+    b2.release()
+    (await asyncio.wait_for(want_c, 1)).release()
+    assert not vllm.overlaps
+    assert metrics.adapter_wait.labels("c")._sum.get() >= 0.4, "the wait is measured"
 
 
 @in_loop

@@ -185,7 +185,7 @@ def test_all_slots_leased_by_streams_gives_503_with_retry_after(
     root = tmp_path / "src"
     for i, name in enumerate(["x", "y", "z"]):
         write_adapter(tiny_cache["base"], root / name, seed=2000 + i)
-    registry = {"max_resident": 4, "load_wait_timeout_s": 0.5}
+    registry = {"max_resident": 4, "load_wait_timeout_s": 0.5, "drain_after_s": 0.1}
     settings = registry_settings(vllm_url, cache_dir, tmp_path, root, registry=registry, retry_after_s=3)
     with serve_app(settings) as url, httpx.Client(base_url=url, timeout=60) as http:
         # The session's gateway shares this vLLM and reloads its demo adapters whenever they are evicted;
