@@ -65,6 +65,17 @@ RandomOpt = Annotated[
     typer.Option(min=1, help="Instead of --adapters: N random adapters for the base (adapters/demo.py)."),
 ]
 ConcOpt = Annotated[str, typer.Option(help="Closed-loop concurrency levels.")]
+EngineThrashOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Also the same adapters over a vLLM with only thrash-resident LoRA slots (--max-loras), all "
+        "of them loaded: vLLM swaps them through its batch slots (starts one more vLLM)."
+    ),
+]
+RepeatOpt = Annotated[
+    int,
+    typer.Option(min=1, help="Measure each level this many times and pool the requests (p99 over all)."),
+]
 VllmArgOpt = Annotated[
     list[str] | None, typer.Option(help="Extra vLLM argument, repeatable (--vllm-arg=--dtype=bfloat16).")
 ]
@@ -113,6 +124,8 @@ def compare(
     thrash_resident: Annotated[
         int | None, typer.Option(help="registry.max_resident in the thrash run.")
     ] = None,
+    engine_thrash: EngineThrashOpt = False,
+    repeat: RepeatOpt = 1,
     merged: Annotated[bool, typer.Option(help="Run the merged mode (needs adapters/merge.py).")] = True,
     vllm_arg: VllmArgOpt = None,
     workdir: Annotated[Path | None, typer.Option(help="Keep servers' logs and files here [temp].")] = None,
@@ -135,6 +148,8 @@ def compare(
         max_loras=max_loras,
         thrash=thrash,
         thrash_resident=thrash_resident,
+        engine_thrash=engine_thrash,
+        repeat=repeat,
         merged=merged,
         vllm_args=vllm_arg or [],
         workdir=workdir,
@@ -150,7 +165,11 @@ def thrash(
     out: Annotated[Path, typer.Option(help="Directory for results.json, report.md and plots.")] = Path(
         "out/thrash"
     ),
-    resident: Annotated[int | None, typer.Option(help="registry.max_resident [= half the adapters].")] = None,
+    resident: Annotated[
+        int | None, typer.Option(help="registry.max_resident (and engine slots) [= half the adapters].")
+    ] = None,
+    engine_thrash: EngineThrashOpt = True,
+    repeat: RepeatOpt = 1,
     mix: Annotated[str, typer.Option(help="uniform or zipf:S.")] = "zipf:1.1",
     concurrency: ConcOpt = "1,4,16",
     requests: Annotated[int, typer.Option(min=1, help="Requests per level and mode.")] = 64,
@@ -160,7 +179,8 @@ def thrash(
     workdir: Annotated[Path | None, typer.Option(help="Keep servers' logs and files here [temp].")] = None,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
-    """More adapters than the gateway keeps resident, under the mix: TTFT p99 and loads vs all resident."""
+    """More adapters than the gateway keeps loaded (and than vLLM has batch slots), under the mix: TTFT
+    p99 and loads vs all resident."""
     base_dir, base_name, paths = _adapters(base, adapters, random_adapters, workdir)
     _compare(
         base=base_dir,
@@ -175,6 +195,8 @@ def thrash(
         max_tokens=max_tokens,
         thrash=True,
         thrash_resident=resident,
+        engine_thrash=engine_thrash,
+        repeat=repeat,
         merged=False,
         single=False,
         vllm_args=vllm_arg or [],
@@ -273,9 +295,11 @@ def benchmark(
     litellm: Annotated[bool, typer.Option(help="Include LiteLLM's proxy (installs it in .cache/).")] = True,
     adapters: Annotated[int, typer.Option(min=2, help="Random adapters for compare and thrash.")] = 16,
     requests: Annotated[int, typer.Option(min=1, help="compare: requests per level and mode.")] = 200,
+    repeat: Annotated[int, typer.Option(min=1, help="compare: runs per level and mode, pooled.")] = 3,
 ) -> None:
     """The full benchmark of docs/benchmarks.md: overhead (fast upstream, LiteLLM, real vLLM), then
-    compare (merged vs adapter-only, 16 random adapters under zipf:1.1) with the thrash scenario, then
+    compare (merged vs adapter-only, 16 random adapters under zipf:1.1) with both thrash scenarios, each
+    level measured 3 times, then
     routing (affinity vs round-robin over 2 replicas, 8 random adapters, 2 slots per replica)."""
     from loadtest.overhead_suite import SuiteConfig, run_suite
     from loadtest.overhead_suite_report import target_rows
@@ -294,6 +318,8 @@ def benchmark(
         concurrency=[1, 4, 16, 64],
         requests=requests,
         thrash=True,
+        engine_thrash=True,
+        repeat=repeat,
     )
     base_dir, base_name, paths = _adapters("tiny", None, 8, None)
     _routing(

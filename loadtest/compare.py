@@ -5,7 +5,11 @@
     adapter-1   the gateway (attached) over vLLM --enable-lora on the base, every request to adapter 1
     adapter-N   the same gateway and vLLM, requests spread over all N adapters under the mix
     thrash      (``thrash=True``) the same vLLM behind a gateway keeping only ``thrash_resident``
-                adapters resident (``registry.max_resident``), the same mix as adapter-N
+                adapters loaded (``registry.max_resident``), the same mix as adapter-N: the gateway
+                hot-loads and evicts through vLLM's load/unload routes
+    engine-thrash  (``engine_thrash=True``) a third vLLM with only ``thrash_resident`` LoRA slots per
+                batch (``--max-loras``) but room for all N in its CPU cache, behind a gateway keeping all
+                N loaded: vLLM swaps adapters in and out of its batch slots itself, nothing is reloaded
 
 The two vLLM servers start together (their slow CPU starts overlap; an idle vLLM costs ~1% of a
 core) and stay up; at each concurrency the modes run back to back (closed loop, streaming, with
@@ -13,6 +17,9 @@ core) and stay up; at each concurrency the modes run back to back (closed loop, 
 so every token is a chunk), so that the ratios of one level share the machine's moment on a CPU
 shared with other work. One gateway runs at a time over the LoRA vLLM (:class:`GatewaySlot`).
 Around each level the gateway's ``/metrics`` give the adapter loads and evictions during it.
+With ``repeat`` > 1 every level of every mode is measured that many times (a new request sequence
+each time, the order of the modes alternating) and the numbers pool all its requests: a p99 over
+``repeat`` x ``requests`` requests, with each repeat's p99 kept beside it to show the spread.
 Memory is read from each vLLM's process tree (RSS, PSS; GPU memory where ``nvidia-smi`` exists)
 and from file sizes: N merged models cost N copies of a merged model, adapter-only serving one
 base plus N adapters.
@@ -35,7 +42,9 @@ from typing import Any
 
 import httpx
 
+from loadtest import stats
 from loadtest.machine import machine_info
+from loadtest.records import RequestResult
 from loadtest.servers import (
     LoraOptions,
     Server,
@@ -74,6 +83,8 @@ class CompareConfig:
     max_loras: int | None = None
     thrash: bool = False
     thrash_resident: int | None = None
+    engine_thrash: bool = False
+    repeat: int = 1
     timeout_s: float = 300.0
     time_limit_s: float = 600.0
     client: str = "aiohttp"
@@ -93,8 +104,10 @@ class CompareConfig:
             raise ValueError(f"adapters: folder names must differ, got {names}")
         if not self.concurrency or any(c < 1 for c in self.concurrency):
             raise ValueError(f"concurrency: must be >= 1, got {list(self.concurrency)}")
-        if self.thrash and len(self.adapters) < 2:
+        if (self.thrash or self.engine_thrash) and len(self.adapters) < 2:
             raise ValueError("thrash: needs at least 2 adapters")
+        if self.repeat < 1:
+            raise ValueError(f"repeat: must be >= 1, got {self.repeat}")
         if self.thrash_resident is not None and not 1 <= self.thrash_resident < len(self.adapters):
             raise ValueError(
                 f"thrash_resident: must be 1..{len(self.adapters) - 1}, got {self.thrash_resident}"
@@ -157,6 +170,50 @@ def memory_of(server: Server) -> dict[str, Any]:
     return {**tree_memory(server.pid), "gpu_bytes": gpu_memory(server.pid)}
 
 
+@dataclass(slots=True)
+class Measured:
+    """One run of one level of one mode: its requests, and the gateway's counters around it."""
+
+    records: list[RequestResult]
+    duration_s: float
+    requested: int
+    hit_time_limit: bool
+    counters: dict[str, int] | None = None  # adapter_loads, adapter_load_errors, adapter_evictions
+
+
+def pooled_entry(level: int, runs: Sequence[Measured]) -> dict[str, Any]:
+    """A level's entry in ``results.json`` from one or more runs: statistics over all their
+    requests (durations add up), counters summed, and each run's headline numbers in ``repeats``."""
+    records = [r for m in runs for r in m.records]
+    duration = sum(m.duration_s for m in runs)
+    entry: dict[str, Any] = {
+        "mode": "concurrency",
+        "level": level,
+        "hit_time_limit": any(m.hit_time_limit for m in runs),
+        "summary": stats.summarize(records, duration_s=duration, requested=sum(m.requested for m in runs)),
+        "per_model": stats.per_model(records, duration_s=duration),
+    }
+    if all(m.counters is not None for m in runs):
+        for key in ("adapter_loads", "adapter_load_errors", "adapter_evictions"):
+            entry[key] = sum(m.counters[key] for m in runs if m.counters is not None)
+        done = entry["summary"]["requests"]["completed"]
+        entry["loads_per_1000_requests"] = entry["adapter_loads"] / done * 1000 if done else None
+    if len(runs) > 1:
+        entry["repeats"] = []
+        for m in runs:
+            s = stats.summarize(m.records, duration_s=m.duration_s, requested=m.requested)
+            entry["repeats"].append(
+                {
+                    "completed": s["requests"]["completed"],
+                    "output_token_throughput": s["output_token_throughput"],
+                    "ttft_p50_ms": s["ttft_ms"]["p50"],
+                    "ttft_p99_ms": s["ttft_ms"]["p99"],
+                    **({"adapter_loads": m.counters["adapter_loads"]} if m.counters is not None else {}),
+                }
+            )
+    return entry
+
+
 class Runner:
     """Runs each mode's levels against one URL, reading the gateway's counters around each level."""
 
@@ -178,7 +235,7 @@ class Runner:
             },  # a chunk per token: TTFT/TPOT per token, not per character
         )
 
-    def sweep(self, url: str, workload: WorkloadSpec, level: int, requests: int) -> dict[str, Any]:
+    def sweep(self, url: str, workload: WorkloadSpec, level: int, requests: int) -> Measured:
         c = self.cfg
         cfg = SweepConfig(
             target=url,
@@ -190,35 +247,48 @@ class Runner:
             time_limit_s=c.time_limit_s,
             client=c.client,
         )
-        return run_sweep(cfg).payload["levels"][0]
+        result = run_sweep(cfg)
+        entry = result.payload["levels"][0]
+        s = entry["summary"]
+        return Measured(
+            records=result.records[0][1],
+            duration_s=s["duration_s"],
+            requested=s["requests"]["requested"],
+            hit_time_limit=entry["hit_time_limit"],
+        )
 
     def warm(self, url: str, models: Sequence[str]) -> None:
         """One request per model, unmeasured (loads them; the first requests of a vLLM are slow)."""
         self.sweep(url, self.workload(models, seed=self.cfg.seed + 99), 1, max(2, len(models)))
 
     def level(
-        self, name: str, url: str, models: Sequence[str], c: int, metrics_url: str | None
-    ) -> dict[str, Any]:
-        """One concurrency level, with the gateway's load and eviction counters read around it."""
+        self, name: str, url: str, models: Sequence[str], c: int, metrics_url: str | None, repeat: int = 0
+    ) -> Measured:
+        """One run of a concurrency level, with the gateway's load and eviction counters read around it.
+        Repeat k draws its own request sequence (seed + k)."""
         before = scrape_counters(metrics_url, [LOADS, LOAD_ERRORS, EVICTIONS]) if metrics_url else None
-        entry = self.sweep(url, self.workload(models), c, self.cfg.requests)
+        run = self.sweep(url, self.workload(models, seed=self.cfg.seed + repeat), c, self.cfg.requests)
         if metrics_url is not None and before is not None:
             after = scrape_counters(metrics_url, [LOADS, LOAD_ERRORS, EVICTIONS])
-            done = entry["summary"]["requests"]["completed"]
-            loads = int(after[LOADS] - before[LOADS])
-            entry["adapter_loads"] = loads
-            entry["adapter_load_errors"] = int(after[LOAD_ERRORS] - before[LOAD_ERRORS])
-            entry["adapter_evictions"] = int(after[EVICTIONS] - before[EVICTIONS])
-            entry["loads_per_1000_requests"] = loads / done * 1000 if done else None
-        s = entry["summary"]
+            run.counters = {
+                "adapter_loads": int(after[LOADS] - before[LOADS]),
+                "adapter_load_errors": int(after[LOAD_ERRORS] - before[LOAD_ERRORS]),
+                "adapter_evictions": int(after[EVICTIONS] - before[EVICTIONS]),
+            }
+        s = stats.summarize(run.records, duration_s=run.duration_s, requested=run.requested)
+        of = f" (repeat {repeat + 1}/{self.cfg.repeat})" if self.cfg.repeat > 1 else ""
         self.log(
-            f"{name} c={c}: {s['request_throughput']:.2f} req/s, "
+            f"{name} c={c}{of}: {s['request_throughput']:.2f} req/s, "
             f"{s['output_token_throughput']:.1f} tok/s, "
             f"TTFT p50/p99 {fmt_ms(s['ttft_ms']['p50'])}/{fmt_ms(s['ttft_ms']['p99'])} ms, "
             f"{s['requests']['failed']} failed"
-            + (f", {entry['adapter_loads']} loads, {entry['adapter_evictions']} evictions" if before else "")
+            + (
+                f", {run.counters['adapter_loads']} loads, {run.counters['adapter_evictions']} evictions"
+                if run.counters is not None
+                else ""
+            )
         )
-        return entry
+        return run
 
 
 class GatewaySlot:
@@ -274,14 +344,16 @@ def workdir(path: Path | None, prefix: str) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def gateway_settings(cfg: CompareConfig, vllm: Server, adapters_dir: Path, resident: int) -> dict[str, Any]:
+def gateway_settings(
+    cfg: CompareConfig, vllm: Server, adapters_dir: Path, resident: int, *, max_loras: int | None = None
+) -> dict[str, Any]:
     n = len(cfg.adapters)
     engine = {
         "mode": "attached",
         "url": vllm.url,
         "model": str(Path(cfg.base).absolute()),
         "served_model_name": cfg.served_base,
-        "max_loras": cfg.max_loras or n,
+        "max_loras": max_loras or cfg.max_loras or n,
         "max_cpu_loras": n,
         "max_lora_rank": max_lora_rank(cfg.adapters),
         "health_interval_s": 2.0,
@@ -313,6 +385,7 @@ def run_compare(cfg: CompareConfig, *, merger: Merger | None = None, log: Log = 
         lora = LoraOptions(max_loras=cfg.max_loras or n, max_lora_rank=rank, max_cpu_loras=n)
         what = "merged, and the base with --enable-lora" if merged_dir else "the base with --enable-lora"
         log(f"starting vLLM ({what}); about a minute on a CPU")
+        slots = cfg.resident_in_thrash()
         with contextlib.ExitStack() as stack:
             if merged_dir is not None:
                 log_path = work / "vllm-merged.log"
@@ -330,37 +403,64 @@ def run_compare(cfg: CompareConfig, *, merger: Merger | None = None, log: Log = 
                     wait=False,
                 )
             )
+            if cfg.engine_thrash:  # its own vLLM: --max-loras is fixed at start
+                few = dataclasses.replace(lora, max_loras=slots)
+                vllm_slots = stack.enter_context(
+                    vllm_process(
+                        cfg.base,
+                        cfg.served_base,
+                        work / "vllm-slots.log",
+                        lora=few,
+                        extra_args=cfg.vllm_args,
+                        name="vllm-slots",
+                        wait=False,
+                    )
+                )
             if merged_dir is not None:
                 merged.wait_ready()
             base.wait_ready()
             memory["lora_idle"] = memory_of(base)
+            engine_gw: Server | None = None
+            if cfg.engine_thrash:
+                vllm_slots.wait_ready()
+                settings = gateway_settings(cfg, vllm_slots, adapters_dir, n, max_loras=slots)
+                engine_gw = stack.enter_context(gateway_process(settings, work, name="gateway-slots"))
+                runner.warm(engine_gw.url, names)
+                log(f"gateway over vLLM with {slots} LoRA slots at {engine_gw.url}")
             slot = stack.enter_context(contextlib.closing(GatewaySlot(cfg, base, adapters_dir, work, log)))
             plan = {"all": (["adapter_1"] if cfg.single else []) + ["adapter_n"], "thrash": ["thrash"]}
+            plan["engine"] = ["engine_thrash"]
             label = {"adapter_1": "adapter-1", "adapter_n": f"adapter-{n}", "thrash": "thrash"}
-            kinds = ["all", "thrash"] if cfg.thrash else ["all"]
-            for i, c in enumerate(cfg.concurrency):
-                # the modes of one level run back to back, so their ratios share the machine's moment;
-                # the gateway in use last stays for the next level (fewer restarts)
-                if merged_dir is not None:
-                    if i == 0:
-                        runner.warm(merged.url, names[:1])
-                    modes.setdefault("merged", []).append(
-                        runner.level("merged", merged.url, names[:1], c, None)
-                    )
-                    memory["merged"] = memory_of(merged)
-                for kind in kinds if i % 2 == 0 else kinds[::-1]:
-                    gw = slot.use(kind)
-                    for mode in plan[kind]:
-                        models = names[:1] if mode == "adapter_1" else names
-                        if mode not in slot.warmed:
-                            runner.warm(gw.url, models)
-                            slot.warmed.add(mode)
-                        entry = runner.level(label[mode], gw.url, models, c, gw.url)
-                        modes.setdefault(mode, []).append(entry)
-                        if mode == "adapter_n":
-                            m = memory_of(base)
-                            if (m["rss_bytes"] or 0) >= (memory.get("lora", {}).get("rss_bytes") or 0):
-                                memory["lora"] = m
+            label["engine_thrash"] = f"engine-thrash ({slots} slots)"
+            kinds = ["all"] + (["thrash"] if cfg.thrash else []) + (["engine"] if cfg.engine_thrash else [])
+            runs: dict[str, dict[int, list[Measured]]] = {}
+            for rep in range(cfg.repeat):
+                for i, c in enumerate(cfg.concurrency):
+                    # the modes of one level run back to back, so their ratios share the machine's
+                    # moment; their order alternates; the gateway in use last stays for the next level
+                    if merged_dir is not None:
+                        if i == 0 and rep == 0:
+                            runner.warm(merged.url, names[:1])
+                        run = runner.level("merged", merged.url, names[:1], c, None, rep)
+                        runs.setdefault("merged", {}).setdefault(c, []).append(run)
+                        memory["merged"] = memory_of(merged)
+                    for kind in kinds if (i + rep) % 2 == 0 else kinds[::-1]:
+                        gw = engine_gw if kind == "engine" and engine_gw is not None else slot.use(kind)
+                        for mode in plan[kind]:
+                            models = names[:1] if mode == "adapter_1" else names
+                            if kind != "engine" and mode not in slot.warmed:
+                                runner.warm(gw.url, models)
+                                slot.warmed.add(mode)
+                            run = runner.level(label[mode], gw.url, models, c, gw.url, rep)
+                            runs.setdefault(mode, {}).setdefault(c, []).append(run)
+                            if mode == "adapter_n":
+                                m = memory_of(base)
+                                if (m["rss_bytes"] or 0) >= (memory.get("lora", {}).get("rss_bytes") or 0):
+                                    memory["lora"] = m
+            modes = {
+                mode: [pooled_entry(c, by_level[c]) for c in cfg.concurrency if c in by_level]
+                for mode, by_level in runs.items()
+            }
         files = {
             "base_bytes": dir_bytes(cfg.base),
             "merged_bytes": None if merged_dir is None else dir_bytes(merged_dir),
@@ -373,7 +473,10 @@ def run_compare(cfg: CompareConfig, *, merger: Merger | None = None, log: Log = 
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
-        "config": {**cfg.to_dict(), "thrash_resident": cfg.resident_in_thrash() if cfg.thrash else None},
+        "config": {
+            **cfg.to_dict(),
+            "thrash_resident": cfg.resident_in_thrash() if cfg.thrash or cfg.engine_thrash else None,
+        },
         "modes": modes,
         "memory": {"processes": memory, "files": files},
     }

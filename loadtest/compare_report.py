@@ -13,6 +13,7 @@ from loadtest.report import fmt, level_axis, machine_lines, table, write_json
 
 MODE_LABELS = {"merged": "merged", "adapter_1": "adapter-only, 1 adapter", "adapter_n": "adapter-only, N"}
 MODE_LABELS["thrash"] = "adapter-only, N, thrash"
+MODE_LABELS["engine_thrash"] = "adapter-only, N, engine slots"
 MULTI_TARGET = 0.9
 THRASH_TARGET = 3.0
 
@@ -48,7 +49,9 @@ def summarize_compare(payload: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for i, c in enumerate(payload["config"]["concurrency"]):
         pts = {m: _point(levels[i]) for m, levels in modes.items() if i < len(levels)}
-        m, a1, an, th = (pts.get(k) for k in ("merged", "adapter_1", "adapter_n", "thrash"))
+        m, a1, an, th, et = (
+            pts.get(k) for k in ("merged", "adapter_1", "adapter_n", "thrash", "engine_thrash")
+        )
 
         def r(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str) -> float | None:
             return ratio(a and a[key], b and b[key])
@@ -64,6 +67,8 @@ def summarize_compare(payload: dict[str, Any]) -> dict[str, Any]:
             "tpot_p50_adapter_n_vs_merged": r(an, m, "tpot_p50_ms"),
             "ttft_p99_thrash_vs_all_resident": r(th, an, "ttft_p99_ms"),
             "throughput_thrash_vs_all_resident": r(th, an, "output_token_throughput"),
+            "ttft_p99_engine_thrash_vs_all_resident": r(et, an, "ttft_p99_ms"),
+            "throughput_engine_thrash_vs_all_resident": r(et, an, "output_token_throughput"),
         }
         rows.append({"concurrency": c, "modes": pts, "ratios": ratios})
     procs = payload["memory"]["processes"]
@@ -100,6 +105,10 @@ def summarize_compare(payload: dict[str, Any]) -> dict[str, Any]:
         done = sum(e["summary"]["requests"]["completed"] for e in th_levels)
         loads = sum(e.get("adapter_loads", 0) for e in th_levels)
         targets["thrash_loads_per_1000_requests"] = loads / done * 1000 if done else None
+    if "engine_thrash" in modes:
+        engine = [x["ratios"]["ttft_p99_engine_thrash_vs_all_resident"] for x in rows]
+        targets["engine_thrash_ttft_p99_ratio_max"] = max((v for v in engine if v is not None), default=None)
+        targets["thrash_target"] = THRASH_TARGET
     return {"per_concurrency": rows, "memory": memory, "targets": targets}
 
 
@@ -129,12 +138,20 @@ def render_compare_markdown(payload: dict[str, Any]) -> str:
         f"vLLM --enable-lora (max_loras {cfg['max_loras'] or n}, max_cpu_loras {n}) with 1 adapter, and with "
         f"all {n} under `{cfg['mix']}`"
         + (
-            f"; thrash = the same with registry.max_resident {cfg['thrash_resident']}"
+            f"; thrash = the same with registry.max_resident {cfg['thrash_resident']} (the gateway loads "
+            "and evicts adapters)"
             if "thrash" in present
+            else ""
+        )
+        + (
+            f"; engine slots = another vLLM with --max-loras {cfg['thrash_resident']} (--max-cpu-loras {n}) "
+            f"behind a gateway keeping all {n} loaded (vLLM swaps adapters through its batch slots)"
+            if "engine_thrash" in present
             else ""
         ),
         f"- Closed loop, concurrency {', '.join(str(c) for c in cfg['concurrency'])}; {cfg['requests']} "
-        f"streaming requests per level, prompt ~{cfg['prompt_tokens']} tokens, max_tokens {cfg['max_tokens']}"
+        f"streaming requests per level{_repeats(cfg)}, prompt ~{cfg['prompt_tokens']} tokens, "
+        f"max_tokens {cfg['max_tokens']}"
         f"{' (ignore_eos)' if cfg['ignore_eos'] else ''}",
         f"- Started {payload['started_at']}, finished {payload['finished_at']}",
         *machine_lines(payload["machine"]),
@@ -206,11 +223,20 @@ def render_compare_markdown(payload: dict[str, Any]) -> str:
             _verdict(t["adapter_n_vs_adapter_1_throughput_min"], MULTI_TARGET, at_least=True),
         ]
     ]
+    if "engine_thrash_ttft_p99_ratio_max" in t:
+        trows.append(
+            [
+                f"TTFT p99 with {n} adapters over {cfg['thrash_resident']} engine LoRA slots "
+                f"(--max-loras) <= {THRASH_TARGET:g}x the all-resident p99 (worst concurrency)",
+                _x(t["engine_thrash_ttft_p99_ratio_max"]),
+                _verdict(t["engine_thrash_ttft_p99_ratio_max"], THRASH_TARGET, at_least=False),
+            ]
+        )
     if "thrash_ttft_p99_ratio_max" in t:
         trows.append(
             [
-                f"TTFT p99 with {n} adapters over {cfg['thrash_resident']} resident slots <= "
-                f"{THRASH_TARGET:g}x the all-resident p99 (worst concurrency)",
+                f"TTFT p99 with {n} adapters over {cfg['thrash_resident']} loaded by the gateway "
+                f"(registry.max_resident) <= {THRASH_TARGET:g}x the all-resident p99 (worst concurrency)",
                 _x(t["thrash_ttft_p99_ratio_max"]),
                 _verdict(t["thrash_ttft_p99_ratio_max"], THRASH_TARGET, at_least=False),
             ]
@@ -219,6 +245,7 @@ def render_compare_markdown(payload: dict[str, Any]) -> str:
             ["thrash: adapter loads per 1000 requests", fmt(t["thrash_loads_per_1000_requests"], 1), "-"]
         )
     out += [table(["target", "measured", "verdict"], trows), ""]
+    out += _spread(payload, present)
     mem = summ["memory"]
     out += [
         "## Memory",
@@ -253,6 +280,27 @@ def render_compare_markdown(payload: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _repeats(cfg: dict[str, Any]) -> str:
+    r = cfg.get("repeat") or 1
+    return f", each level measured {r} times (numbers pool all {r * cfg['requests']})" if r > 1 else ""
+
+
+def _spread(payload: dict[str, Any], present: list[str]) -> list[str]:
+    """Each repeat's TTFT p99 beside the pooled one: how much one run of a level can be trusted."""
+    if (payload["config"].get("repeat") or 1) < 2:
+        return []
+    rows = []
+    for m in present:
+        for lv in payload["modes"][m]:
+            reps = lv.get("repeats") or []
+            rows.append(
+                [lv["level"], MODE_LABELS[m], " / ".join(fmt(r["ttft_p99_ms"], 0) for r in reps)]
+                + [lv["summary"]["ttft_ms"]["p99"]]
+            )
+    head = ["concurrency", "mode", "TTFT p99 of each repeat (ms)", "pooled TTFT p99 (ms)"]
+    return ["## Spread over repeats", "", table(head, rows), ""]
+
+
 def _verdict(v: float | None, limit: float, *, at_least: bool) -> str:
     if v is None:
         return "not measured"
@@ -270,7 +318,7 @@ def plot_compare(payload: dict[str, Any], out_dir: Path) -> list[Path]:
     rows = payload["summary"]["per_concurrency"]
     present = [m for m in MODE_LABELS if m in payload["modes"]]
     xs = [r["concurrency"] for r in rows]
-    styles = dict(zip(MODE_LABELS, ("o-", "s--", "^-.", "d:"), strict=True))
+    styles = dict(zip(MODE_LABELS, ("o-", "s--", "^-.", "d:", "v--"), strict=True))
 
     def panel(ax: Any, key: str, title: str) -> None:
         for m in present:

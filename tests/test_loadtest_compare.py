@@ -1,9 +1,11 @@
-"""Smoke tests of ``loadtest run`` and ``loadtest compare`` (with the thrash scenario) against the real
-vLLM on the CPU, at tiny sizes: the report's numbers are present and consistent (counts add up,
-percentiles ordered, ratios are the quotients of the numbers they come from) and the plots exist.
+"""Smoke tests of ``loadtest run`` and ``loadtest compare`` (with both thrash scenarios, each level
+measured twice) against the real vLLM on the CPU, at tiny sizes: the report's numbers are present and
+consistent (counts add up, percentiles ordered, ratios are the quotients of the numbers they come
+from, repeats pool into their level) and the plots exist.
 
-``run`` drives the session's gateway; ``compare`` starts its own two vLLM servers (merged, and the
-base with --enable-lora, started together) and two gateways, once for the whole module.
+``run`` drives the session's gateway; ``compare`` starts its own three vLLM servers (merged, the base
+with --enable-lora, and the base with fewer LoRA slots, started together) and their gateways, once for
+the whole module.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 N_ADAPTERS = 4
 LEVELS = [1, 2]
 REQUESTS = 6
+REPEAT = 2
 MAX_TOKENS = 4
 
 
@@ -75,7 +78,8 @@ def test_run_against_the_real_vllm(gateway_url: str, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory: pytest.TempPathFactory, tiny_cache: dict[str, Path]) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("compare")
-    args = ["compare", "--base", "tiny", "--random-adapters", str(N_ADAPTERS), "--thrash"]
+    args = ["compare", "--base", "tiny", "--random-adapters", str(N_ADAPTERS), "--thrash", "--engine-thrash"]
+    args += ["--repeat", str(REPEAT)]
     args += ["--concurrency", ",".join(map(str, LEVELS)), "--requests", str(REQUESTS)]
     args += ["--prompt-tokens", "8", "--max-tokens", str(MAX_TOKENS)]
     args += ["--out", str(out / "report"), "--workdir", str(out / "work")]
@@ -86,13 +90,16 @@ def compared(tmp_path_factory: pytest.TempPathFactory, tiny_cache: dict[str, Pat
 
 def test_compare_report_is_complete_and_consistent(compared: tuple[Path, dict]) -> None:
     out, payload = compared
-    assert set(payload["modes"]) == {"merged", "adapter_1", "adapter_n", "thrash"}
-    n_models = {"merged": 1, "adapter_1": 1, "adapter_n": N_ADAPTERS, "thrash": N_ADAPTERS}
+    assert set(payload["modes"]) == {"merged", "adapter_1", "adapter_n", "thrash", "engine_thrash"}
+    n_models = {"merged": 1, "adapter_1": 1, "adapter_n": N_ADAPTERS}
     for mode, levels in payload["modes"].items():
         assert [lv["level"] for lv in levels] == LEVELS, mode
         for lv in levels:
-            check_level(lv, REQUESTS)
-            assert len(lv["per_model"]) <= n_models[mode]
+            check_level(lv, REQUESTS * REPEAT)
+            assert len(lv["per_model"]) <= n_models.get(mode, N_ADAPTERS)
+            assert [r["completed"] for r in lv["repeats"]] == [REQUESTS] * REPEAT
+            if "adapter_loads" in lv:
+                assert sum(r["adapter_loads"] for r in lv["repeats"]) == lv["adapter_loads"]
     rows = payload["summary"]["per_concurrency"]
     assert [r["concurrency"] for r in rows] == LEVELS
     for row in rows:
@@ -140,3 +147,19 @@ def test_thrash_loads_and_evicts(compared: tuple[Path, dict]) -> None:
     assert t["thrash_loads_per_1000_requests"] == pytest.approx(loads / done * 1000)
     ratios = [r["ratios"]["ttft_p99_thrash_vs_all_resident"] for r in payload["summary"]["per_concurrency"]]
     assert t["thrash_ttft_p99_ratio_max"] == pytest.approx(max(ratios))
+
+
+def test_engine_slots_thrash_loads_nothing(compared: tuple[Path, dict]) -> None:
+    out, payload = compared
+    for lv in payload["modes"]["engine_thrash"]:  # all loaded: vLLM swaps them through its slots itself
+        assert lv["adapter_loads"] == lv["adapter_evictions"] == lv["adapter_load_errors"] == 0
+    rows = payload["summary"]["per_concurrency"]
+    for row in rows:
+        et, an = row["modes"]["engine_thrash"], row["modes"]["adapter_n"]
+        assert row["ratios"]["ttft_p99_engine_thrash_vs_all_resident"] == pytest.approx(
+            et["ttft_p99_ms"] / an["ttft_p99_ms"]
+        )
+    ratios = [r["ratios"]["ttft_p99_engine_thrash_vs_all_resident"] for r in rows]
+    assert payload["summary"]["targets"]["engine_thrash_ttft_p99_ratio_max"] == pytest.approx(max(ratios))
+    report = (out / "report.md").read_text()
+    assert "## Spread over repeats" in report and "engine LoRA slots (--max-loras)" in report

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from loadtest import stats
-from loadtest.compare import CompareConfig, max_lora_rank
+from loadtest.compare import CompareConfig, Measured, max_lora_rank, pooled_entry
 from loadtest.compare_report import summarize_compare, write_compare_report
 from loadtest.machine import machine_info
 from loadtest.records import RequestResult
@@ -92,3 +92,51 @@ def test_config_checks(tmp_path: Path) -> None:
         CompareConfig(base=tmp_path, adapters=[a, a], out=tmp_path)
     with pytest.raises(ValueError, match="mix"):
         CompareConfig(base=tmp_path, adapters=[a], out=tmp_path, mix="pareto")
+    with pytest.raises(ValueError, match="thrash"):
+        CompareConfig(base=tmp_path, adapters=[a], out=tmp_path, engine_thrash=True)
+    with pytest.raises(ValueError, match="repeat"):
+        CompareConfig(base=tmp_path, adapters=[a], out=tmp_path, repeat=0)
+
+
+def run(ttfts: list[float], loads: int) -> Measured:
+    recs = [
+        RequestResult(
+            index=i, model=f"m{i % 2}", ok=True, start=i * 0.1, ttft=t, e2e=t + 0.1, completion_tokens=4
+        )
+        for i, t in enumerate(ttfts)
+    ]
+    counters = {"adapter_loads": loads, "adapter_load_errors": 0, "adapter_evictions": loads}
+    return Measured(recs, duration_s=1.0, requested=len(ttfts), hit_time_limit=False, counters=counters)
+
+
+def test_repeats_pool_their_requests_and_keep_each_p99() -> None:
+    quiet, noisy = run([0.1] * 99 + [0.2], loads=3), run([0.1] * 98 + [5.0, 6.0], loads=5)
+    entry = pooled_entry(16, [quiet, noisy])
+    s = entry["summary"]
+    assert s["requests"]["completed"] == s["requests"]["requested"] == 200
+    assert s["duration_s"] == 2.0 and s["request_throughput"] == pytest.approx(100.0)
+    assert s["ttft_ms"]["count"] == 200 and s["ttft_ms"]["max"] == pytest.approx(6000)
+    assert 100 < s["ttft_ms"]["p99"] < 6000, "a p99 over both runs' 200 requests"
+    assert entry["adapter_loads"] == 8 and entry["loads_per_1000_requests"] == pytest.approx(40.0)
+    assert [r["adapter_loads"] for r in entry["repeats"]] == [3, 5]
+    assert entry["repeats"][0]["ttft_p99_ms"] < 250 < 4000 < entry["repeats"][1]["ttft_p99_ms"]
+    assert sum(m["requests"]["completed"] for m in entry["per_model"].values()) == 200
+    assert "repeats" not in pooled_entry(16, [quiet]), "one run: nothing to spread"
+
+
+def test_engine_slots_thrash_and_the_spread_in_the_report(tmp_path: Path) -> None:
+    p = payload()
+    p["config"].update(repeat=2, engine_thrash=True)
+    p["modes"]["engine_thrash"] = [level(1, 0.25, 0.03), level(4, 0.25, 0.06)]
+    for lv in (lv for levels in p["modes"].values() for lv in levels):
+        lv["repeats"] = [{"ttft_p99_ms": 10.0}, {"ttft_p99_ms": 30.0}]
+    p["summary"] = summarize_compare(p)
+    rows = p["summary"]["per_concurrency"]
+    assert rows[1]["ratios"]["ttft_p99_engine_thrash_vs_all_resident"] == pytest.approx(1.5)
+    assert p["summary"]["targets"]["engine_thrash_ttft_p99_ratio_max"] == pytest.approx(1.5)
+    text = write_compare_report(tmp_path, p)["report"].read_text()
+    assert (
+        "engine LoRA slots (--max-loras) <= 3x the all-resident p99 (worst concurrency) | 1.50x | met" in text
+    )
+    assert "## Spread over repeats" in text and "| 4 | adapter-only, N, engine slots | 10 / 30 |" in text
+    assert "each level measured 2 times (numbers pool all 16)" in text
