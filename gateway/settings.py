@@ -74,6 +74,12 @@ class EngineSettings(BaseModel):
     python: str = Field(sys.executable, description="Python interpreter that has vLLM installed.")
     startup_timeout_s: float = Field(600.0, description="How long a managed vLLM may take to become ready.")
     health_interval_s: float = Field(2.0, description="How often the engine is probed once ready.")
+    unhealthy_after: int = Field(
+        3,
+        ge=1,
+        description="Failed probes in a row (timeouts, errors) before a ready engine leaves routing; "
+        "a closed port takes it out at once.",
+    )
     restart_backoff_s: float = Field(2.0, description="First delay before restarting a dead managed vLLM.")
     max_restart_backoff_s: float = Field(60.0, description="Largest delay between restart attempts.")
     stop_timeout_s: float = Field(20.0, description="Grace period after SIGTERM before SIGKILL.")

@@ -3,6 +3,10 @@
 An engine's monitor probes `GET /v1/models` (it answers only when vLLM is ready, and it lists the
 LoRA adapters vLLM really has). Each successful probe is handed to the listeners with the listed
 adapter names, which is how residency notices a restart and reconciles (see `gateway/residency.py`).
+
+A ready engine leaves routing when a probe finds its port closed (the server is gone), or after
+`unhealthy_after` probes in a row failed otherwise (timed out, errors): a vLLM busy enough to answer
+one probe late is still serving, and taking it out would turn its slowness into 503s.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+import aiohttp
 
 from gateway.errors import GatewayError
 from gateway.upstream import UpstreamClient
@@ -56,6 +62,7 @@ class EngineStatus:
     waiting: float = 0.0  # vLLM's own queue (vllm:num_requests_waiting), read at each probe
     running: float = 0.0  # vllm:num_requests_running
     cooldown_until: float = 0.0  # monotonic time; refused a connection: skipped until then
+    failed_probes: int = 0  # in a row
 
 
 class Engine:
@@ -63,11 +70,22 @@ class Engine:
 
     kind = "engine"
 
-    def __init__(self, name: str, base_url: str, client: UpstreamClient, *, probe_interval_s: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        client: UpstreamClient,
+        *,
+        probe_interval_s: float,
+        unhealthy_after: int = 3,
+    ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.client = client
         self.probe_interval_s = probe_interval_s
+        self.unhealthy_after = unhealthy_after
+        self.probe_timeout_s = 5.0
+        self._refused = False  # the last failed probe found nothing listening
         self.status = EngineStatus()
         self._listeners: list[ProbeListener] = []
         self._task: asyncio.Task[None] | None = None
@@ -144,12 +162,15 @@ class Engine:
         self.status.resident.clear()
 
     # --- probing ---------------------------------------------------------------------------------
-    async def probe(self, timeout: float = 5.0) -> ProbeResult | None:
+    async def probe(self, timeout: float | None = None) -> ProbeResult | None:
+        timeout = self.probe_timeout_s if timeout is None else timeout
         started = time.monotonic()
+        self._refused = False
         try:
             data = await self.client.get_json(self.url("/v1/models"), timeout=timeout)
         except GatewayError as exc:
             self.status.last_error = exc.message
+            self._refused = isinstance(exc.__cause__, aiohttp.ClientConnectorError)
             return None
         except ValueError as exc:  # not JSON: not a vLLM server (yet)
             self.status.last_error = f"bad /v1/models answer: {exc}"
@@ -176,9 +197,20 @@ class Engine:
         """Probe, update the state, tell the listeners. True when the engine answered."""
         result = await self.probe()
         if result is None:
+            self.status.failed_probes += 1
             if self.status.state == EngineState.READY:
-                self._set_state(EngineState.UNAVAILABLE, self.status.last_error)
+                if self._refused or self.status.failed_probes >= self.unhealthy_after:
+                    self._set_state(EngineState.UNAVAILABLE, self.status.last_error)
+                else:
+                    log.warning(
+                        "engine %s: probe %d of %d failed, still routing to it: %s",
+                        self.name,
+                        self.status.failed_probes,
+                        self.unhealthy_after,
+                        self.status.last_error,
+                    )
             return False
+        self.status.failed_probes = 0
         self._set_state(EngineState.READY)
         for listener in self._listeners:
             try:
@@ -211,6 +243,7 @@ class Engine:
             "queue_waiting": s.waiting,
             "queue_running": s.running,
             "cooling_down": time.monotonic() < s.cooldown_until,
+            "failed_probes": s.failed_probes,
             "in_flight": {k: v for k, v in s.in_flight.items() if v},
             "draining": sorted(s.draining),
             "last_load_at": dict(s.last_load_at),

@@ -76,7 +76,13 @@ class ManagedEngine(Engine):
     def __init__(
         self, name: str, settings: EngineSettings, model: str, served_name: str, client: UpstreamClient
     ) -> None:
-        super().__init__(name, settings.base_url, client, probe_interval_s=settings.health_interval_s)
+        super().__init__(
+            name,
+            settings.base_url,
+            client,
+            probe_interval_s=settings.health_interval_s,
+            unhealthy_after=settings.unhealthy_after,
+        )
         self.settings = settings
         self.command = vllm_command(settings, model, served_name)
         self.process: asyncio.subprocess.Process | None = None

@@ -43,8 +43,9 @@ class EnginePool:
                 self.engines.append(self._attached(f"engine{i}", url))
 
     def _attached(self, name: str, url: str) -> AttachedEngine:
+        e = self.settings.engine
         engine = AttachedEngine(
-            name, url, self.client, probe_interval_s=self.settings.engine.health_interval_s
+            name, url, self.client, probe_interval_s=e.health_interval_s, unhealthy_after=e.unhealthy_after
         )
         for listener in self._listeners:
             engine.add_listener(listener)
