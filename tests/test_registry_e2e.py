@@ -181,3 +181,19 @@ def test_register_from_offline_hugging_face_cache(
         hub_versions = admin_adapter(url, "hub")["versions"]
         assert [(v["version"], v["revision"]) for v in hub_versions] == [(1, NEW_SHA), (2, OLD_SHA)]
         assert sdk_text(url, "hub@1") == out_new
+
+
+def test_a_bad_folder_in_adapters_dir_is_skipped_and_the_others_serve(
+    vllm_url: str, cache_dir: Path, tiny_cache: dict[str, Path], tmp_path: Path
+) -> None:
+    root = tmp_path / "adapters"
+    write_adapter(tiny_cache["base"], root / "good", seed=3100)
+    write_adapter(tiny_cache["base"], root / "other-base", seed=3101, base_name="someone/else-7b")
+    (root / "broken").mkdir()
+    (root / "broken" / "adapter_config.json").write_text("{not json")
+    registry = {"seed_adapters_dir": True}
+    settings = registry_settings(vllm_url, cache_dir, tmp_path, root, registry=registry, adapters_dir=root)
+    with serve_app(settings) as url:  # starts: two refused folders do not stop the third from serving
+        listed = {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
+        assert "good" in listed and not {"other-base", "broken"} & listed
+        assert text(url, "good")

@@ -24,6 +24,7 @@ from typing import Any
 
 from adapters.validate import (
     AdapterInfo,
+    AdapterValidationError,
     BaseModelSpec,
     validate_adapter_dir,
     validate_adapter_name,
@@ -201,15 +202,21 @@ class Registry:
         )
 
     async def seed(self, folder: Path) -> list[str]:
-        """Register each PEFT folder in `folder` whose current bytes are not registered yet (idempotent)."""
+        """Register each PEFT folder in `folder` whose current bytes are not registered yet (idempotent).
+        A folder that fails validation is logged and skipped: one bad adapter dropped into the folder
+        must not keep the gateway (and every other adapter) from starting."""
         added: list[str] = []
         for sub in await asyncio.to_thread(_adapter_folders, folder):
-            staged = await asyncio.to_thread(self.blobs.stage, sub, max_bytes=self.limits.max_bytes)
-            self.blobs.discard(staged)
-            current = self._names.get(sub.name)
-            if current is not None and current.engine_name == engine_name(staged.digest):
+            try:
+                staged = await asyncio.to_thread(self.blobs.stage, sub, max_bytes=self.limits.max_bytes)
+                self.blobs.discard(staged)
+                current = self._names.get(sub.name)
+                if current is not None and current.engine_name == engine_name(staged.digest):
+                    continue
+                await self.register(sub.name, str(sub))
+            except AdapterValidationError as exc:
+                log.error("not registering %s from %s: %s", sub.name, folder, exc)
                 continue
-            await self.register(sub.name, str(sub))
             added.append(sub.name)
         return added
 
