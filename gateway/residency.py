@@ -229,7 +229,7 @@ class Residency:
         return lock is not None and lock.locked()
 
     def _drain(self, engine: Engine, book: _EngineBook) -> None:
-        """Stop admitting requests to busy adapters, one per waiting load, so that slots come free."""
+        """Stop admitting requests to busy adapters, one per overdue load, so that slots come free."""
         status = engine.status
         if len(status.draining) >= book.overdue_loads:
             return
