@@ -133,9 +133,12 @@ def render_compare_markdown(payload: dict[str, Any]) -> str:
         "# Merged vs adapter-only serving",
         "",
         f"- Base `{cfg['base']}` (served as `{cfg['base_name'] or Path(cfg['base']).name}`); {n} adapters "
-        f"({', '.join(names[:4])}{', ...' if n > 4 else ''}); merged: `{names[0]}` into the base",
-        f"- Modes: merged = vLLM without --enable-lora on the merged model; adapter-only = the gateway over "
-        f"vLLM --enable-lora (max_loras {cfg['max_loras'] or n}, max_cpu_loras {n}) with 1 adapter, and with "
+        f"({', '.join(names[:4])}{', ...' if n > 4 else ''})"
+        + (f"; merged: `{names[0]}` into the base" if "merged" in present else ""),
+        "- Modes: "
+        + ("merged = vLLM without --enable-lora on the merged model; " if "merged" in present else "")
+        + f"adapter-only = the gateway over vLLM --enable-lora (max_loras {cfg['max_loras'] or n}, "
+        f"max_cpu_loras {n}) with {'1 adapter, and with ' if 'adapter_1' in present else ''}"
         f"all {n} under `{cfg['mix']}`"
         + (
             f"; thrash = the same with registry.max_resident {cfg['thrash_resident']} (the gateway loads "
