@@ -175,6 +175,7 @@ class Measured:
     """One run of one level of one mode: its requests, and the gateway's counters around it."""
 
     records: list[RequestResult]
+    summary: dict[str, Any]  # stats.summarize of `records`, as the sweep wrote it
     duration_s: float
     requested: int
     hit_time_limit: bool
@@ -201,7 +202,7 @@ def pooled_entry(level: int, runs: Sequence[Measured]) -> dict[str, Any]:
     if len(runs) > 1:
         entry["repeats"] = []
         for m in runs:
-            s = stats.summarize(m.records, duration_s=m.duration_s, requested=m.requested)
+            s = m.summary
             entry["repeats"].append(
                 {
                     "completed": s["requests"]["completed"],
@@ -252,6 +253,7 @@ class Runner:
         s = entry["summary"]
         return Measured(
             records=result.records[0][1],
+            summary=s,
             duration_s=s["duration_s"],
             requested=s["requests"]["requested"],
             hit_time_limit=entry["hit_time_limit"],
@@ -275,7 +277,7 @@ class Runner:
                 "adapter_load_errors": int(after[LOAD_ERRORS] - before[LOAD_ERRORS]),
                 "adapter_evictions": int(after[EVICTIONS] - before[EVICTIONS]),
             }
-        s = stats.summarize(run.records, duration_s=run.duration_s, requested=run.requested)
+        s = run.summary
         of = f" (repeat {repeat + 1}/{self.cfg.repeat})" if self.cfg.repeat > 1 else ""
         self.log(
             f"{name} c={c}{of}: {s['request_throughput']:.2f} req/s, "
@@ -392,30 +394,24 @@ def run_compare(cfg: CompareConfig, *, merger: Merger | None = None, log: Log = 
                 merged = stack.enter_context(
                     vllm_process(merged_dir, names[0], log_path, extra_args=cfg.vllm_args, wait=False)
                 )
-            base = stack.enter_context(
-                vllm_process(
-                    cfg.base,
-                    cfg.served_base,
-                    work / "vllm-lora.log",
-                    lora=lora,
-                    extra_args=cfg.vllm_args,
-                    name="vllm-lora",
-                    wait=False,
-                )
-            )
-            if cfg.engine_thrash:  # its own vLLM: --max-loras is fixed at start
-                few = dataclasses.replace(lora, max_loras=slots)
-                vllm_slots = stack.enter_context(
+
+            def lora_vllm(options: LoraOptions, name: str) -> Server:
+                log_path = work / f"{name}.log"
+                return stack.enter_context(
                     vllm_process(
                         cfg.base,
                         cfg.served_base,
-                        work / "vllm-slots.log",
-                        lora=few,
+                        log_path,
+                        lora=options,
                         extra_args=cfg.vllm_args,
-                        name="vllm-slots",
+                        name=name,
                         wait=False,
                     )
                 )
+
+            base = lora_vllm(lora, "vllm-lora")
+            if cfg.engine_thrash:  # its own vLLM: --max-loras is fixed at start
+                vllm_slots = lora_vllm(dataclasses.replace(lora, max_loras=slots), "vllm-slots")
             if merged_dir is not None:
                 merged.wait_ready()
             base.wait_ready()

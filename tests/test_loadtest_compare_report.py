@@ -106,7 +106,9 @@ def run(ttfts: list[float], loads: int) -> Measured:
         for i, t in enumerate(ttfts)
     ]
     counters = {"adapter_loads": loads, "adapter_load_errors": 0, "adapter_evictions": loads}
-    return Measured(recs, duration_s=1.0, requested=len(ttfts), hit_time_limit=False, counters=counters)
+    n = len(ttfts)
+    summary = stats.summarize(recs, duration_s=1.0, requested=n)
+    return Measured(recs, summary, duration_s=1.0, requested=n, hit_time_limit=False, counters=counters)
 
 
 def test_repeats_pool_their_requests_and_keep_each_p99() -> None:
