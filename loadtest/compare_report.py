@@ -92,23 +92,23 @@ def summarize_compare(payload: dict[str, Any]) -> dict[str, Any]:
         "adapters": adapters_total,
         "ratio": ratio(None if one is None else n * one, files["base_bytes"] + adapters_total),
     }
-    multi = [x["ratios"]["throughput_adapter_n_vs_adapter_1"] for x in rows]
-    thrash = [x["ratios"]["ttft_p99_thrash_vs_all_resident"] for x in rows]
+
+    def worst(key: str, pick: Any) -> float | None:
+        return pick((v for x in rows if (v := x["ratios"][key]) is not None), default=None)
+
     targets: dict[str, Any] = {
-        "adapter_n_vs_adapter_1_throughput_min": min((v for v in multi if v is not None), default=None),
+        "adapter_n_vs_adapter_1_throughput_min": worst("throughput_adapter_n_vs_adapter_1", min),
         "adapter_n_vs_adapter_1_target": MULTI_TARGET,
     }
+    for mode in ("thrash", "engine_thrash"):
+        if mode in modes:
+            targets[f"{mode}_ttft_p99_ratio_max"] = worst(f"ttft_p99_{mode}_vs_all_resident", max)
+            targets["thrash_target"] = THRASH_TARGET
     if "thrash" in modes:
-        targets["thrash_ttft_p99_ratio_max"] = max((v for v in thrash if v is not None), default=None)
-        targets["thrash_target"] = THRASH_TARGET
         th_levels = modes["thrash"]
         done = sum(e["summary"]["requests"]["completed"] for e in th_levels)
         loads = sum(e.get("adapter_loads", 0) for e in th_levels)
         targets["thrash_loads_per_1000_requests"] = loads / done * 1000 if done else None
-    if "engine_thrash" in modes:
-        engine = [x["ratios"]["ttft_p99_engine_thrash_vs_all_resident"] for x in rows]
-        targets["engine_thrash_ttft_p99_ratio_max"] = max((v for v in engine if v is not None), default=None)
-        targets["thrash_target"] = THRASH_TARGET
     return {"per_concurrency": rows, "memory": memory, "targets": targets}
 
 
@@ -226,24 +226,22 @@ def render_compare_markdown(payload: dict[str, Any]) -> str:
             _verdict(t["adapter_n_vs_adapter_1_throughput_min"], MULTI_TARGET, at_least=True),
         ]
     ]
-    if "engine_thrash_ttft_p99_ratio_max" in t:
-        trows.append(
-            [
-                f"TTFT p99 with {n} adapters over {cfg['thrash_resident']} engine LoRA slots "
-                f"(--max-loras) <= {THRASH_TARGET:g}x the all-resident p99 (worst concurrency)",
-                _x(t["engine_thrash_ttft_p99_ratio_max"]),
-                _verdict(t["engine_thrash_ttft_p99_ratio_max"], THRASH_TARGET, at_least=False),
-            ]
-        )
+    slots = {
+        "engine_thrash": "engine LoRA slots (--max-loras)",
+        "thrash": "loaded by the gateway (registry.max_resident)",
+    }
+    for mode, what in slots.items():
+        if f"{mode}_ttft_p99_ratio_max" in t:
+            worst = t[f"{mode}_ttft_p99_ratio_max"]
+            trows.append(
+                [
+                    f"TTFT p99 with {n} adapters over {cfg['thrash_resident']} {what} <= "
+                    f"{THRASH_TARGET:g}x the all-resident p99 (worst concurrency)",
+                    _x(worst),
+                    _verdict(worst, THRASH_TARGET, at_least=False),
+                ]
+            )
     if "thrash_ttft_p99_ratio_max" in t:
-        trows.append(
-            [
-                f"TTFT p99 with {n} adapters over {cfg['thrash_resident']} loaded by the gateway "
-                f"(registry.max_resident) <= {THRASH_TARGET:g}x the all-resident p99 (worst concurrency)",
-                _x(t["thrash_ttft_p99_ratio_max"]),
-                _verdict(t["thrash_ttft_p99_ratio_max"], THRASH_TARGET, at_least=False),
-            ]
-        )
         trows.append(
             ["thrash: adapter loads per 1000 requests", fmt(t["thrash_loads_per_1000_requests"], 1), "-"]
         )
