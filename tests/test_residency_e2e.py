@@ -188,13 +188,7 @@ def test_all_slots_leased_by_streams_gives_503_with_retry_after(
     registry = {"max_resident": 4, "load_wait_timeout_s": 0.5, "drain_after_s": 0.1}
     settings = registry_settings(vllm_url, cache_dir, tmp_path, root, registry=registry, retry_after_s=3)
     with serve_app(settings) as url, httpx.Client(base_url=url, timeout=60) as http:
-        # The session's gateway shares this vLLM and reloads its demo adapters whenever they are evicted;
-        # pinned here too (same bytes, same engine names), they hold two slots that nobody fights over.
-        for demo in ("demo-a", "demo-b"):
-            register(url, demo, tiny_cache[demo], pin=True)
-        for name in ("x", "y", "z"):
-            register(url, name, root / name)
-        names = engine_names(url)
+        names = register_xyz(url, tiny_cache, root)
         body = held_stream(tiny_cache)
         with (
             http.stream("POST", "/v1/completions", json={**body, "model": "x"}) as sx,
@@ -225,6 +219,19 @@ def test_all_slots_leased_by_streams_gives_503_with_retry_after(
     assert_stopped(url)
 
 
+def register_xyz(url: str, tiny_cache: dict[str, Path], root: Path) -> dict[str, str]:
+    """demo-a and demo-b pinned, then x, y, z from `root`; their engine names by registered name.
+
+    The session's gateway shares this vLLM and reloads its demo adapters whenever they are evicted;
+    pinned here too (same bytes, same engine names), they hold two slots that nobody fights over (and
+    that are never drained)."""
+    for demo in ("demo-a", "demo-b"):
+        register(url, demo, tiny_cache[demo], pin=True)
+    for name in ("x", "y", "z"):
+        register(url, name, root / name)
+    return engine_names(url)
+
+
 def held_stream(tiny_cache: dict[str, Path]) -> dict:
     """A stream whose client reads nothing: more bytes than the socket buffers hold (n=8, top-20
     logprobs, ~1 KB an event), so it keeps its lease until the client closes it, however slow or fast
@@ -247,11 +254,7 @@ def test_a_cold_adapter_drains_the_least_busy_one_and_loads_when_it_is_idle(
         httpx.Client(base_url=url, timeout=60) as http,
         ThreadPoolExecutor(2) as pool,
     ):
-        for demo in ("demo-a", "demo-b"):  # pinned: two of the four slots, never drained
-            register(url, demo, tiny_cache[demo], pin=True)
-        for name in ("x", "y", "z"):
-            register(url, name, root / name)
-        names = engine_names(url)
+        names = register_xyz(url, tiny_cache, root)
         body = held_stream(tiny_cache)
         with (
             http.stream("POST", "/v1/completions", json={**body, "model": "x"}) as sx1,
