@@ -65,11 +65,11 @@ async def build_state(settings: Settings) -> GatewayState:
     )
     pool.add_listener(residency.on_probe)
     # Preload at start (and restore after a restart): pinned adapters everywhere; with one engine, also
-    # the others up to its capacity. With several, routing places adapters where they are asked for.
+    # the others, as many as it keeps in memory. With several, routing places adapters where asked for.
     current = sorted(registry.adapters(), key=lambda r: not r.pinned)
     for engine in pool.engines:
-        for ref in current[: settings.max_resident()]:
-            if ref.pinned or len(pool.engines) == 1:
+        for i, ref in enumerate(current[: settings.max_resident()]):
+            if ref.pinned or (len(pool.engines) == 1 and i < settings.preload_count()):
                 residency.want(engine, ref)
 
     async def follow_registry() -> None:

@@ -28,6 +28,10 @@ from pydantic_settings import (
 )
 
 ENV_PREFIX = "LORA_GATEWAY_"
+# Adapters registered with one engine by default. Registering is cheap (vLLM keeps only
+# engine.max_cpu_loras in memory and reads the rest from disk when a batch needs them, inside its own
+# step loop); a gateway that unloads instead must wait for busy adapters to drain (docs/adapters.md).
+DEFAULT_MAX_RESIDENT = 64
 
 
 def default_cache_dir() -> Path:
@@ -149,7 +153,10 @@ class RegistrySettings(BaseModel):
     max_adapter_bytes: int = Field(2 * 1024**3, description="Largest adapter accepted, in bytes.")
     max_resident: int | None = Field(
         None,
-        description="Adapters kept loaded per engine (LRU eviction above). Default: engine.max_cpu_loras.",
+        ge=1,
+        description="Adapters loaded into each engine through its API (the least recently used idle one is "
+        "unloaded above this). vLLM keeps engine.max_cpu_loras of them in memory and reads the others from "
+        f"disk when a batch needs them. Default: {DEFAULT_MAX_RESIDENT}, or engine.max_cpu_loras if larger.",
     )
     load_wait_timeout_s: float = Field(
         30.0, description="How long a request waits for a free adapter slot before a 503."
@@ -231,7 +238,12 @@ class Settings(BaseSettings):
         return [Path(r).expanduser().absolute() for r in roots]
 
     def max_resident(self) -> int:
-        return self.registry.max_resident or self.engine.max_cpu_loras
+        return self.registry.max_resident or max(DEFAULT_MAX_RESIDENT, self.engine.max_cpu_loras)
+
+    def preload_count(self) -> int:
+        """Adapters loaded at start with one engine: what vLLM keeps in memory, no more (the rest would
+        only push each other out of its cache before anyone asked for them)."""
+        return min(self.max_resident(), self.engine.max_cpu_loras)
 
     def resolved_engine_model(self) -> str:
         from adapters.tiny import tiny_model_dir

@@ -10,6 +10,9 @@
   takes requests again.
 - Every slot busy, but the streams end: the cold adapter drains the least busy one, whose new
   requests wait; it loads as soon as that one's stream ends, and the drained adapter loads again.
+- More adapters registered (the default `registry.max_resident`) than vLLM keeps in memory
+  (`--max-cpu-loras 4`, 2 batch slots): vLLM reads the others from disk inside its own steps; under
+  many clients every answer is still its adapter's own, and the gateway loaded each adapter once.
 """
 
 from __future__ import annotations
@@ -279,4 +282,43 @@ def test_a_cold_adapter_drains_the_least_busy_one_and_loads_when_it_is_idle(
         assert metric(url, "lora_gateway_adapter_drains_total", adapter="y") == 1
         assert metric(url, "lora_gateway_adapter_evictions_total", adapter="y") == 1
         assert metric(url, "lora_gateway_adapter_loads_total", adapter="y", result="ok") == 2
+    assert_stopped(url)
+
+
+def test_more_adapters_registered_than_vllm_keeps_in_memory(
+    vllm_url: str, cache_dir: Path, tiny_cache: dict[str, Path], tmp_path: Path
+) -> None:
+    names = [f"m{i}" for i in range(7)]  # the session's vLLM: --max-cpu-loras 4, --max-loras 2
+    root = tmp_path / "src"
+    for i, name in enumerate(names):
+        write_adapter(tiny_cache["base"], root / name, seed=2200 + i)
+    settings = registry_settings(vllm_url, cache_dir, tmp_path, root)
+    assert settings.max_resident() > 2 * settings.engine.max_cpu_loras
+    with serve_app(settings) as url:
+        for name in names:
+            register(url, name, root / name)
+        expected = {name: text(url, name, max_tokens=MAX_TOKENS) for name in names}
+        assert len(set(expected.values())) == len(names), f"adapters must be told apart: {expected}"
+        # reversed: the first ones have left vLLM's memory since; vLLM reads them back from disk
+        assert {name: text(url, name, max_tokens=MAX_TOKENS) for name in reversed(names)} == expected
+
+        async def clients() -> list[tuple[str, int, str]]:
+            async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+
+                async def one(name: str) -> tuple[str, int, str]:
+                    r = await http.post("/v1/completions", json=greedy(name))
+                    return name, r.status_code, r.json()["choices"][0]["text"] if r.is_success else r.text
+
+                order = names * 6
+                random.Random(0).shuffle(order)  # 42 at once: 7 adapters through 2 batch slots
+                return await asyncio.gather(*(one(name) for name in order))
+
+        answers = asyncio.run(clients())
+        wrong = [a for a in answers if a[1:] != (200, expected[a[0]])]
+        assert not wrong, f"{len(wrong)} of {len(answers)} failed or came from another adapter: {wrong[:5]}"
+        mine = engine_names(url)
+        assert {mine[n] for n in names} <= vllm_adapters(vllm_url)
+        for name in names:  # the gateway loaded each once and never unloaded one
+            assert metric(url, LOADS, adapter=name) == 1
+            assert metric(url, EVICTIONS, adapter=name) == 0
     assert_stopped(url)
