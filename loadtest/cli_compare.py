@@ -68,8 +68,9 @@ ConcOpt = Annotated[str, typer.Option(help="Closed-loop concurrency levels.")]
 EngineThrashOpt = Annotated[
     bool,
     typer.Option(
-        help="Also the same adapters over a vLLM with only thrash-resident LoRA slots (--max-loras), all "
-        "of them loaded: vLLM swaps them through its batch slots (starts one more vLLM)."
+        help="Also the same adapters over a vLLM that keeps only thrash-resident of them (--max-loras and "
+        "--max-cpu-loras), all registered: vLLM swaps them through its slots and reads evicted ones back "
+        "from disk itself (starts one more vLLM)."
     ),
 ]
 RepeatOpt = Annotated[
@@ -179,8 +180,8 @@ def thrash(
     workdir: Annotated[Path | None, typer.Option(help="Keep servers' logs and files here [temp].")] = None,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
-    """More adapters than the gateway keeps loaded (and than vLLM has batch slots), under the mix: TTFT
-    p99 and loads vs all resident."""
+    """More adapters than the gateway keeps loaded (and than vLLM keeps), under the mix: TTFT p99 and
+    loads vs all resident."""
     base_dir, base_name, paths = _adapters(base, adapters, random_adapters, workdir)
     _compare(
         base=base_dir,

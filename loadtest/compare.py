@@ -7,9 +7,10 @@
     thrash      (``thrash=True``) the same vLLM behind a gateway keeping only ``thrash_resident``
                 adapters loaded (``registry.max_resident``), the same mix as adapter-N: the gateway
                 hot-loads and evicts through vLLM's load/unload routes
-    engine-thrash  (``engine_thrash=True``) a third vLLM with only ``thrash_resident`` LoRA slots per
-                batch (``--max-loras``) but room for all N in its CPU cache, behind a gateway keeping all
-                N loaded: vLLM swaps adapters in and out of its batch slots itself, nothing is reloaded
+    engine-thrash  (``engine_thrash=True``) a third vLLM that keeps only ``thrash_resident`` adapters:
+                in its batch slots (``--max-loras``) and in memory (``--max-cpu-loras``), behind a gateway
+                that registers all N: vLLM swaps adapters through its slots and reads the ones it
+                evicted back from disk itself, inside its step loop; the gateway loads each once
 
 The two vLLM servers start together (their slow CPU starts overlap; an idle vLLM costs ~1% of a
 core) and stay up; at each concurrency the modes run back to back (closed loop, streaming, with
@@ -260,8 +261,10 @@ class Runner:
         )
 
     def warm(self, url: str, models: Sequence[str]) -> None:
-        """One request per model, unmeasured (loads them; the first requests of a vLLM are slow)."""
-        self.sweep(url, self.workload(models, seed=self.cfg.seed + 99), 1, max(2, len(models)))
+        """One request to every model in turn, unmeasured: each is loaded before the first level (a mix
+        drawn at random would leave some out), and the first requests of a vLLM are slow."""
+        for model in models:
+            self.sweep(url, self.workload([model], seed=self.cfg.seed + 99), 1, 1)
 
     def level(
         self, name: str, url: str, models: Sequence[str], c: int, metrics_url: str | None, repeat: int = 0
@@ -347,7 +350,13 @@ def workdir(path: Path | None, prefix: str) -> Iterator[Path]:
 
 
 def gateway_settings(
-    cfg: CompareConfig, vllm: Server, adapters_dir: Path, resident: int, *, max_loras: int | None = None
+    cfg: CompareConfig,
+    vllm: Server,
+    adapters_dir: Path,
+    resident: int,
+    *,
+    max_loras: int | None = None,
+    max_cpu_loras: int | None = None,
 ) -> dict[str, Any]:
     n = len(cfg.adapters)
     engine = {
@@ -356,7 +365,7 @@ def gateway_settings(
         "model": str(Path(cfg.base).absolute()),
         "served_model_name": cfg.served_base,
         "max_loras": max_loras or cfg.max_loras or n,
-        "max_cpu_loras": n,
+        "max_cpu_loras": max_cpu_loras or n,
         "max_lora_rank": max_lora_rank(cfg.adapters),
         "health_interval_s": 2.0,
     }
@@ -410,8 +419,9 @@ def run_compare(cfg: CompareConfig, *, merger: Merger | None = None, log: Log = 
                 )
 
             base = lora_vllm(lora, "vllm-lora")
-            if cfg.engine_thrash:  # its own vLLM: --max-loras is fixed at start
-                vllm_slots = lora_vllm(dataclasses.replace(lora, max_loras=slots), "vllm-slots")
+            if cfg.engine_thrash:  # its own vLLM: --max-loras and --max-cpu-loras are fixed at start
+                options = dataclasses.replace(lora, max_loras=slots, max_cpu_loras=slots)
+                vllm_slots = lora_vllm(options, "vllm-slots")
             if merged_dir is not None:
                 merged.wait_ready()
             base.wait_ready()
@@ -419,7 +429,9 @@ def run_compare(cfg: CompareConfig, *, merger: Merger | None = None, log: Log = 
             engine_gw: Server | None = None
             if cfg.engine_thrash:
                 vllm_slots.wait_ready()
-                settings = gateway_settings(cfg, vllm_slots, adapters_dir, n, max_loras=slots)
+                settings = gateway_settings(
+                    cfg, vllm_slots, adapters_dir, n, max_loras=slots, max_cpu_loras=slots
+                )
                 engine_gw = stack.enter_context(gateway_process(settings, work, name="gateway-slots"))
                 runner.warm(engine_gw.url, names)
                 log(f"gateway over vLLM with {slots} LoRA slots at {engine_gw.url}")

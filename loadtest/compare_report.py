@@ -147,8 +147,9 @@ def render_compare_markdown(payload: dict[str, Any]) -> str:
             else ""
         )
         + (
-            f"; engine slots = another vLLM with --max-loras {cfg['thrash_resident']} (--max-cpu-loras {n}) "
-            f"behind a gateway keeping all {n} loaded (vLLM swaps adapters through its batch slots)"
+            f"; engine slots = another vLLM keeping {cfg['thrash_resident']} adapters (--max-loras and "
+            f"--max-cpu-loras {cfg['thrash_resident']}) behind a gateway that registers all {n} (vLLM swaps "
+            "adapters through its batch slots and reads evicted ones back from disk)"
             if "engine_thrash" in present
             else ""
         ),
@@ -227,7 +228,7 @@ def render_compare_markdown(payload: dict[str, Any]) -> str:
         ]
     ]
     slots = {
-        "engine_thrash": "engine LoRA slots (--max-loras)",
+        "engine_thrash": "kept by vLLM (--max-loras, --max-cpu-loras)",
         "thrash": "loaded by the gateway (registry.max_resident)",
     }
     for mode, what in slots.items():

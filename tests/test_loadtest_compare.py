@@ -151,7 +151,8 @@ def test_thrash_loads_and_evicts(compared: tuple[Path, dict]) -> None:
 
 def test_engine_slots_thrash_loads_nothing(compared: tuple[Path, dict]) -> None:
     out, payload = compared
-    for lv in payload["modes"]["engine_thrash"]:  # all loaded: vLLM swaps them through its slots itself
+    # all registered: vLLM swaps them through its slots and reads evicted ones back from disk itself
+    for lv in payload["modes"]["engine_thrash"]:
         assert lv["adapter_loads"] == lv["adapter_evictions"] == lv["adapter_load_errors"] == 0
     rows = payload["summary"]["per_concurrency"]
     for row in rows:
@@ -162,4 +163,6 @@ def test_engine_slots_thrash_loads_nothing(compared: tuple[Path, dict]) -> None:
     ratios = [r["ratios"]["ttft_p99_engine_thrash_vs_all_resident"] for r in rows]
     assert payload["summary"]["targets"]["engine_thrash_ttft_p99_ratio_max"] == pytest.approx(max(ratios))
     report = (out / "report.md").read_text()
-    assert "## Spread over repeats" in report and "engine LoRA slots (--max-loras)" in report
+    assert "## Spread over repeats" in report and "kept by vLLM (--max-loras, --max-cpu-loras)" in report
+    slots = payload["config"]["thrash_resident"]
+    assert f"(--max-loras and --max-cpu-loras {slots})" in report

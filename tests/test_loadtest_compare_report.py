@@ -138,7 +138,8 @@ def test_engine_slots_thrash_and_the_spread_in_the_report(tmp_path: Path) -> Non
     assert p["summary"]["targets"]["engine_thrash_ttft_p99_ratio_max"] == pytest.approx(1.5)
     text = write_compare_report(tmp_path, p)["report"].read_text()
     assert (
-        "engine LoRA slots (--max-loras) <= 3x the all-resident p99 (worst concurrency) | 1.50x | met" in text
+        "kept by vLLM (--max-loras, --max-cpu-loras) <= 3x the all-resident p99 (worst concurrency) "
+        "| 1.50x | met" in text
     )
     assert "## Spread over repeats" in text and "| 4 | adapter-only, N, engine slots | 10 / 30 |" in text
     assert "each level measured 2 times (numbers pool all 16)" in text
