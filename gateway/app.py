@@ -59,6 +59,7 @@ async def build_state(settings: Settings) -> GatewayState:
         client,
         metrics,
         max_resident=settings.max_resident(),
+        restore_limit=settings.preload_count(),
         wait_timeout_s=settings.registry.load_wait_timeout_s,
         drain_after_s=settings.registry.drain_after_s,
         retry_after_s=settings.retry_after_s,

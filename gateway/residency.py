@@ -88,6 +88,7 @@ class Residency:
         metrics: Metrics,
         *,
         max_resident: int,
+        restore_limit: int | None = None,
         wait_timeout_s: float = 30.0,
         drain_after_s: float = 1.0,
         retry_after_s: int = 5,
@@ -95,6 +96,9 @@ class Residency:
         self.client = client
         self.metrics = metrics
         self.max_resident = max_resident
+        # After a restart, adapters loaded again at once besides the pinned ones (the most recently used
+        # first): what vLLM keeps in memory. The others load on their next request.
+        self.restore_limit = min(max_resident, restore_limit or max_resident)
         self.wait_timeout_s = wait_timeout_s
         self.drain_after_s = drain_after_s
         self.retry_after_s = retry_after_s
@@ -382,16 +386,17 @@ class Residency:
             log.warning("engine %s lost adapters %s (restarted?); restoring", engine.name, sorted(lost))
         status.resident = (listed - changed) | (status.resident & changed)
         status.draining &= status.resident
+        recency = {key: i for i, key in enumerate(book.lru)}  # before the lost ones leave it
         for key in list(book.lru):
             if key not in status.resident:
                 book.lru.pop(key)
         self._observe_resident(engine)
         self.metrics.engine_up.labels(engine.name).set(1)
         missing = [ref for key, ref in book.wanted.items() if key not in status.resident]
-        missing.sort(key=lambda r: (r.engine_name not in book.pinned, r.engine_name))
+        missing.sort(key=lambda r: (r.engine_name not in book.pinned, -recency.get(r.engine_name, -1)))
         for ref in missing:
-            if len(status.resident) >= self.max_resident and ref.engine_name not in book.pinned:
-                continue
+            if len(status.resident) >= self.restore_limit and ref.engine_name not in book.pinned:
+                break
             try:
                 lease = await self.acquire(engine, ref)
                 lease.release()

@@ -54,13 +54,14 @@ class FakeVllm:
 
 
 def setup(
-    max_resident: int, wait_timeout_s: float = 5, drain_after_s: float = 0
+    max_resident: int, wait_timeout_s: float = 5, drain_after_s: float = 0, restore_limit: int | None = None
 ) -> tuple[FakeVllm, Residency, Engine, Metrics]:
     vllm, metrics = FakeVllm(), Metrics()
     residency = Residency(
         vllm,  # type: ignore[arg-type]
         metrics,
         max_resident=max_resident,
+        restore_limit=restore_limit,
         wait_timeout_s=wait_timeout_s,
         drain_after_s=drain_after_s,
     )
@@ -92,6 +93,22 @@ async def test_a_listing_older_than_a_load_does_not_drop_it() -> None:
     lease.release()
     await residency.on_probe(engine, ProbeResult({BASE}, set()))  # a newer listing is the truth again
     assert loads(vllm) == ["lora-a", "lora-a"] and engine.status.resident == {"lora-a"}  # restored
+
+
+@in_loop
+async def test_after_a_restart_pinned_and_most_recent_adapters_come_back_the_rest_on_demand() -> None:
+    vllm, residency, engine, _ = setup(max_resident=4, restore_limit=2)
+    pinned = AdapterRef("p", "lora-p", Path("/store/p"), pinned=True)
+    for ref in (pinned, A, B, C, A):  # least recently used first: p, b, c, a
+        (await residency.acquire(engine, ref)).release()
+    vllm.loaded.clear()  # vLLM restarted: it lists none
+    await residency.on_probe(engine, ProbeResult({BASE}, set()))
+    assert engine.status.resident == {"lora-p", "lora-a"} == vllm.loaded  # pinned, then up to the limit
+    assert loads(vllm)[-2:] == ["lora-p", "lora-a"]
+    (await residency.acquire(engine, B)).release()  # the others load on their next request
+    assert engine.status.resident == {"lora-p", "lora-a", "lora-b"}
+    await residency.on_probe(engine, ProbeResult({BASE}, set(vllm.loaded)))
+    assert "lora-c" not in vllm.loaded, "a probe restores no more than the limit"
 
 
 @in_loop
