@@ -45,6 +45,15 @@ def test_priority_file_env_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     assert (s.port, s.engine.max_loras, s.engine.port) == (9003, 5, 9200), "CLI beats env; None is ignored"
 
 
+def test_adapters_registered_per_engine_default_above_what_vllm_keeps_in_memory() -> None:
+    s = Settings(engine={"max_cpu_loras": 8})
+    assert (s.max_resident(), s.preload_count()) == (64, 8)  # vLLM rereads the others from disk
+    s = Settings(engine={"max_cpu_loras": 100})
+    assert (s.max_resident(), s.preload_count()) == (100, 100)  # never fewer than vLLM keeps
+    s = Settings(engine={"max_cpu_loras": 8}, registry={"max_resident": 4})
+    assert (s.max_resident(), s.preload_count()) == (4, 4)  # set by hand: the gateway keeps only 4 loaded
+
+
 def test_config_file_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "gw.yaml"
     path.write_text("port: 9009\n")
@@ -63,6 +72,8 @@ def test_bad_config_is_refused_clearly(tmp_path: Path) -> None:
         Settings(engine={"mode": "attached"})
     with pytest.raises(ValidationError, match="max_lora_rank"):
         Settings(engine={"max_lora_rank": 12})
+    with pytest.raises(ValidationError, match="registry.max_resident"):
+        Settings(registry={"max_resident": 0})
     typo = tmp_path / "typo.yaml"
     typo.write_text("prot: 1\n")
     with pytest.raises(ValidationError, match="prot"):
