@@ -241,8 +241,9 @@ class Settings(BaseSettings):
         return self.registry.max_resident or max(DEFAULT_MAX_RESIDENT, self.engine.max_cpu_loras)
 
     def preload_count(self) -> int:
-        """Adapters loaded at start with one engine: what vLLM keeps in memory, no more (the rest would
-        only push each other out of its cache before anyone asked for them)."""
+        """Adapters loaded without a request asking for them (pinned ones aside): at start with one
+        engine, and after any engine restarts. What vLLM keeps in memory, no more: the rest would only
+        push each other out of its cache before anyone asked for them."""
         return min(self.max_resident(), self.engine.max_cpu_loras)
 
     def resolved_engine_model(self) -> str:
