@@ -75,6 +75,12 @@ class EngineSettings(BaseModel):
     max_model_len: int | None = Field(None, description="vLLM --max-model-len.")
     extra_args: list[str] = Field(default_factory=list, description="More vLLM CLI arguments, passed as-is.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for a managed vLLM.")
+    lora_ops: Literal["grouped", "fix", "off"] = Field(
+        "grouped",
+        description="Managed: LORA_GATEWAY_LORA_OPS for the engine plugin (CPU engines only): grouped = "
+        "one product per adapter, base-model rows skipped; fix = vLLM's ops with base-model rows skipped; "
+        "off = vLLM's ops as shipped, which give base-model rows an adapter's output in mixed batches.",
+    )
     python: str = Field(sys.executable, description="Python interpreter that has vLLM installed.")
     startup_timeout_s: float = Field(600.0, description="How long a managed vLLM may take to become ready.")
     health_interval_s: float = Field(2.0, description="How often the engine is probed once ready.")

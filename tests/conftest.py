@@ -82,13 +82,24 @@ class GatewayProcess:
 
 
 @pytest.fixture(scope="session")
-def gateway_proc(tiny_cache: dict[str, Path], cache_dir: Path, session_tmp: Path) -> Iterator[GatewayProcess]:
+def session_src(session_tmp: Path) -> Path:
+    """A folder the session gateway may register adapters from (`registry.allowed_roots`)."""
+    path = session_tmp / "src"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gateway_proc(
+    tiny_cache: dict[str, Path], cache_dir: Path, session_tmp: Path, session_src: Path
+) -> Iterator[GatewayProcess]:
     port, vllm_port = free_port(), free_port()
     config = {
         "port": port,
         "cache_dir": str(cache_dir),
         "data_dir": str(session_tmp / "data"),
         "engine": {"port": vllm_port, "max_loras": 2, "max_cpu_loras": 4, "health_interval_s": 1.0},
+        "registry": {"allowed_roots": [str(session_src)]},
     }
     config_path = session_tmp / "gateway.yaml"
     config_path.write_text(yaml.safe_dump(config))

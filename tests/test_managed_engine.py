@@ -33,3 +33,9 @@ def test_env_allows_runtime_lora_updates_and_takes_overrides() -> None:
     env = vllm_env(EngineSettings(env={"VLLM_CPU_KVCACHE_SPACE": "2", "X": "y"}))
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["X"] == "y"
+
+
+def test_env_tells_the_engine_plugin_which_lora_ops_to_use() -> None:
+    assert vllm_env(EngineSettings())["LORA_GATEWAY_LORA_OPS"] == "grouped"
+    env = vllm_env(EngineSettings(lora_ops="off", env={"LORA_GATEWAY_LORA_OPS": "fix"}))
+    assert env["LORA_GATEWAY_LORA_OPS"] == "off", "engine.lora_ops is the one switch"

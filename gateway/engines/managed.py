@@ -59,6 +59,7 @@ def vllm_env(engine: EngineSettings) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU builds; ignored on GPUs
     env.update(engine.env)
+    env["LORA_GATEWAY_LORA_OPS"] = engine.lora_ops  # read by the engine plugin (engine_plugin/__init__.py)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # the gateway loads and unloads adapters at run time
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env

