@@ -71,6 +71,19 @@ def _level_line(mode: str, entry: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def verify_line(v: dict[str, Any]) -> str:
+    """``--verify``'s one-line verdict: answers checked, wrong, and whose answers the wrong ones were."""
+    line = f"{v['checked']} answers checked, {v['wrong']} wrong, {v['near_ties']} near ties"
+    if v["wrong"]:
+        line += f" ({v['wrong_model']} another model's answer)"
+        line += "; " + ", ".join(
+            f"{m}: {c['wrong']}" + (f" (as {dict(c['as_model'])})" if c["as_model"] else "")
+            for m, c in v["per_model"].items()
+            if c["wrong"]
+        )
+    return line
+
+
 @app.command()
 def run(
     target: Annotated[str, typer.Option(help="Base URL of the endpoint, e.g. http://127.0.0.1:8000")],
@@ -108,6 +121,13 @@ def run(
     client: Annotated[
         str, typer.Option(help="HTTP client: httpx, or aiohttp (less CPU per request).")
     ] = "httpx",
+    verify: Annotated[
+        bool,
+        typer.Option(
+            help="Check every answer against its model's own answer to that request sent alone "
+            "(learned after the levels, one at a time; greedy): wrong answers per level and model."
+        ),
+    ] = False,
 ) -> None:
     """Drive an endpoint at each concurrency (closed loop) or rate (open loop) and write a report."""
     from loadtest.report import write_run_report
@@ -144,6 +164,7 @@ def run(
             warmup=warmup,
             max_connections=max_connections,
             client=client,
+            verify=verify,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -177,6 +198,13 @@ def run(
     console.print(f"{target}: {mode} {names}, {requests} requests per level", soft_wrap=True)
     with progress:
         result = run_sweep(cfg, on_level_start=start, on_result=advance, on_level_end=end)
+    if verify:
+        from loadtest.report import level_name
+
+        for entry in result.payload["levels"]:
+            console.print(
+                f"{mode}={level_name(entry['level'])}: {verify_line(entry['verify'])}", soft_wrap=True
+            )
     files = write_run_report(out, result.payload, result.records)
     console.print(f"wrote {', '.join(str(p) for p in files.values())}", soft_wrap=True)
 

@@ -82,6 +82,15 @@ VllmArgOpt = Annotated[
 ]
 
 
+VerifyOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Check every answer against its model's own answer to that request sent alone to the same "
+        "server (greedy): wrong answers per level, mode and model in results.json and report.md."
+    ),
+]
+
+
 def _compare(**kw: Any) -> None:
     from loadtest.compare import CompareConfig, run_compare
 
@@ -132,6 +141,7 @@ def compare(
     workdir: Annotated[Path | None, typer.Option(help="Keep servers' logs and files here [temp].")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     timeout: Annotated[float, typer.Option(min=0.001, help="Per-request timeout (s).")] = 300.0,
+    verify: VerifyOpt = False,
 ) -> None:
     """Merged serving vs adapter-only serving (1 adapter, all under the mix), on servers it starts itself."""
     base_dir, base_name, paths = _adapters(base, adapters, random_adapters, workdir)
@@ -156,6 +166,7 @@ def compare(
         workdir=workdir,
         seed=seed,
         timeout_s=timeout,
+        verify=verify,
     )
 
 
@@ -179,6 +190,7 @@ def thrash(
     vllm_arg: VllmArgOpt = None,
     workdir: Annotated[Path | None, typer.Option(help="Keep servers' logs and files here [temp].")] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    verify: VerifyOpt = False,
 ) -> None:
     """More adapters than the gateway keeps loaded (and than vLLM keeps), under the mix: TTFT p99 and
     loads vs all resident."""
@@ -203,6 +215,7 @@ def thrash(
         vllm_args=vllm_arg or [],
         workdir=workdir,
         seed=seed,
+        verify=verify,
     )
 
 
@@ -265,6 +278,7 @@ def routing(
     workdir: Annotated[Path | None, typer.Option(help="Keep servers' logs and files here [temp].")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     timeout: Annotated[float, typer.Option(min=0.001, help="Per-request timeout (s).")] = 300.0,
+    verify: VerifyOpt = False,
 ) -> None:
     """Affinity routing vs round-robin over the same vLLM replicas and request sequence: adapter loads
     per 1000 requests, TTFT, throughput (default: 8 random adapters over 2 replicas x 2 slots)."""
@@ -288,6 +302,7 @@ def routing(
         workdir=workdir,
         seed=seed,
         timeout_s=timeout,
+        verify=verify,
     )
 
 

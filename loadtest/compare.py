@@ -57,6 +57,7 @@ from loadtest.servers import (
     vllm_process,
 )
 from loadtest.sweep import SweepConfig, run_sweep
+from loadtest.verify import References
 from loadtest.workload import WorkloadSpec
 
 Log = Callable[[str], None]
@@ -95,6 +96,7 @@ class CompareConfig:
     merged: bool = True
     single: bool = True
     snapshot_base: bool = False
+    verify: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -181,6 +183,29 @@ class Measured:
     requested: int
     hit_time_limit: bool
     counters: dict[str, int] | None = None  # adapter_loads, adapter_load_errors, adapter_evictions
+    verify: dict[str, Any] | None = None  # --verify: answers checked (loadtest.sweep.check_level)
+
+
+def merge_verify(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The ``verify`` entries of several runs of one level, added up."""
+    per_model: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for model, c in part["per_model"].items():
+            m = per_model.setdefault(
+                model, {"checked": 0, "right": 0, "near_ties": 0, "wrong": 0, "as_model": {}}
+            )
+            for key in ("checked", "right", "near_ties", "wrong"):
+                m[key] += c[key]
+            for other, n in c["as_model"].items():
+                m["as_model"][other] = m["as_model"].get(other, 0) + n
+    return {
+        "checked": sum(p["checked"] for p in parts),
+        "near_ties": sum(p["near_ties"] for p in parts),
+        "wrong": sum(p["wrong"] for p in parts),
+        "wrong_model": sum(p["wrong_model"] for p in parts),
+        "per_model": per_model,
+        "examples": [e for p in parts for e in p["examples"]][:5],
+    }
 
 
 def pooled_entry(level: int, runs: Sequence[Measured]) -> dict[str, Any]:
@@ -195,6 +220,8 @@ def pooled_entry(level: int, runs: Sequence[Measured]) -> dict[str, Any]:
         "summary": stats.summarize(records, duration_s=duration, requested=sum(m.requested for m in runs)),
         "per_model": stats.per_model(records, duration_s=duration),
     }
+    if all(m.verify is not None for m in runs):
+        entry["verify"] = merge_verify([m.verify for m in runs if m.verify is not None])
     if all(m.counters is not None for m in runs):
         for key in ("adapter_loads", "adapter_load_errors", "adapter_evictions"):
             entry[key] = sum(m.counters[key] for m in runs if m.counters is not None)
@@ -221,6 +248,7 @@ class Runner:
 
     def __init__(self, cfg: CompareConfig, log: Log) -> None:
         self.cfg, self.log = cfg, log
+        self.references: dict[str, References] = {}  # per URL: answers learned once, reused by every level
 
     def workload(self, models: Sequence[str], seed: int | None = None) -> WorkloadSpec:
         c = self.cfg
@@ -248,8 +276,9 @@ class Runner:
             timeout_s=c.timeout_s,
             time_limit_s=c.time_limit_s,
             client=c.client,
+            verify=c.verify,
         )
-        result = run_sweep(cfg)
+        result = run_sweep(cfg, references=self.references.setdefault(url, References()))
         entry = result.payload["levels"][0]
         s = entry["summary"]
         return Measured(
@@ -258,6 +287,7 @@ class Runner:
             duration_s=s["duration_s"],
             requested=s["requests"]["requested"],
             hit_time_limit=entry["hit_time_limit"],
+            verify=entry.get("verify"),
         )
 
     def warm(self, url: str, models: Sequence[str]) -> None:
@@ -282,11 +312,12 @@ class Runner:
             }
         s = run.summary
         of = f" (repeat {repeat + 1}/{self.cfg.repeat})" if self.cfg.repeat > 1 else ""
+        checked = f", {run.verify['wrong']} of {run.verify['checked']} answers wrong" if run.verify else ""
         self.log(
             f"{name} c={c}{of}: {s['request_throughput']:.2f} req/s, "
             f"{s['output_token_throughput']:.1f} tok/s, "
             f"TTFT p50/p99 {fmt_ms(s['ttft_ms']['p50'])}/{fmt_ms(s['ttft_ms']['p99'])} ms, "
-            f"{s['requests']['failed']} failed"
+            f"{s['requests']['failed']} failed{checked}"
             + (
                 f", {run.counters['adapter_loads']} loads, {run.counters['adapter_evictions']} evictions"
                 if run.counters is not None

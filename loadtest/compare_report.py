@@ -39,6 +39,9 @@ def _point(entry: dict[str, Any]) -> dict[str, Any]:
     for key in ("adapter_loads", "adapter_evictions", "adapter_load_errors", "loads_per_1000_requests"):
         if key in entry:
             out[key] = entry[key]
+    if "verify" in entry:
+        out["checked"], out["wrong"] = entry["verify"]["checked"], entry["verify"]["wrong"]
+        out["wrong_model"], out["near_ties"] = entry["verify"]["wrong_model"], entry["verify"]["near_ties"]
     return out
 
 
@@ -197,6 +200,24 @@ def render_compare_markdown(payload: dict[str, Any]) -> str:
                 + [_x(ratio(p["tpot_p50_ms"], base.get("tpot_p50_ms")))]
             )
     out += [table(head, rows), ""]
+    checked = [
+        [row["concurrency"], MODE_LABELS[m], p["checked"], p["near_ties"], p["wrong"], p["wrong_model"]]
+        for row in summ["per_concurrency"]
+        for m in present
+        if (p := row["modes"].get(m, {})) and "checked" in p
+    ]
+    if checked:
+        out += ["## Answers checked (`--verify`)", ""]
+        out += [
+            "Each answer against its model's own answer to that request sent alone to the same server "
+            "(greedy); *another model's* = equal to a different model's answer.",
+            "",
+        ]
+        out += [table(["concurrency", "mode", "checked", "wrong", "another model's"], checked), ""]
+        out += [
+            f"**{sum(r[3] for r in checked)} wrong answers** of {sum(r[2] for r in checked)} checked.",
+            "",
+        ]
     out += ["## Adapter loads and evictions during each level (gateway /metrics)", ""]
     rows = []
     for row in summ["per_concurrency"]:

@@ -57,17 +57,23 @@ def read_body(rec: RequestResult, status: int, body: bytes) -> None:
         fail(rec, "response_error", error_message(body))
         return
     take_usage(rec, data.get("usage"))
+    choices = data.get("choices")
+    if choices and isinstance(choices[0], dict):
+        first = choices[0]
+        message = first.get("message")
+        rec.text = (message.get("content") if isinstance(message, dict) else first.get("text")) or ""
     rec.ok = True
 
 
 class StreamParser:
     """Feed it the lines of an SSE response as they arrive; ``feed`` says when to stop reading."""
 
-    __slots__ = ("rec", "start", "done", "failed")
+    __slots__ = ("rec", "start", "done", "failed", "parts")
 
     def __init__(self, rec: RequestResult, start: float) -> None:
         self.rec, self.start = rec, start
         self.done = self.failed = False
+        self.parts: list[str] = []
 
     def feed(self, line: str | bytes) -> bool:
         """Take one line; True once the stream is over (``[DONE]`` or an error event)."""
@@ -102,8 +108,12 @@ class StreamParser:
             delta = choice.get("delta")
             if delta is None:
                 text = choice.get("text")
+                if text:
+                    self.parts.append(text)
             else:
                 text = next((delta[k] for k in _CONTENT_KEYS if delta.get(k)), None)
+                if delta.get("content"):
+                    self.parts.append(delta["content"])
             if text or choice.get("token_ids"):  # vLLM's return_token_ids: a chunk per token
                 if rec.ttft is None:
                     rec.ttft = now
@@ -124,4 +134,5 @@ class StreamParser:
             return
         if not rec.usage_reported:
             rec.completion_tokens = len(rec.chunk_times)
+        rec.text = "".join(self.parts)
         rec.ok = True

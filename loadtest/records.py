@@ -20,7 +20,8 @@ class RequestResult:
     of any kind (both streaming only; ``None`` otherwise).
     ``chunk_times`` are the arrival times of the content chunks (streaming only).
     ``usage_reported`` says whether ``completion_tokens`` came from the server's ``usage`` or was
-    counted from content chunks.
+    counted from content chunks. ``text`` is the generated text (first choice), kept for ``--verify``
+    and left out of ``to_dict``.
     """
 
     index: int
@@ -39,6 +40,7 @@ class RequestResult:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     usage_reported: bool = False
+    text: str | None = None
 
     @property
     def send_lag(self) -> float | None:
@@ -49,6 +51,7 @@ class RequestResult:
 
     def to_dict(self, *, digits: int = 6) -> dict[str, Any]:
         d = asdict(self)
+        del d["text"]
         for key in ("start", "scheduled", "ttfb", "ttft", "e2e"):
             if d[key] is not None:
                 d[key] = round(d[key], digits)

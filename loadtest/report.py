@@ -112,6 +112,8 @@ def render_run_markdown(payload: dict[str, Any]) -> str:
     errors = [(level_name(lv["level"]), k, v) for lv in levels for k, v in lv["summary"]["errors"].items()]
     out += ["## Errors", ""]
     out += [table([mode, "kind", "count"], errors) if errors else "No failed requests.", ""]
+    if "verify" in payload:
+        out += verify_section(mode, levels)
     out += ["## Per model", ""]
     rows = []
     for lv in levels:
@@ -126,6 +128,33 @@ def render_run_markdown(payload: dict[str, Any]) -> str:
     out += ["## Plots", "", f"![latency](latency_vs_{mode}.png)", ""]
     out += [f"![throughput](throughput_vs_{mode}.png)", ""]
     return "\n".join(out)
+
+
+def verify_section(mode: str, levels: list[dict[str, Any]]) -> list[str]:
+    """``--verify``: per level and model, answers checked against the model's own answer sent alone."""
+    out = ["## Answers checked (`--verify`)", ""]
+    out += [
+        "Each answer is compared with the answer its model gives to the same request sent alone "
+        "(greedy). *Near ties* left the reference by taking its runner-up token where the two were within "
+        f"{levels[0]['verify']['tie_nats']:g} nats (engines are not batch-invariant: a larger batch sums in "
+        "another order); they are not counted as wrong. *Another model's* counts wrong answers that equal a "
+        "different model's answer to that request: the signature of a request served by the wrong weights.",
+        "",
+    ]
+    rows = []
+    for lv in levels:
+        for model, c in lv["verify"]["per_model"].items():
+            others = ", ".join(f"{m} {n}" for m, n in c["as_model"].items()) or "-"
+            rows.append([level_name(lv["level"]), model, c["checked"], c["near_ties"], c["wrong"], others])
+    out += [table([mode, "model", "checked", "near ties", "wrong", "another model's"], rows), ""]
+    total = sum(lv["verify"]["wrong"] for lv in levels)
+    out += [f"**{total} wrong answers** of {sum(lv['verify']['checked'] for lv in levels)} checked.", ""]
+    examples = [e for lv in levels for e in lv["verify"]["examples"]][:5]
+    if examples:
+        out += ["Examples:", ""]
+        out += [f"- #{e['index']} {e['model']}: `{e['text']}` (alone: `{e['reference']}`)" for e in examples]
+        out += [""]
+    return out
 
 
 def _pyplot() -> Any:

@@ -3,6 +3,12 @@
 Each level sends the same requests (same seed), so levels differ only in load. Results come
 back as a JSON-ready payload (config, machine, per-level summaries and per-model breakdown)
 plus the raw per-request records; ``loadtest.report`` writes them.
+
+With ``verify``, each distinct request is then sent once more, one at a time, and its answer is the
+reference every response of the levels is checked against (``loadtest.verify``): per level and per
+model, how many differ and how many are another model's answer. The references are learned after the
+levels, not before, so that they cannot warm vLLM's prefix cache for the measured requests; they are the
+same answers either way (greedy, one request in the engine at a time).
 """
 
 from __future__ import annotations
@@ -18,14 +24,17 @@ from loadtest.machine import machine_info
 from loadtest.records import RequestResult
 from loadtest.runner import (
     CLIENTS,
+    Job,
     LevelRun,
     OnResult,
     jobs_for,
+    make_client,
     make_sender,
     run_closed_loop,
     run_open_loop,
     run_sync,
 )
+from loadtest.verify import References, learn_all, request_key
 from loadtest.workload import WorkloadSpec, generate
 
 Mode = Literal["concurrency", "rate"]
@@ -46,6 +55,7 @@ class SweepConfig:
     warmup: int = 0
     max_connections: int | None = None
     client: str = "httpx"
+    verify: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("concurrency", "rate"):
@@ -62,6 +72,8 @@ class SweepConfig:
             raise ValueError("timeout_s and time_limit_s: must be > 0")
         if self.client not in CLIENTS:
             raise ValueError(f"client: must be one of {CLIENTS}, got {self.client!r}")
+        if self.verify and self.workload.temperature != 0:
+            raise ValueError("verify: needs greedy requests (temperature 0) to have one right answer each")
 
     def connections(self) -> int:
         if self.max_connections:
@@ -100,9 +112,36 @@ def run_sweep(
     on_level_start: Callable[[float, int], None] | None = None,
     on_result: OnResult | None = None,
     on_level_end: Callable[[dict[str, Any]], None] | None = None,
+    references: References | None = None,
 ) -> SweepResult:
-    """Run every level in turn; blocking (it runs its own event loop)."""
-    return run_sync(_sweep(cfg, on_level_start, on_result, on_level_end))
+    """Run every level in turn; blocking (it runs its own event loop).
+
+    With ``cfg.verify``, ``references`` (learned by earlier sweeps against the same server) are reused
+    and extended with the requests they lack.
+    """
+    refs = references if references is not None else References()
+    return run_sync(_sweep(cfg, on_level_start, on_result, on_level_end, refs))
+
+
+async def learn_references(cfg: SweepConfig, jobs: Sequence[Job], refs: References) -> int:
+    """Learn the reference answer of each (model, request) that ``refs`` lacks, one request at a time."""
+    async with make_client(api_key=cfg.api_key, timeout_s=cfg.timeout_s, max_connections=1) as client:
+        return await learn_all(client, [(j.spec.model, j.url, j.spec.body) for j in jobs], refs)
+
+
+def check_level(records: Sequence[RequestResult], keys: dict[int, str], refs: References) -> dict[str, Any]:
+    """Check one level's answered requests against the references; the level's ``verify`` entry."""
+    level = refs.fresh()
+    examples = []
+    for rec in records:
+        if not rec.ok or rec.text is None:
+            continue
+        verdict = level.check(rec.model, keys[rec.index], rec.text)
+        if not verdict.ok and not verdict.near_tie and len(examples) < 5:
+            examples.append({"index": rec.index, "model": rec.model, "as_model": verdict.as_model,
+                             "near_tie": verdict.near_tie, "text": rec.text[:200],
+                             "reference": refs.text(rec.model, keys[rec.index])[:200]})  # fmt: skip
+    return {**level.summary(), "examples": examples}
 
 
 async def _sweep(
@@ -110,9 +149,11 @@ async def _sweep(
     on_level_start: Callable[[float, int], None] | None,
     on_result: OnResult | None,
     on_level_end: Callable[[dict[str, Any]], None] | None,
+    refs: References,
 ) -> SweepResult:
     started = dt.datetime.now(dt.UTC)
     jobs = jobs_for(cfg.target, generate(cfg.workload, cfg.requests))
+    keys = {job.spec.index: request_key(job.spec.body) for job in jobs} if cfg.verify else {}
     result = SweepResult(payload={})
     levels: list[dict[str, Any]] = []
     sender = make_sender(
@@ -151,6 +192,10 @@ async def _sweep(
             result.records.append((level, run.records))
             if on_level_end is not None:
                 on_level_end(entry)
+        if cfg.verify:
+            learned = await learn_references(cfg, jobs, refs)
+            for entry, (_, records) in zip(levels, result.records, strict=True):
+                entry["verify"] = check_level(records, keys, refs)
     result.payload = {
         "kind": "run",
         "started_at": started.isoformat(timespec="seconds"),
@@ -159,4 +204,12 @@ async def _sweep(
         "config": cfg.to_dict(),
         "levels": levels,
     }
+    if cfg.verify:
+        result.payload["verify"] = {
+            "references_learned": learned,
+            "checked": sum(e["verify"]["checked"] for e in levels),
+            "near_ties": sum(e["verify"]["near_ties"] for e in levels),
+            "wrong": sum(e["verify"]["wrong"] for e in levels),
+            "wrong_model": sum(e["verify"]["wrong_model"] for e in levels),
+        }
     return result

@@ -46,6 +46,13 @@ def check_level(entry: dict[str, Any], n: int) -> None:
     assert s["request_throughput"] > 0 and s["output_token_throughput"] > 0
 
 
+def check_answers(entry: dict[str, Any], n: int) -> None:
+    """`--verify`: every answer checked, none wrong (base-model and adapter requests share batches here)."""
+    v = entry["verify"]
+    assert v["checked"] == n and sum(m["checked"] for m in v["per_model"].values()) == n
+    assert v["wrong"] == 0, v["examples"]
+
+
 def test_run_against_the_real_vllm(gateway_url: str, tmp_path: Path) -> None:
     args = ["run", "--target", gateway_url, "--models", "tiny-llama,demo-a", "--mix", "zipf:1.2"]
     args += ["--concurrency", "1,2", "--requests", str(REQUESTS), "--prompt-tokens", "8"]
@@ -55,6 +62,7 @@ def test_run_against_the_real_vllm(gateway_url: str, tmp_path: Path) -> None:
         "--stream",
         "--ignore-eos",
         "--token-ids",
+        "--verify",
         "--out",
         str(tmp_path),
     ]
@@ -64,6 +72,9 @@ def test_run_against_the_real_vllm(gateway_url: str, tmp_path: Path) -> None:
     assert [lv["level"] for lv in payload["levels"]] == LEVELS
     for lv in payload["levels"]:
         check_level(lv, REQUESTS)
+        check_answers(lv, REQUESTS)
+    assert payload["verify"]["references_learned"] == REQUESTS  # the same requests at every level
+    assert "## Answers checked" in (tmp_path / "report.md").read_text()
     for name in ("latency_vs_concurrency.png", "throughput_vs_concurrency.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG
     records = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
@@ -82,7 +93,7 @@ def compared(tmp_path_factory: pytest.TempPathFactory, tiny_cache: dict[str, Pat
     args += ["--repeat", str(REPEAT)]
     args += ["--concurrency", ",".join(map(str, LEVELS)), "--requests", str(REQUESTS)]
     args += ["--prompt-tokens", "8", "--max-tokens", str(MAX_TOKENS)]
-    args += ["--out", str(out / "report"), "--workdir", str(out / "work")]
+    args += ["--out", str(out / "report"), "--workdir", str(out / "work"), "--verify"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, f"{res.output}\n{res.exception!r}"
     return out / "report", json.loads((out / "report" / "results.json").read_text())
@@ -96,6 +107,7 @@ def test_compare_report_is_complete_and_consistent(compared: tuple[Path, dict]) 
         assert [lv["level"] for lv in levels] == LEVELS, mode
         for lv in levels:
             check_level(lv, REQUESTS * REPEAT)
+            check_answers(lv, REQUESTS * REPEAT)
             assert len(lv["per_model"]) <= n_models.get(mode, N_ADAPTERS)
             assert [r["completed"] for r in lv["repeats"]] == [REQUESTS] * REPEAT
             if "adapter_loads" in lv:
@@ -128,6 +140,7 @@ def test_compare_report_is_complete_and_consistent(compared: tuple[Path, dict]) 
     )
     report = (out / "report.md").read_text()
     assert "## Memory" in report and "## Targets" in report and "adapter-only, 1 adapter" in report
+    assert "## Answers checked" in report
     for name in ("compare_throughput.png", "compare_ttft_p99.png"):
         assert (out / name).read_bytes()[:8] == PNG
 

