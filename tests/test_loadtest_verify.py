@@ -1,0 +1,72 @@
+"""`loadtest.verify` as pure logic: request identity, references with runner-up tokens, verdicts."""
+
+from __future__ import annotations
+
+import json
+
+from loadtest.verify import Reference, References, Step, reference_body, request_key, steps_from
+
+BODY = {
+    "model": "sql",
+    "messages": [{"role": "user", "content": "list all"}],
+    "max_tokens": 8,
+    "temperature": 0,
+}
+
+
+def test_a_request_is_identified_without_its_model_and_streaming() -> None:
+    streamed = {**BODY, "model": "chat", "stream": True, "stream_options": {"include_usage": True}}
+    assert request_key(BODY) == request_key(json.dumps(streamed).encode())
+    assert request_key(BODY) != request_key({**BODY, "max_tokens": 9})
+
+
+def test_the_learning_request_asks_for_the_runner_up_and_does_not_stream() -> None:
+    chat = reference_body(json.dumps({**BODY, "stream": True, "stream_options": {}}).encode())
+    assert chat["logprobs"] is True and chat["top_logprobs"] == 2 and "stream" not in chat
+    assert reference_body({"model": "m", "prompt": "x"})["logprobs"] == 2
+
+
+def test_steps_from_chat_and_completions_logprobs() -> None:
+    chat = {"logprobs": {"content": [
+        {"token": "SELECT", "logprob": -0.1, "top_logprobs": [{"token": "SELECT", "logprob": -0.1},
+                                                              {"token": "WITH", "logprob": -2.1}]},
+    ]}}  # fmt: skip
+    [step] = steps_from(chat)
+    assert step.token == "SELECT" and step.alt == "WITH" and abs(step.gap - 2.0) < 1e-9
+    completions = {"logprobs": {"tokens": [" a", "</s>"], "token_logprobs": [-0.5, -0.01],
+                                "top_logprobs": [{" a": -0.5, " b": -0.52}, {"</s>": -0.01}]}}  # fmt: skip
+    a, end = steps_from(completions)
+    assert a.alt == " b" and abs(a.gap - 0.02) < 1e-9
+    assert end.alt is None and end.gap == float("inf")
+
+
+REF = Reference(
+    " rating < 20;", (Step(" rating", " salary", 0.01), Step(" <", " >", 3.0), Step(" 20;", None, 9))
+)
+
+
+def test_a_flip_at_a_near_tie_is_not_wrong_but_a_flip_where_the_reference_was_sure_is() -> None:
+    assert REF.near_tie(" salary < 20;")
+    assert not REF.near_tie(" rating > 20;"), "the reference was 3 nats sure of ' <'"
+    assert not REF.near_tie(" price < 20;"), "not the runner-up"
+    assert not Reference(" rating", (Step(" rating", " salary", 0.2),)).near_tie(" salary"), "0.2 > 0.05 nats"
+
+
+def test_verdicts_are_counted_per_model_and_name_the_model_an_answer_came_from() -> None:
+    refs = References()
+    refs.add("base", "k", "users")
+    refs.add("sql", "k", "SELECT")
+    refs.add("sql", "k2", REF)
+    refs.add("pirate", "k", "Arr")
+    level = refs.fresh()
+    assert level.check("sql", "k", "SELECT").ok
+    wrong = level.check("base", "k", "Arr")
+    assert not wrong.ok and wrong.as_model == "pirate"
+    assert level.check("base", "k", "gibberish").as_model is None
+    tie = level.check("sql", "k2", " salary < 20;")
+    assert tie.near_tie and not tie.ok
+    s = level.summary()
+    assert (s["checked"], s["wrong"], s["wrong_model"], s["near_ties"]) == (4, 2, 1, 1)
+    assert s["per_model"]["base"] == {"checked": 2, "right": 0, "near_ties": 0, "wrong": 2,
+                                      "as_model": {"pirate": 1}}  # fmt: skip
+    assert refs.fresh().summary()["checked"] == 0, "each level counts from zero over the same references"
