@@ -46,14 +46,36 @@ class Reference:
     steps: tuple[Step, ...] = ()
 
     def near_tie(self, text: str, tie_nats: float = TIE_NATS) -> bool:
-        """Does `text` leave this reference by taking a runner-up that was within `tie_nats`?"""
+        """Does `text` leave this reference by taking a runner-up that was within `tie_nats`?
+
+        Special tokens (`</s>`, `<|eot_id|>`) are not in the text: they take no room, and the last one is
+        where the reference stopped.
+        """
         pos = 0
-        for step in self.steps:
-            if text.startswith(step.token, pos) and step.token:
+        last = len(self.steps) - 1
+        for i, step in enumerate(self.steps):
+            if is_special(step.token):
+                if i == last and pos < len(text):  # the reference stopped here; the answer went on
+                    return self._took_runner_up(step, text, pos, tie_nats)
+                continue
+            if step.token and text.startswith(step.token, pos):
                 pos += len(step.token)
                 continue
-            return step.alt is not None and step.gap <= tie_nats and text.startswith(step.alt, pos)
+            return self._took_runner_up(step, text, pos, tie_nats)
         return False
+
+    @staticmethod
+    def _took_runner_up(step: Step, text: str, pos: int, tie_nats: float) -> bool:
+        if step.alt is None or step.gap > tie_nats:
+            return False
+        if is_special(step.alt):  # the runner-up was to stop here
+            return pos == len(text)
+        return text.startswith(step.alt, pos)
+
+
+def is_special(token: str) -> bool:
+    """`</s>`, `<|eot_id|>` and the like: tokens a detokenizer leaves out of the text."""
+    return len(token) > 2 and token[0] == "<" and token[-1] == ">" and " " not in token
 
 
 def steps_from(choice: dict[str, Any]) -> tuple[Step, ...]:

@@ -70,3 +70,16 @@ def test_verdicts_are_counted_per_model_and_name_the_model_an_answer_came_from()
     assert s["per_model"]["base"] == {"checked": 2, "right": 0, "near_ties": 0, "wrong": 2,
                                       "as_model": {"pirate": 1}}  # fmt: skip
     assert refs.fresh().summary()["checked"] == 0, "each level counts from zero over the same references"
+
+
+def test_special_tokens_take_no_room_and_the_last_one_is_where_the_reference_stopped() -> None:
+    # with ignore_eos the model goes on after </s>, which the detokenizer leaves out of the text
+    ref = Reference(
+        " a b", (Step(" a", None, 9), Step("</s>", " x", 4), Step(" b", " c", 0.01), Step("</s>", " d", 0.02))
+    )
+    assert not ref.near_tie(" a b x"), "after the final </s> only its runner-up ' d' is a tie"
+    assert ref.near_tie(" a c"), "' c' was the runner-up of ' b' by 0.01 nats"
+    assert ref.near_tie(" a b d"), "the answer went on with the runner-up of the final stop"
+    stops = Reference(" a b", (Step(" a", None, 9), Step(" b", "</s>", 0.01), Step("</s>", None, 9)))
+    assert stops.near_tie(" a"), "stopping was the runner-up of ' b'"
+    assert not stops.near_tie(" a z")
