@@ -96,6 +96,53 @@ def expand_delta(h: torch.Tensor, lora_b: torch.Tensor, slot: int, dtype: torch.
     return torch.matmul(h.to(dtype), b.to(dtype).t())
 
 
+class LinearWeights:
+    """One LoRA linear layer's stacks laid out for plain GEMMs, for every slot at once.
+
+    `a_cat[slot]` is (in, n_slices * rank): the slices' A matrices side by side, so one product shrinks all
+    slices (x is shared). `b_t[i][slot]` is slice i's B transposed, (rank, out_i): a view, no copy. vLLM
+    loads an adapter by copying into the stacks in place, which bumps their version counters; `current`
+    tells whether this layout still matches them.
+    """
+
+    __slots__ = ("a", "b", "versions", "a_cat", "b_t", "rank")
+
+    def __init__(self, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor]) -> None:
+        self.a, self.b = tuple(lora_a), tuple(lora_b)
+        self.versions = self._versions()
+        self.rank = self.a[0].shape[-2]
+        mats = [a[:, 0] if a.dim() == 4 else a for a in self.a]  # (L, rank, in) each
+        self.a_cat = torch.cat(mats, dim=1).transpose(1, 2).contiguous()  # (L, in, S * rank)
+        self.b_t = [(b[:, 0] if b.dim() == 4 else b).transpose(1, 2) for b in self.b]  # (L, rank, out_i)
+
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(t._version for t in self.a) + tuple(t._version for t in self.b)
+
+    def current(self, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor]) -> bool:
+        return (
+            len(lora_a) == len(self.a)
+            and all(x is y for x, y in zip(lora_a, self.a, strict=False))
+            and all(x is y for x, y in zip(lora_b, self.b, strict=False))
+            and self._versions() == self.versions
+        )
+
+
+WeightCache = dict[int, LinearWeights]
+
+
+def linear_weights(
+    lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], cache: WeightCache | None
+) -> LinearWeights:
+    """The layer's `LinearWeights`, rebuilt only when vLLM has written into its stacks since."""
+    if cache is None:
+        return LinearWeights(lora_a, lora_b)
+    key = id(lora_a[0])
+    w = cache.get(key)
+    if w is None or not w.current(lora_a, lora_b):
+        w = cache[key] = LinearWeights(lora_a, lora_b)
+    return w
+
+
 def lora_linear(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -105,15 +152,37 @@ def lora_linear(
     output_slices: Sequence[int],
     groups: Groups,
     offset_start: int = 0,
+    cache: WeightCache | None = None,
 ) -> None:
-    """y[:, slice i] += (x @ A_i.T * scale) @ B_i.T for every row's own adapter (vLLM's `add_lora_linear`)."""
+    """y[:, slice i] += (x @ A_i.T * scale) @ B_i.T for every row's own adapter (vLLM's `add_lora_linear`).
+
+    Per adapter: one product shrinks every slice, one `addmm_` per slice adds its delta in place.
+    """
+    if not groups:
+        return
+    w = linear_weights(lora_a, lora_b, cache)
+    r = w.rank
+    dtype = w.a_cat.dtype
     for slot, rows in groups:
         xs = x[rows]
+        h = torch.mm(xs if xs.dtype == dtype else xs.to(dtype), w.a_cat[slot])
+        if scale != 1.0:
+            h.mul_(scale)
+        if h.dtype != y.dtype:
+            h = h.to(y.dtype)
         offset = offset_start
-        for a, b, size in zip(lora_a, lora_b, output_slices, strict=True):
-            h = shrink(xs, a, slot, slice(None), scale, torch.float32)
-            delta = expand_delta(h, b, slot, y.dtype)
-            _add_rows(y[:, offset : offset + size], rows, delta[:, :size])
+        for i, size in enumerate(output_slices):
+            hi = h[:, i * r : (i + 1) * r]
+            bt = w.b_t[i][slot]
+            if bt.shape[1] != size:
+                bt = bt[:, :size]
+            if bt.dtype != y.dtype:
+                bt = bt.to(y.dtype)
+            cols = y[:, offset : offset + size]
+            if isinstance(rows, slice):
+                cols[rows].addmm_(hi, bt)
+            else:
+                cols.index_add_(0, rows, torch.mm(hi, bt))
             offset += size
 
 

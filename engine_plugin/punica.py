@@ -21,6 +21,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         super().__init__(*args, **kwargs)
         self._token_groups: lora_ops.Groups = []
         self._sampler_groups: lora_ops.Groups = []
+        self._weights: lora_ops.WeightCache = {}  # per LoRA layer: its stacks laid out for GEMMs
 
     def update_metadata(self, *args: Any, **kwargs: Any) -> None:
         super().update_metadata(*args, **kwargs)
@@ -75,7 +76,16 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         buffer: tuple[torch.Tensor, ...] | None = None,
         **kwargs: Any,
     ) -> None:
-        lora_ops.lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, self._token_groups)
+        lora_ops.lora_linear(
+            y,
+            x,
+            lora_a_stacked,
+            lora_b_stacked,
+            scale,
+            output_slices,
+            self._token_groups,
+            cache=self._weights,
+        )
 
     def add_lora_logits(  # type: ignore[override]
         self,

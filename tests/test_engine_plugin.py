@@ -236,3 +236,26 @@ def test_register_installs_the_grouped_wrapper_unless_switched_off(
 def test_an_unknown_mode_falls_back_to_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(engine_plugin.ENV, "bogus")
     assert engine_plugin.mode_from_env() == "grouped"
+
+
+def test_the_weight_cache_follows_adapter_loads_into_the_stacks() -> None:
+    """vLLM loads an adapter by copying into its stacks in place; a cached layout must not serve the old one."""
+    slots = [1, 0]
+    a, b = stacks(8, (16, 8))
+    x = torch.randn(2, HIDDEN)
+    cache: lora_ops.WeightCache = {}
+    groups = lora_ops.group_rows(torch.tensor(slots))
+
+    def run() -> torch.Tensor:
+        y = torch.zeros(2, 24)
+        lora_ops.lora_linear(y, x, a, b, 1.0, (16, 8), groups, cache=cache)
+        return y
+
+    def want() -> torch.Tensor:
+        return torch.cat([expected(x, a[i], b[i], slots, 1.0) for i in range(2)], dim=1)
+
+    torch.testing.assert_close(run(), want(), atol=1e-4, rtol=1e-4)
+    assert len(cache) == 1
+    a[1][1, 0].copy_(torch.randn(8, HIDDEN))  # set_lora(1, ...) as vLLM does it
+    b[0][1] = 0  # reset_lora
+    torch.testing.assert_close(run(), want(), atol=1e-4, rtol=1e-4)
