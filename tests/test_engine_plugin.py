@@ -239,7 +239,7 @@ def test_an_unknown_mode_falls_back_to_the_default(monkeypatch: pytest.MonkeyPat
 
 
 def test_the_weight_cache_follows_adapter_loads_into_the_stacks() -> None:
-    """vLLM loads an adapter by copying into its stacks in place: a cached layout must not keep the old one."""
+    """vLLM loads an adapter by copying into its stacks in place: a cached layout must follow."""
     slots = [1, 0]
     a, b = stacks(8, (16, 8))
     x = torch.randn(2, HIDDEN)
