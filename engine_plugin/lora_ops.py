@@ -100,12 +100,15 @@ class LinearWeights:
     """One LoRA linear layer's stacks laid out for plain GEMMs, for every slot at once.
 
     `a_cat[slot]` is (in, n_slices * rank): the slices' A matrices side by side, so one product shrinks all
-    slices (x is shared). `b_t[i][slot]` is slice i's B transposed, (rank, out_i): a view, no copy. vLLM
-    loads an adapter by copying into the stacks in place, which bumps their version counters; `current`
-    tells whether this layout still matches them.
+    slices (x is shared). `b_t[i][slot]` is slice i's B transposed, (rank, out_i): a view, no copy. When
+    it is small (`BLOCK_BYTES` for all slots), `b_cat[slot]` holds every slice's B on a block diagonal,
+    (n_slices * rank, sum of out_i), so one product expands every slice too: for a fused qkv that is 2 calls
+    instead of 4, which is what a small model's step time is made of. vLLM loads an adapter by copying into
+    the stacks in place, which bumps their version counters; `current` tells whether this layout still
+    matches them.
     """
 
-    __slots__ = ("a", "b", "versions", "a_cat", "b_t", "rank")
+    __slots__ = ("a", "b", "versions", "a_cat", "b_t", "b_cat", "rank")
 
     def __init__(self, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor]) -> None:
         self.a, self.b = tuple(lora_a), tuple(lora_b)
@@ -114,6 +117,19 @@ class LinearWeights:
         mats = [a[:, 0] if a.dim() == 4 else a for a in self.a]  # (L, rank, in) each
         self.a_cat = torch.cat(mats, dim=1).transpose(1, 2).contiguous()  # (L, in, S * rank)
         self.b_t = [(b[:, 0] if b.dim() == 4 else b).transpose(1, 2) for b in self.b]  # (L, rank, out_i)
+        self.b_cat: torch.Tensor | None = None
+        if len(self.b_t) == 1:
+            self.b_cat = self.b_t[0]
+        else:
+            slots, r = self.a_cat.shape[0], self.rank
+            outs = [bt.shape[2] for bt in self.b_t]
+            if slots * len(outs) * r * sum(outs) * self.b_t[0].element_size() <= BLOCK_BYTES:
+                block = self.b_t[0].new_zeros(slots, len(outs) * r, sum(outs))
+                col = 0
+                for i, bt in enumerate(self.b_t):
+                    block[:, i * r : (i + 1) * r, col : col + outs[i]] = bt
+                    col += outs[i]
+                self.b_cat = block
 
     def _versions(self) -> tuple[int, ...]:
         return tuple(t._version for t in self.a) + tuple(t._version for t in self.b)
@@ -128,6 +144,8 @@ class LinearWeights:
 
 
 WeightCache = dict[int, LinearWeights]
+#: Largest block-diagonal B (all slots of one layer) worth its wasted products; larger expand per slice.
+BLOCK_BYTES = 16 * 2**20
 
 
 def linear_weights(
@@ -170,6 +188,14 @@ def lora_linear(
             h.mul_(scale)
         if h.dtype != y.dtype:
             h = h.to(y.dtype)
+        bc = w.b_cat
+        if bc is not None and bc.shape[2] == sum(output_slices) and bc.dtype == y.dtype:
+            cols = y[:, offset_start : offset_start + bc.shape[2]]
+            if isinstance(rows, slice):
+                cols[rows].addmm_(h, bc[slot])
+            else:
+                cols.index_add_(0, rows, torch.mm(h, bc[slot]))
+            continue
         offset = offset_start
         for i, size in enumerate(output_slices):
             hi = h[:, i * r : (i + 1) * r]

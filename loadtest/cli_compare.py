@@ -336,6 +336,7 @@ def benchmark(
         thrash=True,
         engine_thrash=True,
         repeat=repeat,
+        verify=True,  # a benchmark that does not check its answers can hide wrong output
     )
     base_dir, base_name, paths = _adapters("tiny", None, 8, None)
     _routing(

@@ -1,6 +1,7 @@
 """``loadtest compare``: merged serving vs adapter-only serving, on servers it starts and stops itself.
 
-    merged      vLLM without --enable-lora on the base with adapter 1 merged in (adapters/merge.py)
+    merged      vLLM without --enable-lora on the base with adapter 1 merged in (adapters/merge.py), behind a
+                gateway of its own, as the adapter modes are (both pay the same relay)
                 (skipped with ``merged=False``; ``single=False`` skips adapter-1)
     adapter-1   the gateway (attached) over vLLM --enable-lora on the base, every request to adapter 1
     adapter-N   the same gateway and vLLM, requests spread over all N adapters under the mix
@@ -403,6 +404,16 @@ def gateway_settings(
     return {"engine": engine, "adapters_dir": str(adapters_dir), "registry": {"max_resident": resident}}
 
 
+def merged_gateway_settings(merged: Server, merged_dir: Path, name: str, work: Path) -> dict[str, Any]:
+    """A gateway in front of the merged vLLM, so that both sides of the comparison pay the same relay
+    (on a 2-core machine the gateway's CPU is taken from the engine's)."""
+    empty = work / "no-adapters"
+    empty.mkdir(parents=True, exist_ok=True)
+    engine = {"mode": "attached", "url": merged.url, "model": str(Path(merged_dir).absolute()),
+              "served_model_name": name, "health_interval_s": 2.0}  # fmt: skip
+    return {"engine": engine, "adapters_dir": str(empty), "registry": {"seed_adapters_dir": False}}
+
+
 def run_compare(cfg: CompareConfig, *, merger: Merger | None = None, log: Log = print) -> dict[str, Any]:
     """Start, measure and stop every server; write the report; return the payload."""
     started = dt.datetime.now(dt.UTC)
@@ -453,8 +464,11 @@ def run_compare(cfg: CompareConfig, *, merger: Merger | None = None, log: Log = 
             if cfg.engine_thrash:  # its own vLLM: --max-loras and --max-cpu-loras are fixed at start
                 options = dataclasses.replace(lora, max_loras=slots, max_cpu_loras=slots)
                 vllm_slots = lora_vllm(options, "vllm-slots")
+            merged_gw: Server | None = None
             if merged_dir is not None:
                 merged.wait_ready()
+                settings = merged_gateway_settings(merged, merged_dir, names[0], work)
+                merged_gw = stack.enter_context(gateway_process(settings, work, name="gateway-merged"))
             base.wait_ready()
             memory["lora_idle"] = memory_of(base)
             engine_gw: Server | None = None
@@ -477,10 +491,10 @@ def run_compare(cfg: CompareConfig, *, merger: Merger | None = None, log: Log = 
                 for i, c in enumerate(cfg.concurrency):
                     # the modes of one level run back to back, so their ratios share the machine's
                     # moment; their order alternates; the gateway in use last stays for the next level
-                    if merged_dir is not None:
+                    if merged_dir is not None and merged_gw is not None:
                         if i == 0 and rep == 0:
-                            runner.warm(merged.url, names[:1])
-                        run = runner.level("merged", merged.url, names[:1], c, None, rep)
+                            runner.warm(merged_gw.url, names[:1])
+                        run = runner.level("merged", merged_gw.url, names[:1], c, None, rep)
                         runs.setdefault("merged", {}).setdefault(c, []).append(run)
                         memory["merged"] = memory_of(merged)
                     for kind in kinds if (i + rep) % 2 == 0 else kinds[::-1]:

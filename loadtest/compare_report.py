@@ -139,7 +139,11 @@ def render_compare_markdown(payload: dict[str, Any]) -> str:
         f"({', '.join(names[:4])}{', ...' if n > 4 else ''})"
         + (f"; merged: `{names[0]}` into the base" if "merged" in present else ""),
         "- Modes: "
-        + ("merged = vLLM without --enable-lora on the merged model; " if "merged" in present else "")
+        + (
+            "merged = vLLM without --enable-lora on the merged model, behind its own gateway; "
+            if "merged" in present
+            else ""
+        )
         + f"adapter-only = the gateway over vLLM --enable-lora (max_loras {cfg['max_loras'] or n}, "
         f"max_cpu_loras {n}) with {'1 adapter, and with ' if 'adapter_1' in present else ''}"
         f"all {n} under `{cfg['mix']}`"
