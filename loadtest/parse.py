@@ -62,18 +62,21 @@ def read_body(rec: RequestResult, status: int, body: bytes) -> None:
         first = choices[0]
         message = first.get("message")
         rec.text = (message.get("content") if isinstance(message, dict) else first.get("text")) or ""
+        if isinstance(first.get("token_ids"), list):
+            rec.token_ids = first["token_ids"]
     rec.ok = True
 
 
 class StreamParser:
     """Feed it the lines of an SSE response as they arrive; ``feed`` says when to stop reading."""
 
-    __slots__ = ("rec", "start", "done", "failed", "parts")
+    __slots__ = ("rec", "start", "done", "failed", "parts", "ids")
 
     def __init__(self, rec: RequestResult, start: float) -> None:
         self.rec, self.start = rec, start
         self.done = self.failed = False
         self.parts: list[str] = []
+        self.ids: list[int] | None = None
 
     def feed(self, line: str | bytes) -> bool:
         """Take one line; True once the stream is over (``[DONE]`` or an error event)."""
@@ -114,7 +117,12 @@ class StreamParser:
                 text = next((delta[k] for k in _CONTENT_KEYS if delta.get(k)), None)
                 if delta.get("content"):
                     self.parts.append(delta["content"])
-            if text or choice.get("token_ids"):  # vLLM's return_token_ids: a chunk per token
+            token_ids = choice.get("token_ids")
+            if token_ids:
+                if self.ids is None:
+                    self.ids = []
+                self.ids.extend(token_ids)
+            if text or token_ids:  # vLLM's return_token_ids: a chunk per token
                 if rec.ttft is None:
                     rec.ttft = now
                 rec.chunk_times.append(now)
@@ -135,4 +143,5 @@ class StreamParser:
         if not rec.usage_reported:
             rec.completion_tokens = len(rec.chunk_times)
         rec.text = "".join(self.parts)
+        rec.token_ids = self.ids
         rec.ok = True

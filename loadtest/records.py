@@ -20,8 +20,8 @@ class RequestResult:
     of any kind (both streaming only; ``None`` otherwise).
     ``chunk_times`` are the arrival times of the content chunks (streaming only).
     ``usage_reported`` says whether ``completion_tokens`` came from the server's ``usage`` or was
-    counted from content chunks. ``text`` is the generated text (first choice), kept for ``--verify``
-    and left out of ``to_dict``.
+    counted from content chunks. ``text`` is the generated text (first choice) and ``token_ids`` its
+    tokens when vLLM sends them (``return_token_ids``), kept for ``--verify`` and left out of ``to_dict``.
     """
 
     index: int
@@ -41,6 +41,7 @@ class RequestResult:
     completion_tokens: int | None = None
     usage_reported: bool = False
     text: str | None = None
+    token_ids: list[int] | None = None
 
     @property
     def send_lag(self) -> float | None:
@@ -51,7 +52,7 @@ class RequestResult:
 
     def to_dict(self, *, digits: int = 6) -> dict[str, Any]:
         d = asdict(self)
-        del d["text"]
+        del d["text"], d["token_ids"]
         for key in ("start", "scheduled", "ttfb", "ttft", "e2e"):
             if d[key] is not None:
                 d[key] = round(d[key], digits)

@@ -135,10 +135,11 @@ def verify_section(mode: str, levels: list[dict[str, Any]]) -> list[str]:
     out = ["## Answers checked (`--verify`)", ""]
     out += [
         "Each answer is compared with the answer its model gives to the same request sent alone "
-        "(greedy). *Near ties* left the reference by taking its runner-up token where the two were within "
-        f"{levels[0]['verify']['tie_nats']:g} nats (engines are not batch-invariant: a larger batch sums in "
-        "another order); they are not counted as wrong. *Another model's* counts wrong answers that equal a "
-        "different model's answer to that request: the signature of a request served by the wrong weights.",
+        "(greedy). *Near ties* left the reference by taking another token within "
+        f"{levels[0]['verify']['tie_nats']:g} nats of the reference's (engines are not batch-invariant: a "
+        "larger batch sums in another order, in bfloat16 on vLLM's CPU engine); they are not counted as "
+        "wrong. *Another model's* counts wrong answers that equal a different model's answer to that "
+        "request: the signature of a request served by the wrong weights.",
         "",
     ]
     rows = []

@@ -136,10 +136,10 @@ def check_level(records: Sequence[RequestResult], keys: dict[int, str], refs: Re
     for rec in records:
         if not rec.ok or rec.text is None:
             continue
-        verdict = level.check(rec.model, keys[rec.index], rec.text)
+        verdict = level.check(rec.model, keys[rec.index], rec.text, rec.token_ids)
         if not verdict.ok and not verdict.near_tie and len(examples) < 5:
             examples.append({"index": rec.index, "model": rec.model, "as_model": verdict.as_model,
-                             "near_tie": verdict.near_tie, "text": rec.text[:200],
+                             "near_tie": verdict.near_tie, "where": verdict.where, "text": rec.text[:200],
                              "reference": refs.text(rec.model, keys[rec.index])[:200]})  # fmt: skip
     return {**level.summary(), "examples": examples}
 

@@ -8,10 +8,17 @@
             wrong model: the signature of a mixed-batch bug)
 
 Engines are not batch-invariant: a token whose two best candidates are almost equally likely can flip when
-the same request runs in a larger batch (the sums are done in another order). The reference is learned with
-`logprobs` (the two best candidates at each position), so an answer that leaves the reference exactly where
-it takes the reference's second candidate, and the two were within `TIE_NATS` of each other, is counted as
-a *near tie*, not as wrong. A wrong model or a wrong delta leaves the reference where the reference was sure.
+the same request runs in a larger batch (the sums are done in another order, in bfloat16 on vLLM's CPU
+engine). The reference is learned with `logprobs` (the best candidates at each position), so an answer that
+leaves the reference exactly where it takes a candidate within `TIE_NATS` of the reference's token is counted
+as a *near tie*, not as wrong. A wrong model or a wrong delta leaves the reference where the reference was
+sure.
+
+Text can hide where an answer left the reference: a tokenizer spells `80` as one token or as `8` + `0`, so an
+answer that took the runner-up `8` still reads like the reference for a while and leaves it later, where the
+reference was sure. So when the requests ask vLLM for their token ids (`return_token_ids`, as `compare` and
+`run --token-ids` do), answers are compared token by token (the reference is learned with
+`return_tokens_as_token_ids`); otherwise by text.
 
 A request's identity is its body without `model` and `stream` (so a streamed and a non-streamed copy of a
 request share one reference). Only greedy requests (temperature 0) can be checked.
@@ -27,23 +34,51 @@ from typing import Any
 
 import httpx
 
-#: Largest gap (in log-probability, nats) between the two best tokens at which a flip is a near tie.
-TIE_NATS = 0.05
+#: Largest gap (in log-probability, nats) below the best token at which taking another one is a near tie.
+#: vLLM runs a float32 checkpoint in bfloat16 on the CPU ("Downcasting torch.float32 to torch.bfloat16"):
+#: a larger batch rounds differently, and flips of up to ~0.06 nats were seen with vLLM's own LoRA ops.
+TIE_NATS = 0.1
+#: Candidates asked for at each step of a reference (OpenAI allows up to 20).
+TOP_LOGPROBS = 5
 
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """One generated token of a reference: its text, the runner-up's text, and how far behind it was."""
+    """One generated token of a reference: its text, the runner-up's text, and how far behind it was;
+    `others`: the further candidates and their gaps."""
 
     token: str
     alt: str | None
     gap: float
+    others: tuple[tuple[str, float], ...] = ()
+
+    def candidates(self, tie_nats: float) -> list[str]:
+        """The other tokens within `tie_nats` of this one."""
+        out = [self.alt] if self.alt is not None and self.gap <= tie_nats else []
+        return out + [t for t, g in self.others if g <= tie_nats]
 
 
 @dataclass(frozen=True, slots=True)
 class Reference:
     text: str
     steps: tuple[Step, ...] = ()
+    token_ids: tuple[int, ...] | None = None  # with return_token_ids; steps then name tokens "token_id:N"
+
+    def divergence(self, ids: Sequence[int]) -> tuple[int, Step | None] | None:
+        """Where the token ids `ids` first leave this reference, and the reference's step there."""
+        assert self.token_ids is not None
+        k = next((i for i, (a, b) in enumerate(zip(self.token_ids, ids, strict=False)) if a != b), None)
+        if k is None:
+            return None
+        return k, self.steps[k] if k < len(self.steps) else None
+
+    def near_tie_ids(self, ids: Sequence[int], tie_nats: float = TIE_NATS) -> bool:
+        """Do the token ids `ids` leave this reference by taking a runner-up within `tie_nats`?"""
+        d = self.divergence(ids)
+        if d is None or d[1] is None:
+            return False
+        k, step = d
+        return k < len(ids) and f"token_id:{ids[k]}" in step.candidates(tie_nats)
 
     def near_tie(self, text: str, tie_nats: float = TIE_NATS) -> bool:
         """Does `text` leave this reference by taking a runner-up that was within `tie_nats`?
@@ -66,11 +101,13 @@ class Reference:
 
     @staticmethod
     def _took_runner_up(step: Step, text: str, pos: int, tie_nats: float) -> bool:
-        if step.alt is None or step.gap > tie_nats:
-            return False
-        if is_special(step.alt):  # the runner-up was to stop here
-            return pos == len(text)
-        return text.startswith(step.alt, pos)
+        for alt in step.candidates(tie_nats):
+            if is_special(alt):  # the candidate was to stop here
+                if pos == len(text):
+                    return True
+            elif text.startswith(alt, pos):
+                return True
+        return False
 
 
 def is_special(token: str) -> bool:
@@ -85,15 +122,19 @@ def steps_from(choice: dict[str, Any]) -> tuple[Step, ...]:
     if isinstance(lp.get("content"), list):
         for t in lp["content"]:
             tops = sorted(t.get("top_logprobs") or [], key=lambda x: -x["logprob"])
-            alt = next((x for x in tops if x["token"] != t["token"]), None)
-            gap = t["logprob"] - alt["logprob"] if alt else float("inf")
-            out.append(Step(t["token"], alt["token"] if alt else None, gap))
+            rest = [(x["token"], t["logprob"] - x["logprob"]) for x in tops if x["token"] != t["token"]]
+            out.append(_step(t["token"], rest))
     elif isinstance(lp.get("tokens"), list):
         for token, logprob, tops in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=False):
             others = sorted(((v, k) for k, v in (tops or {}).items() if k != token), reverse=True)
-            alt = others[0] if others else None
-            out.append(Step(token, alt[1] if alt else None, logprob - alt[0] if alt else float("inf")))
+            out.append(_step(token, [(k, logprob - v) for v, k in others]))
     return tuple(out)
+
+
+def _step(token: str, rest: list[tuple[str, float]]) -> Step:
+    if not rest:
+        return Step(token, None, float("inf"))
+    return Step(token, rest[0][0], rest[0][1], tuple(rest[1:]))
 
 
 def reference_body(body: bytes | dict[str, Any]) -> dict[str, Any]:
@@ -101,10 +142,12 @@ def reference_body(body: bytes | dict[str, Any]) -> dict[str, Any]:
     data = json.loads(body) if isinstance(body, bytes | str) else dict(body)
     data.pop("stream", None)
     data.pop("stream_options", None)
+    if data.get("return_token_ids"):
+        data["return_tokens_as_token_ids"] = True  # logprobs name tokens by id: compared token by token
     if "messages" in data:
-        data["logprobs"], data["top_logprobs"] = True, 2
+        data["logprobs"], data["top_logprobs"] = True, TOP_LOGPROBS
     else:
-        data["logprobs"] = 2
+        data["logprobs"] = TOP_LOGPROBS
     return data
 
 
@@ -116,7 +159,8 @@ async def learn_one(client: httpx.AsyncClient, url: str, body: bytes | dict[str,
     choice = r.json()["choices"][0]
     message = choice.get("message")
     text = (message.get("content") if isinstance(message, dict) else choice.get("text")) or ""
-    return Reference(text, steps_from(choice))
+    ids = choice.get("token_ids")
+    return Reference(text, steps_from(choice), tuple(ids) if isinstance(ids, list) else None)
 
 
 def request_key(body: bytes | dict[str, Any]) -> str:
@@ -157,6 +201,7 @@ class Verdict:
     ok: bool
     as_model: str | None = None
     near_tie: bool = False
+    where: str | None = None  # with token ids: the first differing token, its runner-up and their gap
 
 
 class References:
@@ -188,8 +233,23 @@ class References:
     def models(self) -> list[str]:
         return sorted({m for m, _ in self.refs})
 
-    def judge(self, model: str, key: str, text: str) -> Verdict:
+    def judge(self, model: str, key: str, text: str, token_ids: Sequence[int] | None = None) -> Verdict:
         want = self.refs[(model, key)]
+        if token_ids is not None and want.token_ids is not None:
+            ids = tuple(token_ids)
+            if ids == want.token_ids:
+                return Verdict(True)
+            for (other, other_key), other_ref in self.refs.items():
+                if other_key == key and other != model and other_ref.token_ids == ids:
+                    return Verdict(False, other)
+            d = want.divergence(ids)
+            where = None
+            if d is not None:
+                k, step = d
+                got = ids[k] if k < len(ids) else None
+                where = f"token {k}: {got}" + (f" (reference {step.token}, runner-up {step.alt} by "
+                                               f"{step.gap:.3g} nats)" if step else "")  # fmt: skip
+            return Verdict(False, near_tie=want.near_tie_ids(ids, self.tie_nats), where=where)
         if text == want.text:
             return Verdict(True)
         for (other, other_key), other_ref in self.refs.items():
@@ -197,9 +257,9 @@ class References:
                 return Verdict(False, other)
         return Verdict(False, near_tie=want.near_tie(text, self.tie_nats))
 
-    def check(self, model: str, key: str, text: str) -> Verdict:
+    def check(self, model: str, key: str, text: str, token_ids: Sequence[int] | None = None) -> Verdict:
         """Judge one response and count it."""
-        verdict = self.judge(model, key, text)
+        verdict = self.judge(model, key, text, token_ids)
         c = self.checks.setdefault(model, ModelCheck())
         c.checked += 1
         if verdict.ok:

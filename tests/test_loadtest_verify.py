@@ -22,8 +22,8 @@ def test_a_request_is_identified_without_its_model_and_streaming() -> None:
 
 def test_the_learning_request_asks_for_the_runner_up_and_does_not_stream() -> None:
     chat = reference_body(json.dumps({**BODY, "stream": True, "stream_options": {}}).encode())
-    assert chat["logprobs"] is True and chat["top_logprobs"] == 2 and "stream" not in chat
-    assert reference_body({"model": "m", "prompt": "x"})["logprobs"] == 2
+    assert chat["logprobs"] is True and chat["top_logprobs"] == 5 and "stream" not in chat
+    assert reference_body({"model": "m", "prompt": "x"})["logprobs"] == 5
 
 
 def test_steps_from_chat_and_completions_logprobs() -> None:
@@ -49,7 +49,10 @@ def test_a_flip_at_a_near_tie_is_not_wrong_but_a_flip_where_the_reference_was_su
     assert REF.near_tie(" salary < 20;")
     assert not REF.near_tie(" rating > 20;"), "the reference was 3 nats sure of ' <'"
     assert not REF.near_tie(" price < 20;"), "not the runner-up"
-    assert not Reference(" rating", (Step(" rating", " salary", 0.2),)).near_tie(" salary"), "0.2 > 0.05 nats"
+    assert not Reference(" rating", (Step(" rating", " salary", 0.2),)).near_tie(" salary"), "0.2 > 0.1 nats"
+    third = Reference(" rating", (Step(" rating", " salary", 0.01, ((" price", 0.03), (" city", 0.5))),))
+    assert third.near_tie(" price"), "a third candidate within 0.1 nats is a tie too"
+    assert not third.near_tie(" city")
 
 
 def test_verdicts_are_counted_per_model_and_name_the_model_an_answer_came_from() -> None:
@@ -83,3 +86,17 @@ def test_special_tokens_take_no_room_and_the_last_one_is_where_the_reference_sto
     stops = Reference(" a b", (Step(" a", None, 9), Step(" b", "</s>", 0.01), Step("</s>", None, 9)))
     assert stops.near_tie(" a"), "stopping was the runner-up of ' b'"
     assert not stops.near_tie(" a z")
+
+
+def test_with_token_ids_an_answer_is_judged_token_by_token() -> None:
+    """`80` and `8` + `0` read the same: only the ids show where an answer took the runner-up."""
+    steps = (Step("token_id:7", "token_id:8", 0.01), Step("token_id:9", "token_id:4", 3.0))
+    refs = References()
+    refs.add("sql", "k", Reference(" 80 rows", steps, (7, 9)))
+    refs.add("chat", "k", Reference(" 80 chats", (), (5, 5)))
+    assert refs.judge("sql", "k", "ignored", [7, 9]).ok
+    assert refs.judge("sql", "k", " 80 rows", [8, 9]).near_tie, "the runner-up by 0.01 nats, same text"
+    assert not refs.judge("sql", "k", " 80 rows", [7, 4]).near_tie, "the reference was 3 nats sure"
+    assert refs.judge("sql", "k", " 80 chats", [5, 5]).as_model == "chat"
+    body = reference_body({"model": "m", "prompt": "x", "return_token_ids": True})
+    assert body["return_tokens_as_token_ids"] is True
