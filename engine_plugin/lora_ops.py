@@ -145,7 +145,7 @@ class LinearWeights:
 
 WeightCache = dict[int, LinearWeights]
 #: Largest block-diagonal B (all slots of one layer) worth its wasted products; larger expand per slice.
-BLOCK_BYTES = 16 * 2**20
+BLOCK_BYTES = 4 * 2**20
 
 
 def linear_weights(

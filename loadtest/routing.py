@@ -45,6 +45,7 @@ from loadtest.compare import (
 from loadtest.machine import load_average, machine_info
 from loadtest.servers import LoraOptions, Server, gateway_process, scrape_counters, tree_memory, vllm_process
 from loadtest.sweep import SweepConfig, run_sweep
+from loadtest.verify import References
 from loadtest.workload import WorkloadSpec
 
 Log = Callable[[str], None]
@@ -75,6 +76,7 @@ class RoutingConfig:
     vllm_args: Sequence[str] = ()
     workdir: Path | None = None
     snapshot_base: bool = False
+    verify: bool = False
 
     def __post_init__(self) -> None:
         names = self.names
@@ -129,8 +131,11 @@ def sweep(
     level: int,
     requests: int,
     on_done: Callable[[int], None] | None = None,
+    references: References | None = None,
 ) -> dict[str, Any]:
-    """One closed-loop level; ``on_done(n)`` after each finished request."""
+    """One closed-loop level; ``on_done(n)`` after each finished request. With ``references`` (and
+    ``cfg.verify``) every answer is checked; both policies send the same requests to the same replicas, so
+    one set of references serves the whole run."""
     sc = SweepConfig(
         target=url,
         workload=spec,
@@ -140,6 +145,7 @@ def sweep(
         timeout_s=cfg.timeout_s,
         time_limit_s=cfg.time_limit_s,
         client=cfg.client,
+        verify=cfg.verify and references is not None,
     )
     done = [0]
 
@@ -148,7 +154,7 @@ def sweep(
         if on_done is not None:
             on_done(done[0])
 
-    return run_sweep(sc, on_result=tick).payload["levels"][0]
+    return run_sweep(sc, on_result=tick, references=references).payload["levels"][0]
 
 
 def warm_replica(cfg: RoutingConfig, vllm: Server, adapter: Path) -> None:
@@ -210,13 +216,14 @@ def measure(
     level: int,
     log: Log,
     progress: Progress | None,
+    references: References | None = None,
 ) -> dict[str, Any]:
     """One (policy, level): the sweep with the gateway's counters read around it."""
     label = f"{policy} c={level}"
     names = [LOADS, LOAD_ERRORS, EVICTIONS]
     before = scrape_counters(gateway.url, names)
     on_done = None if progress is None else (lambda n: progress(label, n, cfg.requests))
-    entry = sweep(cfg, gateway.url, workload(cfg, cfg.names), level, cfg.requests, on_done)
+    entry = sweep(cfg, gateway.url, workload(cfg, cfg.names), level, cfg.requests, on_done, references)
     after = scrape_counters(gateway.url, names)
     done = entry["summary"]["requests"]["completed"]
     loads = int(after[LOADS] - before[LOADS])
@@ -230,6 +237,11 @@ def measure(
         f"{label}: {s['request_throughput']:.2f} req/s, TTFT p50/p99 "
         f"{fmt_ms(s['ttft_ms']['p50'])}/{fmt_ms(s['ttft_ms']['p99'])} ms, {s['requests']['failed']} failed, "
         f"{loads} loads, {entry['adapter_evictions']} evictions"
+        + (
+            f", {entry['verify']['wrong']} of {entry['verify']['checked']} answers wrong"
+            if "verify" in entry
+            else ""
+        )
     )
     return entry
 
@@ -238,6 +250,7 @@ def run_routing(cfg: RoutingConfig, *, log: Log = print, progress: Progress | No
     """Start the replicas, run both policies at each level, stop everything, write the report."""
     started = dt.datetime.now(dt.UTC)
     load_before = load_average()
+    references = References()
     policies: dict[str, list[dict[str, Any]]] = {p: [] for p in POLICIES}
     memory: dict[str, Any] = {}
     with workdir(cfg.workdir, "lora-gateway-routing-") as work:
@@ -288,7 +301,7 @@ def run_routing(cfg: RoutingConfig, *, log: Log = print, progress: Progress | No
                                 f"the gateway did not register {sorted(missing)}:\n{gw.log_tail()}"
                             )
                         wait_engines_ready(gw.url, len(replicas))
-                        policies[policy].append(measure(cfg, policy, gw, level, log, progress))
+                        policies[policy].append(measure(cfg, policy, gw, level, log, progress, references))
             memory["replicas"] = {r.name: tree_memory(r.pid) for r in replicas}
     from loadtest.routing_report import summarize_routing, write_routing_report
 

@@ -38,7 +38,7 @@ def routed(tmp_path_factory: pytest.TempPathFactory, tiny_cache: dict[str, Path]
     args = ["routing", "--replicas", "2", "--random-adapters", str(N_ADAPTERS), "--resident", str(RESIDENT)]
     args += ["--mix", "zipf:1.1", "--concurrency", ",".join(map(str, LEVELS)), "--requests", str(REQUESTS)]
     args += ["--prompt-tokens", "8", "--max-tokens", str(MAX_TOKENS)]
-    args += ["--out", str(out / "report"), "--workdir", str(out / "work")]
+    args += ["--out", str(out / "report"), "--workdir", str(out / "work"), "--verify"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, f"{res.output}\n{res.exception!r}"
     return out / "report", json.loads((out / "report" / "results.json").read_text())
@@ -55,6 +55,8 @@ def test_routing_report_is_complete_and_consistent(routed: tuple[Path, dict]) ->
             s, r = lv["summary"], lv["summary"]["requests"]
             assert r["requested"] == REQUESTS and r["completed"] + r["failed"] + r["not_sent"] == REQUESTS
             assert r["completed"] == REQUESTS, s["errors"]
+            v = lv["verify"]  # --verify: every answer checked against its adapter's answer alone
+            assert v["checked"] == REQUESTS and v["wrong"] == 0, v["examples"]
             assert sum(m["requests"]["completed"] for m in lv["per_model"].values()) == REQUESTS
             assert len(lv["per_model"]) <= N_ADAPTERS
             for key in ("ttft_ms", "e2e_ms"):
