@@ -108,7 +108,7 @@ class LinearWeights:
     matches them.
     """
 
-    __slots__ = ("a", "b", "versions", "a_cat", "b_t", "b_cat", "rank")
+    __slots__ = ("a", "b", "versions", "a_cat", "b_t", "b_cat", "rank", "packed")
 
     def __init__(self, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor]) -> None:
         self.a, self.b = tuple(lora_a), tuple(lora_b)
@@ -130,6 +130,7 @@ class LinearWeights:
                     block[:, i * r : (i + 1) * r, col : col + outs[i]] = bt
                     col += outs[i]
                 self.b_cat = block
+        self.packed = packed_weights(self.a_cat, self.b_cat)
 
     def _versions(self) -> tuple[int, ...]:
         return tuple(t._version for t in self.a) + tuple(t._version for t in self.b)
@@ -141,6 +142,54 @@ class LinearWeights:
             and all(x is y for x, y in zip(lora_b, self.b, strict=False))
             and self._versions() == self.versions
         )
+
+
+def sgl_supported(dtype: torch.dtype) -> bool:
+    """vLLM's CPU GEMM kernel for small weights (`torch.ops._C.weight_packed_linear`, which its own linear
+    layers use for them) needs AMX and bf16/fp16. It computes each row the same way whatever the batch, as
+    vLLM's own LoRA ops did (their gathered einsum): an answer does not change with what it is batched
+    with. Elsewhere the ops fall back to `torch.mm`, whose rounding depends on the batch."""
+    try:
+        return (
+            dtype in (torch.bfloat16, torch.float16)
+            and bool(torch.cpu._is_amx_tile_supported())
+            and hasattr(torch.ops._C, "weight_packed_linear")
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _pad(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    if t.shape == (rows, cols):
+        return t.contiguous()
+    out = t.new_zeros(rows, cols)
+    out[: t.shape[0], : t.shape[1]] = t
+    return out
+
+
+def packed_weights(
+    a_cat: torch.Tensor, b_cat: torch.Tensor | None
+) -> list[tuple[torch.Tensor, int, torch.Tensor, int]] | None:
+    """Per slot: A and the block-diagonal B packed for `weight_packed_linear` (out features a multiple of
+    16, in features of 32; zero padding), or None where that kernel cannot run."""
+    if b_cat is None or not sgl_supported(a_cat.dtype):
+        return None
+    width = b_cat.shape[2]
+    if width % 16 or a_cat.shape[1] % 32:
+        return None
+    n_a = -(-a_cat.shape[2] // 32) * 32  # S * rank, padded: it is B's in features too
+    out = []
+    for slot in range(a_cat.shape[0]):
+        a = _pad(a_cat[slot].t(), n_a, a_cat.shape[1])  # (n_a, in)
+        b = _pad(b_cat[slot].t(), width, n_a)  # (sum of out_i, n_a)
+        out.append((torch.ops._C.convert_weight_packed(a), n_a, torch.ops._C.convert_weight_packed(b), width))
+    return out
+
+
+def _packed_linear(x: torch.Tensor, weight: torch.Tensor, n: int) -> torch.Tensor:
+    out = torch.empty((x.shape[0], n), dtype=x.dtype)
+    torch.ops._C.weight_packed_linear(out, x, weight, None, True)
+    return out
 
 
 WeightCache = dict[int, LinearWeights]
@@ -181,6 +230,19 @@ def lora_linear(
     w = linear_weights(lora_a, lora_b, cache)
     r = w.rank
     dtype = w.a_cat.dtype
+    if w.packed is not None and scale == 1.0 and x.dtype == dtype == y.dtype:
+        width = w.packed[0][3]
+        if width == sum(output_slices):
+            cols = y[:, offset_start : offset_start + width]
+            for slot, rows in groups:
+                a, n_a, b, n_b = w.packed[slot]
+                xs = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+                delta = _packed_linear(_packed_linear(xs.contiguous(), a, n_a), b, n_b)
+                if isinstance(rows, slice):
+                    cols[rows].add_(delta)
+                else:
+                    cols.index_add_(0, rows, delta)
+            return
     for slot, rows in groups:
         xs = x[rows]
         h = torch.mm(xs if xs.dtype == dtype else xs.to(dtype), w.a_cat[slot])

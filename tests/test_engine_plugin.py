@@ -264,3 +264,32 @@ def test_the_weight_cache_follows_adapter_loads_into_the_stacks() -> None:
     a[1][1, 0].copy_(torch.randn(8, HIDDEN))  # set_lora(1, ...) as vLLM does it
     b[0][1] = 0  # reset_lora
     torch.testing.assert_close(run(), want(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(
+    not lora_ops.sgl_supported(torch.bfloat16), reason="needs AMX (vLLM's packed bf16 kernel)"
+)
+def test_in_bfloat16_a_rows_delta_does_not_depend_on_its_batch() -> None:
+    """vLLM runs the embedded float32 model in bfloat16 on the CPU. vLLM's own LoRA ops gave each row the same
+    bits alone or batched; the grouped ops keep that (vLLM's packed kernel), so a greedy answer alone is the
+    answer under load (tests/test_residency_e2e.py relies on it)."""
+    g = torch.Generator().manual_seed(5)
+    outs = (256, 64, 64)
+    a = tuple((torch.randn(SLOTS, 1, 8, 256, generator=g) * 0.08).bfloat16() for _ in outs)
+    b = tuple((torch.randn(SLOTS, 1, o, 8, generator=g) * 0.08).bfloat16() for o in outs)
+    slots = [i % 5 - 1 for i in range(40)]  # interleaved, with base-model rows
+    x = torch.randn(40, 256, generator=g).bfloat16()
+    base = torch.randn(40, sum(outs), generator=g).bfloat16()
+    cache: lora_ops.WeightCache = {}
+
+    def run(rows: list[int], xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        y = ys.clone()
+        lora_ops.lora_linear(y, xs, a, b, 1.0, outs, lora_ops.group_rows(torch.tensor(rows)), cache=cache)
+        return y
+
+    batched = run(slots, x, base)
+    assert next(iter(cache.values())).packed is not None
+    alone = torch.cat([run(slots[i : i + 1], x[i : i + 1], base[i : i + 1]) for i in range(40)])
+    assert torch.equal(batched, alone)
+    want = torch.cat([expected(x.float(), a[i].float(), b[i].float(), slots, 1.0) for i in range(3)], dim=1)
+    torch.testing.assert_close(batched.float(), base.float() + want, atol=0.05, rtol=0.02)
