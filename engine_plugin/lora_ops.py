@@ -12,8 +12,9 @@ Rows with index -1 are in no group, so they cost nothing and get no delta. `rows
 rows are contiguous (the usual case: one request's prompt, or a batch of one adapter), else an index tensor.
 
 Weight layouts are vLLM's: `lora_a` stacked as (max_loras, 1, rank, in), `lora_b` as
-(max_loras, 1, out, rank).
-The rank intermediate is float32, as in vLLM's ops; the expand runs in the output's dtype.
+(max_loras, 1, out, rank). `lora_linear` (the projections: almost all of the work) keeps the rank
+intermediate in the weights' dtype and uses vLLM's packed kernel where it can (`sgl_supported`); the other ops
+keep it in float32, as vLLM's ops do, and expand in the output's dtype.
 """
 
 from __future__ import annotations
@@ -223,7 +224,8 @@ def lora_linear(
 ) -> None:
     """y[:, slice i] += (x @ A_i.T * scale) @ B_i.T for every row's own adapter (vLLM's `add_lora_linear`).
 
-    Per adapter: one product shrinks every slice, one `addmm_` per slice adds its delta in place.
+    Per adapter: one product shrinks every slice; one more expands them all when the layer has a
+    block-diagonal B (vLLM's packed kernel in bf16/fp16 with AMX, else `addmm_`), else one `addmm_` per slice.
     """
     if not groups:
         return
@@ -236,12 +238,8 @@ def lora_linear(
             cols = y[:, offset_start : offset_start + width]
             for slot, rows in groups:
                 a, n_a, b, n_b = w.packed[slot]
-                xs = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
-                delta = _packed_linear(_packed_linear(xs.contiguous(), a, n_a), b, n_b)
-                if isinstance(rows, slice):
-                    cols[rows].add_(delta)
-                else:
-                    cols.index_add_(0, rows, delta)
+                delta = _packed_linear(_packed_linear(x[rows].contiguous(), a, n_a), b, n_b)
+                _add_rows(cols, rows, delta)
             return
     for slot, rows in groups:
         xs = x[rows]

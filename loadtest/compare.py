@@ -58,7 +58,7 @@ from loadtest.servers import (
     vllm_process,
 )
 from loadtest.sweep import SweepConfig, run_sweep
-from loadtest.verify import References
+from loadtest.verify import References, merge_summaries
 from loadtest.workload import WorkloadSpec
 
 Log = Callable[[str], None]
@@ -187,28 +187,6 @@ class Measured:
     verify: dict[str, Any] | None = None  # --verify: answers checked (loadtest.sweep.check_level)
 
 
-def merge_verify(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The ``verify`` entries of several runs of one level, added up."""
-    per_model: dict[str, dict[str, Any]] = {}
-    for part in parts:
-        for model, c in part["per_model"].items():
-            m = per_model.setdefault(
-                model, {"checked": 0, "right": 0, "near_ties": 0, "wrong": 0, "as_model": {}}
-            )
-            for key in ("checked", "right", "near_ties", "wrong"):
-                m[key] += c[key]
-            for other, n in c["as_model"].items():
-                m["as_model"][other] = m["as_model"].get(other, 0) + n
-    return {
-        "checked": sum(p["checked"] for p in parts),
-        "near_ties": sum(p["near_ties"] for p in parts),
-        "wrong": sum(p["wrong"] for p in parts),
-        "wrong_model": sum(p["wrong_model"] for p in parts),
-        "per_model": per_model,
-        "examples": [e for p in parts for e in p["examples"]][:5],
-    }
-
-
 def pooled_entry(level: int, runs: Sequence[Measured]) -> dict[str, Any]:
     """A level's entry in ``results.json`` from one or more runs: statistics over all their
     requests (durations add up), counters summed, and each run's headline numbers in ``repeats``."""
@@ -222,7 +200,7 @@ def pooled_entry(level: int, runs: Sequence[Measured]) -> dict[str, Any]:
         "per_model": stats.per_model(records, duration_s=duration),
     }
     if all(m.verify is not None for m in runs):
-        entry["verify"] = merge_verify([m.verify for m in runs if m.verify is not None])
+        entry["verify"] = merge_summaries([m.verify for m in runs if m.verify is not None])
     if all(m.counters is not None for m in runs):
         for key in ("adapter_loads", "adapter_load_errors", "adapter_evictions"):
             entry[key] = sum(m.counters[key] for m in runs if m.counters is not None)

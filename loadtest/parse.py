@@ -46,6 +46,12 @@ def fail(rec: RequestResult, kind: str, message: str) -> None:
     rec.ok, rec.error_kind, rec.error = False, kind, message[:300]
 
 
+def choice_text(choice: dict[str, Any]) -> str:
+    """A non-streamed choice's generated text: `message.content` (chat) or `text` (completions)."""
+    message = choice.get("message")
+    return (message.get("content") if isinstance(message, dict) else choice.get("text")) or ""
+
+
 def read_body(rec: RequestResult, status: int, body: bytes) -> None:
     """A complete (non-streaming, or error) response."""
     rec.status = status
@@ -60,8 +66,7 @@ def read_body(rec: RequestResult, status: int, body: bytes) -> None:
     choices = data.get("choices")
     if choices and isinstance(choices[0], dict):
         first = choices[0]
-        message = first.get("message")
-        rec.text = (message.get("content") if isinstance(message, dict) else first.get("text")) or ""
+        rec.text = choice_text(first)
         if isinstance(first.get("token_ids"), list):
             rec.token_ids = first["token_ids"]
     rec.ok = True

@@ -34,7 +34,7 @@ from loadtest.runner import (
     run_open_loop,
     run_sync,
 )
-from loadtest.verify import References, learn_all, request_key
+from loadtest.verify import SUMMED, References, learn_all, merge_summaries, request_key
 from loadtest.workload import WorkloadSpec, generate
 
 Mode = Literal["concurrency", "rate"]
@@ -205,11 +205,6 @@ async def _sweep(
         "levels": levels,
     }
     if cfg.verify:
-        result.payload["verify"] = {
-            "references_learned": learned,
-            "checked": sum(e["verify"]["checked"] for e in levels),
-            "near_ties": sum(e["verify"]["near_ties"] for e in levels),
-            "wrong": sum(e["verify"]["wrong"] for e in levels),
-            "wrong_model": sum(e["verify"]["wrong_model"] for e in levels),
-        }
+        totals = merge_summaries([e["verify"] for e in levels])
+        result.payload["verify"] = {"references_learned": learned, **{k: totals[k] for k in SUMMED}}
     return result

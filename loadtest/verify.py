@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
+from loadtest.parse import choice_text
 
 #: Largest gap (in log-probability, nats) below the best token at which taking another one is a near tie.
 #: vLLM runs a float32 checkpoint in bfloat16 on the CPU ("Downcasting torch.float32 to torch.bfloat16"):
@@ -74,7 +76,10 @@ class Reference:
 
     def near_tie_ids(self, ids: Sequence[int], tie_nats: float = TIE_NATS) -> bool:
         """Do the token ids `ids` leave this reference by taking a runner-up within `tie_nats`?"""
-        d = self.divergence(ids)
+        return self._near_tie_at(self.divergence(ids), ids, tie_nats)
+
+    @staticmethod
+    def _near_tie_at(d: tuple[int, Step | None] | None, ids: Sequence[int], tie_nats: float) -> bool:
         if d is None or d[1] is None:
             return False
         k, step = d
@@ -157,10 +162,8 @@ async def learn_one(client: httpx.AsyncClient, url: str, body: bytes | dict[str,
     if r.status_code != 200:
         raise RuntimeError(f"verify: the reference request failed with {r.status_code}: {r.text[:300]}")
     choice = r.json()["choices"][0]
-    message = choice.get("message")
-    text = (message.get("content") if isinstance(message, dict) else choice.get("text")) or ""
     ids = choice.get("token_ids")
-    return Reference(text, steps_from(choice), tuple(ids) if isinstance(ids, list) else None)
+    return Reference(choice_text(choice), steps_from(choice), tuple(ids) if isinstance(ids, list) else None)
 
 
 def request_key(body: bytes | dict[str, Any]) -> str:
@@ -230,8 +233,9 @@ class References:
     def __len__(self) -> int:
         return len(self.refs)
 
-    def models(self) -> list[str]:
-        return sorted({m for m, _ in self.refs})
+    def _answered_by(self, model: str, key: str, same: Callable[[Reference], bool]) -> str | None:
+        """Another model whose reference to this request `same` accepts, if any."""
+        return next((m for (m, k), ref in self.refs.items() if k == key and m != model and same(ref)), None)
 
     def judge(self, model: str, key: str, text: str, token_ids: Sequence[int] | None = None) -> Verdict:
         want = self.refs[(model, key)]
@@ -239,9 +243,9 @@ class References:
             ids = tuple(token_ids)
             if ids == want.token_ids:
                 return Verdict(True)
-            for (other, other_key), other_ref in self.refs.items():
-                if other_key == key and other != model and other_ref.token_ids == ids:
-                    return Verdict(False, other)
+            other = self._answered_by(model, key, lambda ref: ref.token_ids == ids)
+            if other is not None:
+                return Verdict(False, other)
             d = want.divergence(ids)
             where = None
             if d is not None:
@@ -249,12 +253,12 @@ class References:
                 got = ids[k] if k < len(ids) else None
                 where = f"token {k}: {got}" + (f" (reference {step.token}, runner-up {step.alt} by "
                                                f"{step.gap:.3g} nats)" if step else "")  # fmt: skip
-            return Verdict(False, near_tie=want.near_tie_ids(ids, self.tie_nats), where=where)
+            return Verdict(False, near_tie=want._near_tie_at(d, ids, self.tie_nats), where=where)
         if text == want.text:
             return Verdict(True)
-        for (other, other_key), other_ref in self.refs.items():
-            if other_key == key and other != model and other_ref.text == text:
-                return Verdict(False, other)
+        other = self._answered_by(model, key, lambda ref: ref.text == text)
+        if other is not None:
+            return Verdict(False, other)
         return Verdict(False, near_tie=want.near_tie(text, self.tie_nats))
 
     def check(self, model: str, key: str, text: str, token_ids: Sequence[int] | None = None) -> Verdict:
@@ -282,6 +286,28 @@ class References:
             "wrong_model": sum(sum(c.as_model.values()) for c in self.checks.values()),
             "per_model": per_model,
         }
+
+
+SUMMED = ("checked", "near_ties", "wrong", "wrong_model")
+
+
+def merge_summaries(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several `summary()`s (levels of a run, or repeats of one level) added up, per model too."""
+    per_model: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for model, c in part["per_model"].items():
+            m = per_model.setdefault(
+                model, {"checked": 0, "right": 0, "near_ties": 0, "wrong": 0, "as_model": {}}
+            )
+            for key in ("checked", "right", "near_ties", "wrong"):
+                m[key] += c[key]
+            for other, n in c["as_model"].items():
+                m["as_model"][other] = m["as_model"].get(other, 0) + n
+    return {
+        **{key: sum(p[key] for p in parts) for key in SUMMED},
+        "per_model": per_model,
+        "examples": [e for p in parts for e in p.get("examples", [])][:5],
+    }
 
 
 async def learn_all(

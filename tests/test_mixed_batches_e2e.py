@@ -28,6 +28,7 @@ import pytest
 
 from gateway.settings import Settings
 from loadtest.verify import References, learn_all, request_key
+from loadtest.workload import PATHS
 from tests.conftest import free_port, serve_app
 from tests.registry_helpers import write_adapter
 
@@ -94,9 +95,6 @@ class Outcome:
     wrong: list[str] = field(default_factory=list)
     near_ties: int = 0
     base_as_adapter: int = 0
-
-
-PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 
 
 async def learn(url: str) -> References:
