@@ -52,7 +52,7 @@ def _ms(d: dict[str, Any], stat: str) -> str:
 
 
 def _level_line(mode: str, entry: dict[str, Any]) -> str:
-    from loadtest.report import level_name
+    from loadtest.harness.report import level_name
 
     s = entry["summary"]
     r = s["requests"]
@@ -130,9 +130,9 @@ def run(
     ] = False,
 ) -> None:
     """Drive an endpoint at each concurrency (closed loop) or rate (open loop) and write a report."""
-    from loadtest.report import write_run_report
-    from loadtest.sweep import SweepConfig, run_sweep
-    from loadtest.workload import WorkloadSpec
+    from loadtest.harness.report import write_run_report
+    from loadtest.harness.sweep import SweepConfig, run_sweep
+    from loadtest.harness.workload import WorkloadSpec
 
     if concurrency is not None and rate is not None:
         raise typer.BadParameter("give --concurrency or --rate, not both", param_hint="--rate")
@@ -183,7 +183,7 @@ def run(
     task: list[Any] = []
 
     def start(level: float, total: int) -> None:
-        from loadtest.report import level_name
+        from loadtest.harness.report import level_name
 
         task[:] = [progress.add_task(f"{mode}={level_name(level)}", total=total)]
 
@@ -199,7 +199,7 @@ def run(
     with progress:
         result = run_sweep(cfg, on_level_start=start, on_result=advance, on_level_end=end)
     if verify:
-        from loadtest.report import level_name
+        from loadtest.harness.report import level_name
 
         for entry in result.payload["levels"]:
             console.print(
@@ -267,7 +267,7 @@ def overhead(
     if (direct is None) != (gateway is None):
         raise typer.BadParameter("give both --direct and --gateway, or neither", param_hint="--gateway")
     if direct is None:
-        from loadtest.overhead_suite import SuiteConfig, run_suite
+        from loadtest.overhead.suite import SuiteConfig, run_suite
 
         cfg = SuiteConfig(
             out=out,
@@ -289,15 +289,15 @@ def overhead(
             seed=seed,
         )
         payload = run_suite(cfg, log=lambda line: typer.echo(line, err=True))
-        from loadtest.overhead_suite_report import target_rows
+        from loadtest.overhead.suite_report import target_rows
 
         for target, measured, verdict in target_rows(payload["targets"]):
             typer.echo(f"{target}: {measured} ({verdict})", err=True)
         typer.echo(f"wrote {out}/report.md and {', '.join(payload['parts'].values())}", err=True)
         return
 
-    from loadtest.overhead import run_overhead
-    from loadtest.overhead_report import write_overhead_report
+    from loadtest.overhead.report import write_overhead_report
+    from loadtest.overhead.run import run_overhead
 
     others = {}
     for item in other or []:
@@ -360,13 +360,13 @@ def fast_upstream(
     ttft_ms: Annotated[float, typer.Option(help="Delay before the first token.")] = 0.0,
 ) -> None:
     """Serve the minimal fast OpenAI-compatible upstream (canned tokens, vLLM LoRA routes)."""
-    from loadtest.fast_upstream import main
+    from loadtest.servers.fast_upstream import main
 
     args = ["--host", host, "--port", str(port), "--itl-ms", str(itl_ms), "--ttft-ms", str(ttft_ms)]
     main(args + (["--strict-models"] if strict_models else []))
 
 
-from loadtest.cli_compare import benchmark, compare, routing, thrash  # noqa: E402 - registered last
+from loadtest.compare.cli import benchmark, compare, routing, thrash  # noqa: E402 - registered last
 
 app.command()(compare)
 app.command()(thrash)

@@ -226,10 +226,11 @@ class UpstreamProcess:
 
 @contextlib.contextmanager
 def upstream_process(*args: str) -> Iterator[UpstreamProcess]:
-    """`loadtest.fast_upstream` (a fast OpenAI-compatible server that can stand for vLLM) in a process."""
+    """`loadtest.servers.fast_upstream` (a fast OpenAI-compatible server standing for vLLM) in a process."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "loadtest.fast_upstream", "--host", "127.0.0.1", "--port", str(port), *args],
+        [sys.executable, "-m", "loadtest.servers.fast_upstream", "--host", "127.0.0.1", "--port", str(port)]
+        + list(args),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

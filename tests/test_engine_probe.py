@@ -19,7 +19,7 @@ from starlette.routing import Route
 from gateway.engines.base import Engine, EngineState
 from gateway.settings import Settings
 from gateway.upstream import UpstreamClient
-from loadtest.serving import serve_in_thread
+from loadtest.servers.serving import serve_in_thread
 
 READY, OUT = EngineState.READY, EngineState.UNAVAILABLE
 DELAY = {"s": 0.0}

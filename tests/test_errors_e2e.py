@@ -116,7 +116,7 @@ def test_upstream_read_timeout_is_504(tmp_path: Path, cache_dir: Path) -> None:
 def test_engine_gone_after_ready_is_502(tmp_path: Path, cache_dir: Path) -> None:
     """An engine that answered its probe, then refuses connections: 502 engine_unreachable.
 
-    The engine here is the project's fast OpenAI-compatible upstream (loadtest/fast_upstream.py), a
+    The engine here is the project's fast OpenAI-compatible upstream (loadtest/servers/fast_upstream.py), a
     real server in its own process, killed after the gateway saw it ready.
     """
     with upstream_process() as upstream:

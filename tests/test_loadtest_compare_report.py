@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from loadtest import stats
-from loadtest.compare import CompareConfig, Measured, max_lora_rank, pooled_entry
-from loadtest.compare_report import summarize_compare, write_compare_report
-from loadtest.machine import machine_info
-from loadtest.records import RequestResult
+from loadtest.compare.report import summarize_compare, write_compare_report
+from loadtest.compare.run import CompareConfig, Measured, max_lora_rank, pooled_entry
+from loadtest.harness import stats
+from loadtest.harness.machine import machine_info
+from loadtest.harness.records import RequestResult
 
 
 def level(c: int, e2e_s: float, ttft_s: float, *, loads: int | None = None) -> dict[str, Any]:

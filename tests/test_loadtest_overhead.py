@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from loadtest import stats
-from loadtest.overhead import added_latency, interleave, judge, max_sustained
-from loadtest.records import RequestResult
-from loadtest.runner import jobs_for
-from loadtest.workload import WorkloadSpec, generate
+from loadtest.harness import stats
+from loadtest.harness.records import RequestResult
+from loadtest.harness.runner import jobs_for
+from loadtest.harness.workload import WorkloadSpec, generate
+from loadtest.overhead.run import added_latency, interleave, judge, max_sustained
 
 
 def side(e2e_ms: list[float], *, failed: int = 0, requested: int | None = None) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loadtest.cli import app
-from loadtest.routing_report import RATIO_KEYS
+from loadtest.routing.report import RATIO_KEYS
 
 pytestmark = pytest.mark.engine
 

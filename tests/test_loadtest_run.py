@@ -1,4 +1,4 @@
-"""The harness through the real HTTP path: ``loadtest.fast_upstream`` served by uvicorn on a free
+"""The harness through the real HTTP path: ``loadtest.servers.fast_upstream`` served by uvicorn on a free
 loopback port, driven closed-loop and open-loop, streaming and not, with both clients; the files
 a run writes and the consistency of their numbers; the time limit; the overhead plumbing; the CLI.
 """
@@ -16,13 +16,13 @@ import pytest
 from typer.testing import CliRunner
 
 from loadtest.cli import app
-from loadtest.fast_upstream import UpstreamConfig, serve_in_subprocess, serve_in_thread
-from loadtest.overhead import run_overhead
-from loadtest.overhead_report import write_overhead_report
-from loadtest.report import write_run_report
-from loadtest.runner import jobs_for, make_sender, run_closed_loop, run_sync
-from loadtest.sweep import SweepConfig, run_sweep
-from loadtest.workload import WorkloadSpec, generate
+from loadtest.harness.report import write_run_report
+from loadtest.harness.runner import jobs_for, make_sender, run_closed_loop, run_sync
+from loadtest.harness.sweep import SweepConfig, run_sweep
+from loadtest.harness.workload import WorkloadSpec, generate
+from loadtest.overhead.report import write_overhead_report
+from loadtest.overhead.run import run_overhead
+from loadtest.servers.fast_upstream import UpstreamConfig, serve_in_subprocess, serve_in_thread
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -8,10 +8,10 @@ import math
 
 import pytest
 
-from loadtest import stats
-from loadtest.parse import StreamParser, read_body
-from loadtest.records import RequestResult
-from loadtest.workload import WorkloadSpec, generate, mix_weights, poisson_schedule
+from loadtest.harness import stats
+from loadtest.harness.parse import StreamParser, read_body
+from loadtest.harness.records import RequestResult
+from loadtest.harness.workload import WorkloadSpec, generate, mix_weights, poisson_schedule
 
 
 def ok(

@@ -1,10 +1,10 @@
-"""`loadtest.verify` as pure logic: request identity, references with runner-up tokens, verdicts."""
+"""`loadtest.harness.verify` as pure logic: request identity, references with runner-up tokens, verdicts."""
 
 from __future__ import annotations
 
 import json
 
-from loadtest.verify import Reference, References, Step, reference_body, request_key, steps_from
+from loadtest.harness.verify import Reference, References, Step, reference_body, request_key, steps_from
 
 BODY = {
     "model": "sql",

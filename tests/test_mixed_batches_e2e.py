@@ -27,8 +27,8 @@ import openai
 import pytest
 
 from gateway.settings import Settings
-from loadtest.verify import References, learn_all, request_key
-from loadtest.workload import PATHS
+from loadtest.harness.verify import References, learn_all, request_key
+from loadtest.harness.workload import PATHS
 from tests.conftest import free_port, serve_app
 from tests.registry_helpers import write_adapter
 

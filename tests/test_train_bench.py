@@ -12,16 +12,16 @@ import json
 
 import pytest
 
-from loadtest import train_bench
-from loadtest.train_bench_measure import (
+from adapters.bench import run as train_bench
+from adapters.bench.measure import (
     H200_BF16_DENSE_FLOPS,
     executed_flops_per_token,
     model_flops_per_token,
     run_case,
     utilisation,
 )
-from loadtest.train_bench_model import LINEAR_NAMES, arch_dims, lora_param_count, param_counts
-from loadtest.train_bench_recipes import Case
+from adapters.bench.model import LINEAR_NAMES, arch_dims, lora_param_count, param_counts
+from adapters.bench.recipes import Case
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
@@ -41,7 +41,7 @@ def test_param_counts_match_the_published_models():
     # Checked against transformers on the meta device: no memory, same count.
     from transformers import LlamaForCausalLM
 
-    from loadtest.train_bench_model import llama_config
+    from adapters.bench.model import llama_config
 
     for arch in ("llama3-8b", "tiny"):
         with torch.device("meta"):
@@ -116,7 +116,7 @@ def test_suite_selection_and_cli_case():
 
 
 def test_chunked_loss_matches_transformers_loss():
-    from loadtest.train_bench_loss import chunked_lm_loss
+    from adapters.bench.loss import chunked_lm_loss
 
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 33, 16, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -157,8 +157,8 @@ def test_two_steps_on_the_tiny_model_with_real_checkpointing(recipe, ckpt):
 
 def test_eval_mode_shows_checkpointing_inactive():
     """The pitfall of the issue: a model in eval mode skips checkpointing; the counter sees it."""
-    from loadtest.train_bench_measure import build_model
-    from loadtest.train_bench_recipes import count_layer_calls
+    from adapters.bench.measure import build_model
+    from adapters.bench.recipes import count_layer_calls
 
     case = Case("tiny", "lora", "levers", 16, 1, 1.0)
     model = build_model(case, "cpu")
@@ -188,7 +188,7 @@ def test_main_writes_the_report(tmp_path, capsys):
 
 
 def test_missing_train_path_is_reported_not_crashed_on(monkeypatch):
-    from loadtest import train_bench_ours
+    from adapters.bench import ours as train_bench_ours
 
     monkeypatch.setattr(train_bench_ours, "unavailable", lambda: "no adapters.train here")
     record = run_case(Case("tiny", "lora", "ours", 16, 1, 1.0), "cpu", warmup=0, steps=1)
@@ -196,7 +196,7 @@ def test_missing_train_path_is_reported_not_crashed_on(monkeypatch):
 
 
 def test_report_table_says_which_cards_fit():
-    from loadtest.train_bench_report import fits, table
+    from adapters.bench.report import fits, table
 
     record = {
         "name": "x",

@@ -13,10 +13,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from loadtest.cli_compare import _adapters
-from loadtest.compare import CompareConfig, Runner, gateway_settings, max_lora_rank, unload_all
-from loadtest.servers import LoraOptions, gateway_process, scrape_counters, vllm_process
-from loadtest.sweep import SweepConfig, run_sweep
+from loadtest.compare.cli import _adapters
+from loadtest.compare.run import CompareConfig, Runner, gateway_settings, max_lora_rank, unload_all
+from loadtest.harness.sweep import SweepConfig, run_sweep
+from loadtest.servers.processes import LoraOptions, gateway_process, scrape_counters, vllm_process
 
 LOADS = "lora_gateway_adapter_loads_total"
 

@@ -26,7 +26,7 @@ Memory is read from each vLLM's process tree (RSS, PSS; GPU memory where ``nvidi
 and from file sizes: N merged models cost N copies of a merged model, adapter-only serving one
 base plus N adapters.
 
-    from loadtest.compare import CompareConfig, run_compare
+    from loadtest.compare.run import CompareConfig, run_compare
     payload = run_compare(CompareConfig(base=Path("..."), adapters=[...], out=Path("out/compare")))
 """
 
@@ -44,10 +44,13 @@ from typing import Any
 
 import httpx
 
-from loadtest import stats
-from loadtest.machine import machine_info
-from loadtest.records import RequestResult
-from loadtest.servers import (
+from loadtest.harness import stats
+from loadtest.harness.machine import machine_info
+from loadtest.harness.records import RequestResult
+from loadtest.harness.sweep import SweepConfig, run_sweep
+from loadtest.harness.verify import References, merge_summaries
+from loadtest.harness.workload import WorkloadSpec
+from loadtest.servers.processes import (
     LoraOptions,
     Server,
     dir_bytes,
@@ -57,9 +60,6 @@ from loadtest.servers import (
     tree_memory,
     vllm_process,
 )
-from loadtest.sweep import SweepConfig, run_sweep
-from loadtest.verify import References, merge_summaries
-from loadtest.workload import WorkloadSpec
 
 Log = Callable[[str], None]
 Merger = Callable[[Path, Path, Path], Path]
@@ -184,7 +184,7 @@ class Measured:
     requested: int
     hit_time_limit: bool
     counters: dict[str, int] | None = None  # adapter_loads, adapter_load_errors, adapter_evictions
-    verify: dict[str, Any] | None = None  # --verify: answers checked (loadtest.sweep.check_level)
+    verify: dict[str, Any] | None = None  # --verify: answers checked (loadtest.harness.sweep.check_level)
 
 
 def pooled_entry(level: int, runs: Sequence[Measured]) -> dict[str, Any]:
@@ -497,7 +497,7 @@ def run_compare(cfg: CompareConfig, *, merger: Merger | None = None, log: Log = 
             "merged_bytes": None if merged_dir is None else dir_bytes(merged_dir),
             "adapter_bytes": {name: dir_bytes(adapters_dir / name) for name in names},
         }
-    from loadtest.compare_report import summarize_compare, write_compare_report
+    from loadtest.compare.report import summarize_compare, write_compare_report
 
     payload: dict[str, Any] = {
         "kind": "compare",

@@ -2,10 +2,10 @@
 
 Each level sends the same requests (same seed), so levels differ only in load. Results come
 back as a JSON-ready payload (config, machine, per-level summaries and per-model breakdown)
-plus the raw per-request records; ``loadtest.report`` writes them.
+plus the raw per-request records; ``loadtest.harness.report`` writes them.
 
 With ``verify``, each distinct request is then sent once more, one at a time, and its answer is the
-reference every response of the levels is checked against (``loadtest.verify``): per level and per
+reference every response of the levels is checked against (``loadtest.harness.verify``): per level and per
 model, how many differ and how many are another model's answer. The references are learned after the
 levels, not before, so that they cannot warm vLLM's prefix cache for the measured requests; they are the
 same answers either way (greedy, one request in the engine at a time).
@@ -19,10 +19,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from loadtest import stats
-from loadtest.machine import machine_info
-from loadtest.records import RequestResult
-from loadtest.runner import (
+from loadtest.harness import stats
+from loadtest.harness.machine import machine_info
+from loadtest.harness.records import RequestResult
+from loadtest.harness.runner import (
     CLIENTS,
     Job,
     LevelRun,
@@ -34,8 +34,8 @@ from loadtest.runner import (
     run_open_loop,
     run_sync,
 )
-from loadtest.verify import SUMMED, References, learn_all, merge_summaries, request_key
-from loadtest.workload import WorkloadSpec, generate
+from loadtest.harness.verify import SUMMED, References, learn_all, merge_summaries, request_key
+from loadtest.harness.workload import WorkloadSpec, generate
 
 Mode = Literal["concurrency", "rate"]
 

@@ -26,8 +26,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from loadtest.train_bench_loss import chunked_lm_loss
-from loadtest.train_bench_model import LINEAR_NAMES
+from adapters.bench.loss import chunked_lm_loss
+from adapters.bench.model import LINEAR_NAMES
 
 TARGETS = {"all-linear": LINEAR_NAMES, "qv": ("q_proj", "v_proj")}
 LORA_RANK = 16

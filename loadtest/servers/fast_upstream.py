@@ -13,8 +13,8 @@ The completion has ``max_tokens`` tokens (default 16), one per stream chunk. By 
 model name is accepted; ``--strict-models`` answers 404 for names that are neither the served
 model nor a loaded adapter, as vLLM does.
 
-    python -m loadtest.fast_upstream --port 8001
-    python -m loadtest.fast_upstream --port 8001 --strict-models --itl-ms 5 --load-delay-ms 200
+    python -m loadtest.servers.fast_upstream --port 8001
+    python -m loadtest.servers.fast_upstream --port 8001 --strict-models --itl-ms 5 --load-delay-ms 200
 
 It is a raw ASGI app (no framework) so its own cost stays small next to the proxy's.
 """
@@ -53,6 +53,7 @@ Send = Callable[[Message], Awaitable[None]]
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 _DONE = b"data: [DONE]\n\n"
+MODULE = "loadtest.servers.fast_upstream"  # python -m MODULE
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,7 +322,7 @@ def serve_in_thread(
     config: UpstreamConfig | None = None, host: str = "127.0.0.1"
 ) -> AbstractContextManager[str]:
     """Run a :class:`FastUpstream` in a background thread on a free port; yields its base URL."""
-    from loadtest.serving import serve_in_thread as serve
+    from loadtest.servers.serving import serve_in_thread as serve
 
     return serve(FastUpstream(config), host=host)
 
@@ -329,22 +330,22 @@ def serve_in_thread(
 def serve_in_subprocess(
     *args: str, host: str = "127.0.0.1", port: int | None = None
 ) -> AbstractContextManager[str]:
-    """Run ``python -m loadtest.fast_upstream`` in its own process (own GIL); yields its base URL.
+    """Run ``python -m loadtest.servers.fast_upstream`` in its own process (own GIL); yields its URL.
 
     ``args`` are extra command-line options, e.g. ``"--itl-ms", "5"``.
     """
-    from loadtest.serving import free_port
-    from loadtest.serving import serve_in_subprocess as serve
+    from loadtest.servers.serving import free_port
+    from loadtest.servers.serving import serve_in_subprocess as serve
 
     port = port or free_port(host)
-    argv = [sys.executable, "-m", "loadtest.fast_upstream", "--host", host, "--port", str(port), *args]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = [sys.executable, "-m", MODULE, "--host", host, "--port", str(port), *args]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     return serve(argv, f"http://{host}:{port}", env={**os.environ, "PYTHONPATH": path})
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m loadtest.fast_upstream", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--served-model-name", default="base")

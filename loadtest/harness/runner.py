@@ -11,8 +11,8 @@ requests still in flight ``drain_s`` later are cancelled and recorded as ``cance
 
 A ``Job`` is a full URL, a ``RequestSpec`` and a tag (``direct``/``gateway`` in the overhead run),
 so one run can interleave targets. A ``Sender`` is the HTTP client: httpx by default, aiohttp
-(``loadtest.aiohttp_sender``) where the generator's own CPU cost matters; both read responses
-through ``loadtest.parse``.
+(``loadtest.harness.aiohttp_sender``) where the generator's own CPU cost matters; both read responses
+through ``loadtest.harness.parse``.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from typing import Any, Protocol, TypeVar
 
 import httpx
 
-from loadtest.parse import StreamParser, fail, read_body
-from loadtest.records import RequestResult
-from loadtest.stats import duration_of
-from loadtest.workload import RequestSpec, poisson_schedule
+from loadtest.harness.parse import StreamParser, fail, read_body
+from loadtest.harness.records import RequestResult
+from loadtest.harness.stats import duration_of
+from loadtest.harness.workload import RequestSpec, poisson_schedule
 
 T = TypeVar("T")
 OnResult = Callable[[RequestResult], None]
@@ -71,7 +71,7 @@ class SendError(Exception):
 
 
 class Sender(Protocol):
-    """Sends one job and fills its record (status, timings, tokens) through ``loadtest.parse``.
+    """Sends one job and fills its record (status, timings, tokens) through ``loadtest.harness.parse``.
 
     Transport failures are raised as :class:`SendError`, the one boundary where a client's own
     exceptions are translated. Senders are async context managers owning their connection pool.
@@ -150,7 +150,7 @@ def make_sender(
         return HttpxSender(make_client(api_key=api_key, timeout_s=timeout_s, max_connections=max_connections))
     if kind == "aiohttp":
         try:
-            from loadtest.aiohttp_sender import AiohttpSender
+            from loadtest.harness.aiohttp_sender import AiohttpSender
         except ImportError as exc:
             raise ValueError("client: 'aiohttp' needs the aiohttp package (pip install aiohttp)") from exc
         return AiohttpSender(api_key=api_key, timeout_s=timeout_s, max_connections=max_connections)

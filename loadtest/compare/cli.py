@@ -52,7 +52,7 @@ def _adapters(
             if not (a / "adapter_config.json").is_file():
                 raise typer.BadParameter(f"not a PEFT folder: {a}", param_hint="--adapters")
         return base_dir, base_name, paths
-    from loadtest.compare import random_adapters as make
+    from loadtest.compare.run import random_adapters as make
 
     where = (workdir or cache / "loadtest-adapters") / f"random-for-{base_name}"
     return base_dir, base_name, make(base_dir, base_name, int(random_adapters or 0), where)
@@ -92,7 +92,7 @@ VerifyOpt = Annotated[
 
 
 def _compare(**kw: Any) -> None:
-    from loadtest.compare import CompareConfig, run_compare
+    from loadtest.compare.run import CompareConfig, run_compare
 
     try:
         cfg = CompareConfig(**kw)
@@ -100,7 +100,7 @@ def _compare(**kw: Any) -> None:
         raise typer.BadParameter(str(exc)) from None
     merger = None
     if cfg.merged:
-        from loadtest.compare import default_merger
+        from loadtest.compare.run import default_merger
 
         try:
             merger = default_merger()
@@ -223,7 +223,7 @@ def _routing(**kw: Any) -> dict[str, Any]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from loadtest.routing import RoutingConfig, run_routing
+    from loadtest.routing.run import RoutingConfig, run_routing
 
     try:
         cfg = RoutingConfig(**kw)
@@ -317,8 +317,8 @@ def benchmark(
     compare (merged vs adapter-only, 16 random adapters under zipf:1.1) with both thrash scenarios, each
     level measured 3 times, then
     routing (affinity vs round-robin over 2 replicas, 8 random adapters, 2 slots per replica)."""
-    from loadtest.overhead_suite import SuiteConfig, run_suite
-    from loadtest.overhead_suite_report import target_rows
+    from loadtest.overhead.suite import SuiteConfig, run_suite
+    from loadtest.overhead.suite_report import target_rows
 
     say = lambda line: typer.echo(line, err=True)  # noqa: E731
     payload = run_suite(SuiteConfig(out=out / "overhead", litellm=litellm), log=say)

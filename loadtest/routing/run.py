@@ -14,7 +14,7 @@ the replicas' slots, the difference between the policies is where adapters get l
 an adapter on the replica that has it, round-robin sends it to every replica in turn. Adapter loads
 and evictions come from the gateway's ``/metrics`` around each level.
 
-    from loadtest.routing import RoutingConfig, run_routing
+    from loadtest.routing.run import RoutingConfig, run_routing
     payload = run_routing(RoutingConfig(base=Path("..."), adapters=[...], out=Path("out/routing")))
 """
 
@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from loadtest.compare import (
+from loadtest.compare.run import (
     EVICTIONS,
     LOAD_ERRORS,
     LOADS,
@@ -42,11 +42,18 @@ from loadtest.compare import (
     unload_all,
     workdir,
 )
-from loadtest.machine import load_average, machine_info
-from loadtest.servers import LoraOptions, Server, gateway_process, scrape_counters, tree_memory, vllm_process
-from loadtest.sweep import SweepConfig, run_sweep
-from loadtest.verify import References
-from loadtest.workload import WorkloadSpec
+from loadtest.harness.machine import load_average, machine_info
+from loadtest.harness.sweep import SweepConfig, run_sweep
+from loadtest.harness.verify import References
+from loadtest.harness.workload import WorkloadSpec
+from loadtest.servers.processes import (
+    LoraOptions,
+    Server,
+    gateway_process,
+    scrape_counters,
+    tree_memory,
+    vllm_process,
+)
 
 Log = Callable[[str], None]
 Progress = Callable[[str, int, int], None]  # (label, done, total)
@@ -303,7 +310,7 @@ def run_routing(cfg: RoutingConfig, *, log: Log = print, progress: Progress | No
                         wait_engines_ready(gw.url, len(replicas))
                         policies[policy].append(measure(cfg, policy, gw, level, log, progress, references))
             memory["replicas"] = {r.name: tree_memory(r.pid) for r in replicas}
-    from loadtest.routing_report import summarize_routing, write_routing_report
+    from loadtest.routing.report import summarize_routing, write_routing_report
 
     payload: dict[str, Any] = {
         "kind": "routing",

@@ -7,7 +7,7 @@ OpenAI-compatible upstream (the fast upstream in ``loadtest overhead --litellm``
 (one process, as the gateway), no database, a master key, and the model cost map read locally (no
 network at start). Requests must carry ``Authorization: Bearer <master key>``.
 
-    python -m loadtest.litellm_proxy            # only build the venv (prints its path)
+    python -m loadtest.servers.litellm_proxy            # only build the venv (prints its path)
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LITELLM_VERSION = "1.108.7"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_VENV = ROOT / ".cache" / "litellm-venv"
 INSTALL_TIMEOUT_S = 1800.0
 START_TIMEOUT_S = 180.0
@@ -109,7 +109,7 @@ def serve(
     timeout_s: float = START_TIMEOUT_S,
 ) -> Iterator[LiteLLMProxy]:
     """Run LiteLLM's proxy (one worker) in front of ``upstream``; yields it ready, stops it after."""
-    from loadtest.serving import free_port, stop, wait_ready
+    from loadtest.servers.serving import free_port, stop, wait_ready
 
     py = ensure_venv(venv, log=log)
     version = installed_version(venv) or "?"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loadtest.report import fmt, level_name, machine_lines, table, write_json
+from loadtest.harness.report import fmt, level_name, machine_lines, table, write_json
 
 PARTS = {
     "fast": "fast upstream: direct vs gateway (open loop)",

@@ -1,12 +1,12 @@
 """The overhead run's files: ``results.json``, ``requests.jsonl``, ``report.md`` and two PNGs,
-rendered from the payload of :func:`loadtest.overhead.run_overhead` alone."""
+rendered from the payload of :func:`loadtest.overhead.run.run_overhead` alone."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from loadtest.report import level_name, machine_lines, table, write_json, write_requests
+from loadtest.harness.report import level_name, machine_lines, table, write_json, write_requests
 
 
 def render_overhead_markdown(payload: dict[str, Any]) -> str:

@@ -4,7 +4,7 @@
                                      <-  LiteLLM's proxy, one worker (--litellm, its own venv)
     vLLM on the embedded tiny model  <-  gateway, managed (--vllm)
 
-Parts, each written to its own folder under ``out`` by :mod:`loadtest.overhead_report`:
+Parts, each written to its own folder under ``out`` by :mod:`loadtest.overhead.report`:
 
 1. ``fast/``     open loop, direct vs gateway interleaved, at fixed offered rates upward until the
                  gateway misses p99 < 50 ms: added latency and the most req/s one process sustains
@@ -32,14 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest import stats
-from loadtest.machine import machine_info
-from loadtest.overhead import DEFAULT_RATES, MODES, run_overhead
-from loadtest.overhead_report import write_overhead_report
-from loadtest.runner import jobs_for, make_sender, run_closed_loop, run_sync
-from loadtest.servers import Server, gateway_process, process
-from loadtest.serving import free_port
-from loadtest.workload import WorkloadSpec, generate
+from loadtest.harness import stats
+from loadtest.harness.machine import machine_info
+from loadtest.harness.runner import jobs_for, make_sender, run_closed_loop, run_sync
+from loadtest.harness.workload import WorkloadSpec, generate
+from loadtest.overhead.report import write_overhead_report
+from loadtest.overhead.run import DEFAULT_RATES, MODES, run_overhead
+from loadtest.servers import fast_upstream as upstream
+from loadtest.servers.processes import Server, gateway_process, process
+from loadtest.servers.serving import free_port
 
 Log = Callable[[str], None]
 TARGET_RATE = 200
@@ -147,7 +148,7 @@ def closed_loop(
 @contextlib.contextmanager
 def fast_upstream(workdir: Path, served_name: str = "base", itl_ms: float = 0.0) -> Iterator[Server]:
     port = free_port()
-    argv = [sys.executable, "-m", "loadtest.fast_upstream", "--host", "127.0.0.1", "--port", str(port)]
+    argv = [sys.executable, "-m", upstream.MODULE, "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--served-model-name", served_name, "--itl-ms", str(itl_ms)]
     url = f"http://127.0.0.1:{port}"
     name = "fast-upstream" if not itl_ms else f"paced-upstream-{itl_ms:g}ms"
@@ -219,7 +220,7 @@ def run_suite(cfg: SuiteConfig, log: Log = print) -> dict[str, Any]:
                 paths = [("direct", up.url, "base"), ("gateway", gw.url, "base")]
                 pids = {"upstream": up.pid, "gateway": gw.pid}
                 if cfg.litellm:
-                    from loadtest.litellm_proxy import serve as litellm_serve
+                    from loadtest.servers.litellm_proxy import serve as litellm_serve
 
                     log("LiteLLM: preparing its venv (the first time takes minutes) and starting it")
                     with litellm_serve(up.url, "base", log=work / "litellm.log") as lite:
@@ -279,7 +280,7 @@ def run_suite(cfg: SuiteConfig, log: Log = print) -> dict[str, Any]:
         "closed_loop": parts.get("closed_loop", []),
         "parts": {k: f"{k}/results.json" for k in ("fast", "litellm", "paced", "vllm") if k in parts},
     }
-    from loadtest.overhead_suite_report import write_suite_report
+    from loadtest.overhead.suite_report import write_suite_report
 
     write_suite_report(cfg.out, payload)
     return payload

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from loadtest.records import RequestResult
+from loadtest.harness.records import RequestResult
 
 PERCENTILES = (50, 90, 99)
 

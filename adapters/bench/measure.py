@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from loadtest.train_bench_model import arch_dims, lora_param_count, param_counts
-from loadtest.train_bench_recipes import TARGETS, Case, Stepper, count_layer_calls
+from adapters.bench.model import arch_dims, lora_param_count, param_counts
+from adapters.bench.recipes import TARGETS, Case, Stepper, count_layer_calls
 
 H200_BF16_DENSE_FLOPS = 989e12
 GIB = 1024**3
@@ -62,7 +62,7 @@ def synthetic_batches(vocab: int, micro_batch: int, seq: int, device: str, count
 
 
 def build_model(case: Case, device: str) -> Any:
-    from loadtest.train_bench_model import build_4bit_model, build_bf16_model, llama_config
+    from adapters.bench.model import build_4bit_model, build_bf16_model, llama_config
 
     config = llama_config(case.arch, case.num_layers)
     if case.method == "qlora":
@@ -124,7 +124,7 @@ def run_case(case: Case, device: str, warmup: int, steps: int) -> dict[str, Any]
     """Measure one case; failures (out of memory included) become a record with ``status``."""
     import torch
 
-    from loadtest import train_bench_recipes as recipes
+    from adapters.bench import recipes
 
     dims = arch_dims(case.arch, case.num_layers)
     record: dict[str, Any] = {"name": case.name, **_case_fields(case), "warmup": warmup, "steps": steps}
@@ -132,7 +132,7 @@ def run_case(case: Case, device: str, warmup: int, steps: int) -> dict[str, Any]
     tokens_per_step = case.micro_batch * case.seq
     record["tokens_per_step"] = tokens_per_step
     if case.recipe == "ours":
-        from loadtest.train_bench_ours import unavailable
+        from adapters.bench.ours import unavailable
 
         reason = unavailable()
         if reason:
@@ -150,7 +150,7 @@ def run_case(case: Case, device: str, warmup: int, steps: int) -> dict[str, Any]
         record["model_allocated_gib"] = mem.read()["allocated_gib"]
         batches = synthetic_batches(dims["vocab_size"], case.micro_batch, case.seq, device)
         if case.recipe == "ours":
-            from loadtest.train_bench_ours import run_ours
+            from adapters.bench.ours import run_ours
 
             timing, notes, trainable = run_ours(model, case, batches, warmup, steps, mem.sync)
         else:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from loadtest.train_bench_recipes import LORA_ALPHA, LORA_RANK, TARGETS, Case, count_layer_calls
+from adapters.bench.recipes import LORA_ALPHA, LORA_RANK, TARGETS, Case, count_layer_calls
 
 
 def _step_timer(warmup: int, sync: Callable[[], None], calls: list[int]) -> tuple[Any, dict[str, Any]]:

@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from loadtest.parse import choice_text
+from loadtest.harness.parse import choice_text
 
 #: Largest gap (in log-probability, nats) below the best token at which taking another one is a near tie.
 #: vLLM runs a float32 checkpoint in bfloat16 on the CPU ("Downcasting torch.float32 to torch.bfloat16"):

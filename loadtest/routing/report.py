@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loadtest.compare_report import ratio
-from loadtest.report import level_axis, machine_lines, table, write_json
+from loadtest.compare.report import ratio
+from loadtest.harness.report import level_axis, machine_lines, table, write_json
 
 POLICY_LABELS = {"affinity": "affinity", "round_robin": "round-robin"}
 

@@ -25,8 +25,8 @@ same upstream): each request is then sent once per path, the order rotating, at 
 k paths; each proxy gets its own added latency and verdict under ``others``, and the sweep of a
 mode stops once the proxy named by ``stop_when`` misses a rate.
 
-    from loadtest.overhead import run_overhead
-    from loadtest.overhead_report import write_overhead_report
+    from loadtest.overhead.run import run_overhead
+    from loadtest.overhead.report import write_overhead_report
     result = run_overhead("http://127.0.0.1:8001", "http://127.0.0.1:8000", [50, 200, 500], 10)
     write_overhead_report(Path("out/overhead"), result)
 """
@@ -39,11 +39,19 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from loadtest import stats
-from loadtest.machine import machine_info
-from loadtest.report import fmt, level_name
-from loadtest.runner import Job, Sender, jobs_for, make_sender, run_closed_loop, run_open_loop, run_sync
-from loadtest.workload import WorkloadSpec, generate
+from loadtest.harness import stats
+from loadtest.harness.machine import machine_info
+from loadtest.harness.report import fmt, level_name
+from loadtest.harness.runner import (
+    Job,
+    Sender,
+    jobs_for,
+    make_sender,
+    run_closed_loop,
+    run_open_loop,
+    run_sync,
+)
+from loadtest.harness.workload import WorkloadSpec, generate
 
 DEFAULT_RATES = (50, 200, 500, 1000, 1500, 2000, 3000)
 MODES = ("nonstream", "stream")

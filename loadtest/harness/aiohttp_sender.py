@@ -11,9 +11,9 @@ from typing import Any
 
 import aiohttp
 
-from loadtest.parse import StreamParser, read_body
-from loadtest.records import RequestResult
-from loadtest.runner import Job, SendError
+from loadtest.harness.parse import StreamParser, read_body
+from loadtest.harness.records import RequestResult
+from loadtest.harness.runner import Job, SendError
 
 
 class AiohttpSender:

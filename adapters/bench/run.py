@@ -9,18 +9,18 @@ speed and memory changes, measured for ``adapters/train.py`` to adopt).
 
 One configuration:
 
-    python -m loadtest.train_bench --arch llama3-8b --method lora --recipe baseline,ours \\
+    python -m adapters.bench.run --arch llama3-8b --method lora --recipe baseline,ours \\
         --seq 2048 --micro-batch 4 --checkpointing --steps 4 --out results.json
 
 The planned list (``SUITES`` below), cut short once ``--time-budget`` seconds have passed:
 
-    python -m loadtest.train_bench --suite h200 --out results.json --time-budget 480
-    python -m loadtest.train_bench --suite h200 --select qlora --out results.json
-    python -m loadtest.train_bench --suite h200 --skip ours,70b --out results.json
+    python -m adapters.bench.run --suite h200 --out results.json --time-budget 480
+    python -m adapters.bench.run --suite h200 --select qlora --out results.json
+    python -m adapters.bench.run --suite h200 --skip ours,70b --out results.json
 
 CPU check of the whole path on a tiny model (seconds):
 
-    python -m loadtest.train_bench --arch tiny --device cpu --method lora --recipe baseline,levers \\
+    python -m adapters.bench.run --arch tiny --device cpu --method lora --recipe baseline,levers \\
         --seq 64 --micro-batch 2 --steps 2 --out /tmp/bench.json
 
 Results accumulate in ``--out`` (a JSON document rewritten after every case, so a run that is cut
@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadtest.train_bench_recipes import Case
+from adapters.bench.recipes import Case
 
 B, L, OURS = "baseline", "levers", "ours"
 
@@ -218,7 +218,7 @@ def cases_from_args(args: argparse.Namespace) -> list[Case]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtest.train_bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m adapters.bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="llama3-8b", help="llama3-8b, llama3-70b or tiny")
     p.add_argument("--method", default="lora", choices=["lora", "qlora"])
     p.add_argument("--recipe", default="baseline,ours", help="comma list of baseline, ours, levers")
@@ -248,7 +248,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cases = cases_from_args(args)
-    from loadtest.train_bench_measure import run_case
+    from adapters.bench.measure import run_case
 
     report = load_report(args.out)
     report["environment"] = environment(args.device)

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtest.records import RequestResult
+from loadtest.harness.records import RequestResult
 
 LATENCY_METRICS = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2e_ms", "E2E latency"))
 MODE_LABEL = {"concurrency": "concurrency", "rate": "offered rate (req/s)"}

@@ -26,9 +26,9 @@ from typing import Any
 
 import httpx
 
-from loadtest.serving import free_port
+from loadtest.servers.serving import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VLLM_START_TIMEOUT_S = 600.0
 GATEWAY_START_TIMEOUT_S = 120.0
 

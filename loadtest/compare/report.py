@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loadtest.report import fmt, level_axis, machine_lines, table, write_json
+from loadtest.harness.report import fmt, level_axis, machine_lines, table, write_json
 
 MODE_LABELS = {"merged": "merged", "adapter_1": "adapter-only, 1 adapter", "adapter_n": "adapter-only, N"}
 MODE_LABELS["thrash"] = "adapter-only, N, thrash"

@@ -16,7 +16,7 @@ import json
 import time
 from typing import Any
 
-from loadtest.records import RequestResult
+from loadtest.harness.records import RequestResult
 
 _CONTENT_KEYS = ("content", "reasoning_content", "reasoning")
 

@@ -1,0 +1,1 @@
+"""``loadtest routing``: adapter-affinity routing vs round-robin over the same vLLM replicas."""
