@@ -6,7 +6,7 @@ from typing import Any
 
 from loadtest.harness import stats
 from loadtest.harness.records import RequestResult
-from loadtest.harness.runner import jobs_for
+from loadtest.harness.senders import jobs_for
 from loadtest.harness.workload import WorkloadSpec, generate
 from loadtest.overhead.run import added_latency, interleave, judge, max_sustained
 

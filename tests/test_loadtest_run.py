@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from loadtest.cli import app
 from loadtest.harness.report import write_run_report
-from loadtest.harness.runner import jobs_for, make_sender, run_closed_loop, run_sync
+from loadtest.harness.runner import run_closed_loop, run_sync
+from loadtest.harness.senders import jobs_for, make_sender
 from loadtest.harness.sweep import SweepConfig, run_sweep
 from loadtest.harness.workload import WorkloadSpec, generate
 from loadtest.overhead.report import write_overhead_report

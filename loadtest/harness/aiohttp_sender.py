@@ -13,7 +13,7 @@ import aiohttp
 
 from loadtest.harness.parse import StreamParser, read_body
 from loadtest.harness.records import RequestResult
-from loadtest.harness.runner import Job, SendError
+from loadtest.harness.senders import Job, SendError
 
 
 class AiohttpSender:

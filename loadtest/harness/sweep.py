@@ -22,18 +22,8 @@ from typing import Any, Literal
 from loadtest.harness import stats
 from loadtest.harness.machine import machine_info
 from loadtest.harness.records import RequestResult
-from loadtest.harness.runner import (
-    CLIENTS,
-    Job,
-    LevelRun,
-    OnResult,
-    jobs_for,
-    make_client,
-    make_sender,
-    run_closed_loop,
-    run_open_loop,
-    run_sync,
-)
+from loadtest.harness.runner import LevelRun, OnResult, run_closed_loop, run_open_loop, run_sync
+from loadtest.harness.senders import CLIENTS, Job, jobs_for, make_client, make_sender
 from loadtest.harness.verify import SUMMED, References, learn_all, merge_summaries, request_key
 from loadtest.harness.workload import WorkloadSpec, generate
 

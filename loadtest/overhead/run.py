@@ -42,15 +42,8 @@ from typing import Any
 from loadtest.harness import stats
 from loadtest.harness.machine import machine_info
 from loadtest.harness.report import fmt, level_name
-from loadtest.harness.runner import (
-    Job,
-    Sender,
-    jobs_for,
-    make_sender,
-    run_closed_loop,
-    run_open_loop,
-    run_sync,
-)
+from loadtest.harness.runner import run_closed_loop, run_open_loop, run_sync
+from loadtest.harness.senders import Job, Sender, jobs_for, make_sender
 from loadtest.harness.workload import WorkloadSpec, generate
 
 DEFAULT_RATES = (50, 200, 500, 1000, 1500, 2000, 3000)

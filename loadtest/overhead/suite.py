@@ -34,7 +34,8 @@ from typing import Any
 
 from loadtest.harness import stats
 from loadtest.harness.machine import machine_info
-from loadtest.harness.runner import jobs_for, make_sender, run_closed_loop, run_sync
+from loadtest.harness.runner import run_closed_loop, run_sync
+from loadtest.harness.senders import jobs_for, make_sender
 from loadtest.harness.workload import WorkloadSpec, generate
 from loadtest.overhead.report import write_overhead_report
 from loadtest.overhead.run import DEFAULT_RATES, MODES, run_overhead
