@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 
 from loadtest.compare.report import summarize_compare, write_compare_report
-from loadtest.compare.run import CompareConfig, Measured, max_lora_rank, pooled_entry
+from loadtest.compare.run import CompareConfig, Measured, pooled_entry
 from loadtest.harness import stats
 from loadtest.harness.machine import machine_info
 from loadtest.harness.records import RequestResult
+from loadtest.harness.scenario import max_lora_rank
 
 
 def level(c: int, e2e_s: float, ttft_s: float, *, loads: int | None = None) -> dict[str, Any]:

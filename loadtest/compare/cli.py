@@ -52,7 +52,7 @@ def _adapters(
             if not (a / "adapter_config.json").is_file():
                 raise typer.BadParameter(f"not a PEFT folder: {a}", param_hint="--adapters")
         return base_dir, base_name, paths
-    from loadtest.compare.run import random_adapters as make
+    from loadtest.harness.scenario import random_adapters as make
 
     where = (workdir or cache / "loadtest-adapters") / f"random-for-{base_name}"
     return base_dir, base_name, make(base_dir, base_name, int(random_adapters or 0), where)

@@ -9,19 +9,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loadtest.harness.report import fmt, level_axis, machine_lines, table, write_json
+from loadtest.harness.report import (
+    concurrency_panel,
+    fmt,
+    machine_lines,
+    pyplot,
+    ratio,
+    table,
+    times,
+    write_report,
+)
 
 MODE_LABELS = {"merged": "merged", "adapter_1": "adapter-only, 1 adapter", "adapter_n": "adapter-only, N"}
 MODE_LABELS["thrash"] = "adapter-only, N, thrash"
 MODE_LABELS["engine_thrash"] = "adapter-only, N, engine slots"
 MULTI_TARGET = 0.9
 THRASH_TARGET = 3.0
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b <= 0:
-        return None
-    return a / b
 
 
 def _point(entry: dict[str, Any]) -> dict[str, Any]:
@@ -123,10 +126,6 @@ def _mib(x: float | None) -> str:
     return "-" if x is None else f"{x / 2**20:.1f} MiB"
 
 
-def _x(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}x"
-
-
 def render_compare_markdown(payload: dict[str, Any]) -> str:
     cfg, summ = payload["config"], payload["summary"]
     n = len(cfg["adapters"])
@@ -177,8 +176,8 @@ def render_compare_markdown(payload: dict[str, Any]) -> str:
         rt = row["ratios"]
         cells: list[Any] = [row["concurrency"]]
         cells += [row["modes"].get(m, {}).get("output_token_throughput") for m in present]
-        cells += [_x(rt["throughput_adapter_1_vs_merged"]), _x(rt["throughput_adapter_n_vs_merged"])]
-        cells.append(_x(rt["throughput_adapter_n_vs_adapter_1"]))
+        cells += [times(rt["throughput_adapter_1_vs_merged"]), times(rt["throughput_adapter_n_vs_merged"])]
+        cells.append(times(rt["throughput_adapter_n_vs_adapter_1"]))
         rows.append(cells)
     out += [table(head, rows), ""]
     out += ["## Latency (ms): TTFT p50 / p99, TPOT p50", ""]
@@ -200,8 +199,8 @@ def render_compare_markdown(payload: dict[str, Any]) -> str:
                     p["ttft_p99_ms"],
                 ]
                 + [p["tpot_p50_ms"], p["e2e_p99_ms"], p["failed"]]
-                + [_x(ratio(p["ttft_p99_ms"], base.get("ttft_p99_ms")))]
-                + [_x(ratio(p["tpot_p50_ms"], base.get("tpot_p50_ms")))]
+                + [times(ratio(p["ttft_p99_ms"], base.get("ttft_p99_ms")))]
+                + [times(ratio(p["tpot_p50_ms"], base.get("tpot_p50_ms")))]
             )
     out += [table(head, rows), ""]
     checked = [
@@ -248,7 +247,7 @@ def render_compare_markdown(payload: dict[str, Any]) -> str:
         [
             f"{n} adapters under `{cfg['mix']}`: throughput >= {MULTI_TARGET:.0%} of one adapter's "
             "(worst concurrency)",
-            _x(t["adapter_n_vs_adapter_1_throughput_min"]),
+            times(t["adapter_n_vs_adapter_1_throughput_min"]),
             _verdict(t["adapter_n_vs_adapter_1_throughput_min"], MULTI_TARGET, at_least=True),
         ]
     ]
@@ -263,7 +262,7 @@ def render_compare_markdown(payload: dict[str, Any]) -> str:
                 [
                     f"TTFT p99 with {n} adapters over {cfg['thrash_resident']} {what} <= "
                     f"{THRASH_TARGET:g}x the all-resident p99 (worst concurrency)",
-                    _x(worst),
+                    times(worst),
                     _verdict(worst, THRASH_TARGET, at_least=False),
                 ]
             )
@@ -293,7 +292,7 @@ def render_compare_markdown(payload: dict[str, Any]) -> str:
         if d["one_merged"] is None and d["base_plus_n_adapters"] is None:
             continue
         rows.append([label, unit(d["one_merged"]), unit(d["n_merged"]), unit(d["base_plus_n_adapters"])])
-        rows[-1].append(_x(d["ratio"]))
+        rows[-1].append(times(d["ratio"]))
     head = ["what", "one merged model", f"{n} merged models", f"one base + {n} adapters", "ratio"]
     out += [table(head, rows), ""]
     out += [
@@ -337,29 +336,13 @@ def _verdict(v: float | None, limit: float, *, at_least: bool) -> str:
 
 def plot_compare(payload: dict[str, Any], out_dir: Path) -> list[Path]:
     """``compare_throughput.png`` (req/s and tok/s) and ``compare_ttft_p99.png``, one line per mode."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = payload["summary"]["per_concurrency"]
-    present = [m for m in MODE_LABELS if m in payload["modes"]]
-    xs = [r["concurrency"] for r in rows]
+    labels = {m: label for m, label in MODE_LABELS.items() if m in payload["modes"]}
     styles = dict(zip(MODE_LABELS, ("o-", "s--", "^-.", "d:", "v--"), strict=True))
 
     def panel(ax: Any, key: str, title: str) -> None:
-        for m in present:
-            pts = [
-                (r["concurrency"], r["modes"][m][key])
-                for r in rows
-                if r["modes"].get(m, {}).get(key) is not None
-            ]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[m], label=MODE_LABELS[m])
-        ax.set(title=title, xlabel="concurrency")
-        level_axis(ax, xs)
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        concurrency_panel(ax, rows, "modes", labels, styles, key, title)
 
     paths = []
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -380,10 +363,4 @@ def plot_compare(payload: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def write_compare_report(out_dir: Path, payload: dict[str, Any]) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"results": write_json(out_dir / "results.json", payload)}
-    files["report"] = out_dir / "report.md"
-    files["report"].write_text(render_compare_markdown(payload), encoding="utf-8")
-    for p in plot_compare(payload, out_dir):
-        files[p.stem] = p
-    return files
+    return write_report(out_dir, payload, render_compare_markdown, plot_compare)

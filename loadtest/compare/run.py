@@ -35,19 +35,25 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from loadtest.harness import stats
+from loadtest.harness.level import adapter_counters, closed_level, counted, fmt_ms, stream_workload
 from loadtest.harness.machine import machine_info
 from loadtest.harness.records import RequestResult
-from loadtest.harness.sweep import SweepConfig, run_sweep
+from loadtest.harness.scenario import (
+    check_concurrency,
+    check_names,
+    config_dict,
+    max_lora_rank,
+    private_copies,
+    require_registered,
+    unload_all,
+    workdir,
+)
 from loadtest.harness.verify import References, merge_summaries
 from loadtest.harness.workload import WorkloadSpec
 from loadtest.servers.processes import (
@@ -56,17 +62,12 @@ from loadtest.servers.processes import (
     dir_bytes,
     gateway_process,
     gpu_memory,
-    scrape_counters,
     tree_memory,
     vllm_process,
 )
 
 Log = Callable[[str], None]
 Merger = Callable[[Path, Path, Path], Path]
-LOADS = 'lora_gateway_adapter_loads_total{result="ok"}'
-LOAD_ERRORS = 'lora_gateway_adapter_loads_total{result="error"}'
-EVICTIONS = "lora_gateway_adapter_evictions_total"
-RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +104,9 @@ class CompareConfig:
     def __post_init__(self) -> None:
         if not self.adapters:
             raise ValueError("adapters: give at least one adapter folder")
-        names = [Path(a).name for a in self.adapters]
-        if len(set(names)) != len(names):
-            raise ValueError(f"adapters: folder names must differ, got {names}")
-        if not self.concurrency or any(c < 1 for c in self.concurrency):
-            raise ValueError(f"concurrency: must be >= 1, got {list(self.concurrency)}")
+        names = self.names
+        check_names(names)
+        check_concurrency(self.concurrency)
         if (self.thrash or self.engine_thrash) and len(self.adapters) < 2:
             raise ValueError("thrash: needs at least 2 adapters")
         if self.repeat < 1:
@@ -130,23 +129,7 @@ class CompareConfig:
         return self.thrash_resident or max(1, len(self.adapters) // 2)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for k in ("base", "out", "workdir"):
-            d[k] = None if d[k] is None else str(d[k])
-        d["adapters"] = [str(a) for a in self.adapters]
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def lora_rank(adapter: Path) -> int:
-    import json
-
-    return int(json.loads((Path(adapter) / "adapter_config.json").read_text())["r"])
-
-
-def max_lora_rank(adapters: Sequence[Path]) -> int:
-    """The smallest rank vLLM accepts for ``--max-lora-rank`` that fits every adapter."""
-    r = max(lora_rank(a) for a in adapters)
-    return next(x for x in RANKS if x >= r)
+        return config_dict(self)
 
 
 def default_merger() -> Merger:
@@ -155,19 +138,6 @@ def default_merger() -> Merger:
     except ImportError as exc:  # pragma: no cover - depends on the train extra
         raise RuntimeError(f"merged serving needs adapters.merge.merge_adapter: {exc}") from exc
     return merge_adapter
-
-
-def unload_all(vllm_url: str) -> list[str]:
-    """Unload every adapter vLLM lists (between two gateways sharing one vLLM)."""
-    with httpx.Client(base_url=vllm_url, timeout=60, trust_env=False) as c:
-        names = [m["id"] for m in c.get("/v1/models").json()["data"] if m.get("parent")]
-        for name in names:
-            c.post("/v1/unload_lora_adapter", json={"lora_name": name}).raise_for_status()
-    return names
-
-
-def served_models(url: str) -> set[str]:
-    return {m["id"] for m in httpx.get(url + "/v1/models", timeout=30, trust_env=False).json()["data"]}
 
 
 def memory_of(server: Server) -> dict[str, Any]:
@@ -230,38 +200,14 @@ class Runner:
         self.references: dict[str, References] = {}  # per URL: answers learned once, reused by every level
 
     def workload(self, models: Sequence[str], seed: int | None = None) -> WorkloadSpec:
-        c = self.cfg
-        return WorkloadSpec(
-            models=list(models),
-            mix=c.mix if len(models) > 1 else "uniform",
-            prompt_tokens=c.prompt_tokens,
-            max_tokens=c.max_tokens,
-            stream=True,
-            seed=c.seed if seed is None else seed,
-            ignore_eos=c.ignore_eos,
-            extra_body={
-                "return_token_ids": True
-            },  # a chunk per token: TTFT/TPOT per token, not per character
-        )
+        return stream_workload(self.cfg, models, seed)
 
     def sweep(self, url: str, workload: WorkloadSpec, level: int, requests: int) -> Measured:
-        c = self.cfg
-        cfg = SweepConfig(
-            target=url,
-            workload=workload,
-            mode="concurrency",
-            levels=[level],
-            requests=requests,
-            timeout_s=c.timeout_s,
-            time_limit_s=c.time_limit_s,
-            client=c.client,
-            verify=c.verify,
-        )
-        result = run_sweep(cfg, references=self.references.setdefault(url, References()))
-        entry = result.payload["levels"][0]
+        references = self.references.setdefault(url, References())
+        entry, records = closed_level(self.cfg, url, workload, level, requests, references=references)
         s = entry["summary"]
         return Measured(
-            records=result.records[0][1],
+            records=records,
             summary=s,
             duration_s=s["duration_s"],
             requested=s["requests"]["requested"],
@@ -280,15 +226,10 @@ class Runner:
     ) -> Measured:
         """One run of a concurrency level, with the gateway's load and eviction counters read around it.
         Repeat k draws its own request sequence (seed + k)."""
-        before = scrape_counters(metrics_url, [LOADS, LOAD_ERRORS, EVICTIONS]) if metrics_url else None
+        before = adapter_counters(metrics_url) if metrics_url else None
         run = self.sweep(url, self.workload(models, seed=self.cfg.seed + repeat), c, self.cfg.requests)
         if metrics_url is not None and before is not None:
-            after = scrape_counters(metrics_url, [LOADS, LOAD_ERRORS, EVICTIONS])
-            run.counters = {
-                "adapter_loads": int(after[LOADS] - before[LOADS]),
-                "adapter_load_errors": int(after[LOAD_ERRORS] - before[LOAD_ERRORS]),
-                "adapter_evictions": int(after[EVICTIONS] - before[EVICTIONS]),
-            }
+            run.counters = counted(before, adapter_counters(metrics_url))
         s = run.summary
         of = f" (repeat {repeat + 1}/{self.cfg.repeat})" if self.cfg.repeat > 1 else ""
         checked = f", {run.verify['wrong']} of {run.verify['checked']} answers wrong" if run.verify else ""
@@ -330,9 +271,7 @@ class GatewaySlot:
         self.starts += 1
         name = f"gateway-{kind}-{self.starts}"
         self.server = self._stack.enter_context(gateway_process(settings, self.work, name=name))
-        missing = set(self.cfg.names) - served_models(self.server.url)
-        if missing:
-            raise RuntimeError(f"the gateway did not register {sorted(missing)}:\n{self.server.log_tail()}")
+        require_registered(self.server, self.cfg.names)
         self.kind, self.warmed = kind, set()
         self.log(f"gateway with {resident} resident slot(s) at {self.server.url}")
         return self.server
@@ -341,22 +280,6 @@ class GatewaySlot:
         self._stack.close()
         self._stack = contextlib.ExitStack()
         self.kind, self.server = None, None
-
-
-def fmt_ms(x: float | None) -> str:
-    """A latency for a progress line: one decimal, "-" when there is none."""
-    return "-" if x is None else f"{x:.1f}"
-
-
-@contextlib.contextmanager
-def workdir(path: Path | None, prefix: str) -> Iterator[Path]:
-    """`path` (created) when given, else a temporary folder removed afterwards."""
-    if path is not None:
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
-        yield Path(tmp)
 
 
 def gateway_settings(
@@ -401,13 +324,7 @@ def run_compare(cfg: CompareConfig, *, merger: Merger | None = None, log: Log = 
     memory: dict[str, Any] = {}
     runner = Runner(cfg, log)
     with workdir(cfg.workdir, "lora-gateway-compare-") as work:
-        if cfg.snapshot_base:  # a private copy: a shared cache may be rebuilt under a starting vLLM
-            snap = work / "base" / cfg.served_base
-            shutil.copytree(cfg.base, snap, dirs_exist_ok=True)
-            cfg = dataclasses.replace(cfg, base=snap)
-        adapters_dir = work / "adapters"
-        for a in cfg.adapters:
-            shutil.copytree(a, adapters_dir / Path(a).name, dirs_exist_ok=True)
+        cfg, adapters_dir = private_copies(cfg, work)
         merged_dir = None
         if cfg.merged:
             log(f"merging {names[0]} into {cfg.base}")
@@ -514,23 +431,3 @@ def run_compare(cfg: CompareConfig, *, merger: Merger | None = None, log: Log = 
     payload["summary"] = summarize_compare(payload)
     write_compare_report(cfg.out, payload)
     return payload
-
-
-def random_adapters(base: Path, base_name: str, n: int, out: Path, *, rank: int = 8) -> list[Path]:
-    """``n`` random LoRA adapters for ``base`` (``adapters/demo.py``), named ``rand-00``..; reused while
-    the base's ``config.json`` is the same (a stamp in each folder says which one it was made for)."""
-    import hashlib
-
-    from adapters.demo import RandomAdapterSpec, write_random_adapter
-
-    stamp = hashlib.sha256((Path(base) / "config.json").read_bytes()).hexdigest()[:16] + f":{rank}"
-    paths = []
-    for i in range(n):
-        folder = out / f"rand-{i:02d}"
-        marker = folder / ".base-stamp"
-        if not (marker.is_file() and marker.read_text() == stamp):
-            spec = RandomAdapterSpec(folder.name, seed=1000 + i, rank=rank)
-            write_random_adapter(base, folder, spec, base_name)
-            marker.write_text(stamp)
-        paths.append(folder)
-    return paths

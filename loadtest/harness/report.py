@@ -2,13 +2,14 @@
 
 The markdown and plots are rendered from the ``results.json`` payload alone, so a report can be
 re-rendered later (``render_run_markdown(json.load(...))``). Matplotlib is imported inside the
-plotting functions, with the Agg backend.
+plotting functions, with the Agg backend. The pieces every scenario's report is made of (tables,
+ratios, one line per mode against concurrency, the files written) are here too.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,18 @@ def fmt(x: Any, digits: int = 2) -> str:
     if isinstance(x, float):
         return f"{x:,.{digits}f}"
     return str(x)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b``, None when either is missing or ``b`` is not positive."""
+    if a is None or b is None or b <= 0:
+        return None
+    return a / b
+
+
+def times(v: float | None) -> str:
+    """A ratio in a table: ``1.23x``, "-" when there is none."""
+    return "-" if v is None else f"{v:.2f}x"
 
 
 def level_name(x: float) -> str:
@@ -158,7 +171,8 @@ def verify_section(mode: str, levels: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display), imported when first plotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,9 +199,46 @@ def level_axis(ax: Any, xs: Sequence[float]) -> None:
     ax.set_xticks(xs, [level_name(x) for x in xs])
 
 
+def concurrency_panel(
+    ax: Any,
+    rows: Sequence[dict[str, Any]],
+    group: str,
+    labels: dict[str, str],
+    styles: dict[str, str],
+    key: str,
+    title: str,
+) -> None:
+    """``key`` against concurrency, one line per member of ``row[group]`` (a scenario's modes or policies)
+    named in ``labels``, from a summary's ``per_concurrency`` rows."""
+    for m in labels:
+        pts = [(r["concurrency"], r[group][m][key]) for r in rows if r[group].get(m, {}).get(key) is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[m], label=labels[m])
+    ax.set(title=title, xlabel="concurrency")
+    level_axis(ax, [r["concurrency"] for r in rows])
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def write_report(
+    out_dir: Path,
+    payload: dict[str, Any],
+    render: Callable[[dict[str, Any]], str],
+    plot: Callable[[dict[str, Any], Path], list[Path]],
+) -> dict[str, Path]:
+    """A scenario's files in ``out_dir``: ``results.json``, ``report.md`` (``render``), the plots."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"results": write_json(out_dir / "results.json", payload)}
+    files["report"] = out_dir / "report.md"
+    files["report"].write_text(render(payload), encoding="utf-8")
+    for p in plot(payload, out_dir):
+        files[p.stem] = p
+    return files
+
+
 def plot_run(payload: dict[str, Any], out_dir: Path) -> list[Path]:
     """``latency_vs_<mode>.png`` and ``throughput_vs_<mode>.png``."""
-    plt = _pyplot()
+    plt = pyplot()
     mode, levels = payload["config"]["mode"], payload["levels"]
     xlabel = MODE_LABEL[mode]
     metrics = [(k, label) for k, label in LATENCY_METRICS if any(lv["summary"][k]["count"] for lv in levels)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loadtest.harness.report import level_name, machine_lines, table, write_json, write_requests
+from loadtest.harness.report import level_name, machine_lines, pyplot, table, write_json, write_requests
 
 
 def render_overhead_markdown(payload: dict[str, Any]) -> str:
@@ -104,11 +104,7 @@ def _others_markdown(payload: dict[str, Any]) -> list[str]:
 
 def plot_overhead(payload: dict[str, Any], out_dir: Path) -> list[Path]:
     """``overhead_added_latency.png`` (added p50/p99 vs rate) and ``overhead_p99.png`` (both paths)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [
         ("nonstream", "e2e_ms", "non-stream e2e"),
         ("stream", "ttfb_ms", "stream TTFB"),

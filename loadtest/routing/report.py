@@ -10,8 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loadtest.compare.report import ratio
-from loadtest.harness.report import level_axis, machine_lines, table, write_json
+from loadtest.harness.report import (
+    concurrency_panel,
+    machine_lines,
+    pyplot,
+    ratio,
+    table,
+    times,
+    write_report,
+)
 
 POLICY_LABELS = {"affinity": "affinity", "round_robin": "round-robin"}
 
@@ -66,10 +73,6 @@ def summarize_routing(payload: dict[str, Any]) -> dict[str, Any]:
     return {"per_concurrency": rows, "totals": totals}
 
 
-def _x(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}x"
-
-
 def render_routing_markdown(payload: dict[str, Any]) -> str:
     cfg, summ = payload["config"], payload["summary"]
     n = len(cfg["adapters"])
@@ -113,7 +116,7 @@ def render_routing_markdown(payload: dict[str, Any]) -> str:
     out += ["## Affinity / round-robin", ""]
     head = ["concurrency", "loads per 1000 requests", "TTFT p99", "TTFT p50", "E2E p99", "req/s"]
     rows = [
-        [row["concurrency"]] + [_x(row["ratios"][f"{k}_affinity_vs_round_robin"]) for k in RATIO_KEYS]
+        [row["concurrency"]] + [times(row["ratios"][f"{k}_affinity_vs_round_robin"]) for k in RATIO_KEYS]
         for row in summ["per_concurrency"]
     ]
     out += [table(head, rows), ""]
@@ -126,7 +129,7 @@ def render_routing_markdown(payload: dict[str, Any]) -> str:
     ]
     head = ["policy", "completed", "failed", "loads", "evictions", "loads per 1000 requests"]
     out += [table(head, rows), ""]
-    out += [f"Loads, affinity / round-robin: {_x(t['loads_ratio_affinity_vs_round_robin'])}", ""]
+    out += [f"Loads, affinity / round-robin: {times(t['loads_ratio_affinity_vs_round_robin'])}", ""]
     out += [
         "## Plots",
         "",
@@ -140,14 +143,9 @@ def render_routing_markdown(payload: dict[str, Any]) -> str:
 
 def plot_routing(payload: dict[str, Any], out_dir: Path) -> list[Path]:
     """``routing_loads.png`` and ``routing_ttft_p99.png`` vs concurrency, one line per policy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = payload["summary"]["per_concurrency"]
-    present = [p for p in POLICY_LABELS if p in payload["policies"]]
-    xs = [r["concurrency"] for r in rows]
+    labels = {p: label for p, label in POLICY_LABELS.items() if p in payload["policies"]}
     styles = dict(zip(POLICY_LABELS, ("o-", "s--"), strict=True))
     paths = []
     for key, title, name in (
@@ -155,18 +153,7 @@ def plot_routing(payload: dict[str, Any], out_dir: Path) -> list[Path]:
         ("ttft_p99_ms", "p99 TTFT (ms) vs concurrency", "routing_ttft_p99.png"),
     ):
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for p in present:
-            pts = [
-                (r["concurrency"], r["policies"][p][key])
-                for r in rows
-                if r["policies"].get(p, {}).get(key) is not None
-            ]
-            ax.plot([q[0] for q in pts], [q[1] for q in pts], styles[p], label=POLICY_LABELS[p])
-        ax.set(title=title, xlabel="concurrency")
-        level_axis(ax, xs)
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        concurrency_panel(ax, rows, "policies", labels, styles, key, title)
         fig.tight_layout()
         paths.append(out_dir / name)
         fig.savefig(paths[-1], dpi=110)
@@ -175,10 +162,4 @@ def plot_routing(payload: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def write_routing_report(out_dir: Path, payload: dict[str, Any]) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"results": write_json(out_dir / "results.json", payload)}
-    files["report"] = out_dir / "report.md"
-    files["report"].write_text(render_routing_markdown(payload), encoding="utf-8")
-    for p in plot_routing(payload, out_dir):
-        files[p.stem] = p
-    return files
+    return write_report(out_dir, payload, render_routing_markdown, plot_routing)

@@ -21,9 +21,7 @@ and evictions come from the gateway's ``/metrics`` around each level.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,28 +30,21 @@ from typing import Any
 
 import httpx
 
-from loadtest.compare.run import (
-    EVICTIONS,
-    LOAD_ERRORS,
-    LOADS,
-    fmt_ms,
+from loadtest.harness.level import adapter_counters, closed_level, counted, fmt_ms, stream_workload
+from loadtest.harness.machine import load_average, machine_info
+from loadtest.harness.scenario import (
+    check_concurrency,
+    check_names,
+    config_dict,
     max_lora_rank,
-    served_models,
+    private_copies,
+    require_registered,
     unload_all,
     workdir,
 )
-from loadtest.harness.machine import load_average, machine_info
-from loadtest.harness.sweep import SweepConfig, run_sweep
 from loadtest.harness.verify import References
 from loadtest.harness.workload import WorkloadSpec
-from loadtest.servers.processes import (
-    LoraOptions,
-    Server,
-    gateway_process,
-    scrape_counters,
-    tree_memory,
-    vllm_process,
-)
+from loadtest.servers.processes import LoraOptions, Server, gateway_process, tree_memory, vllm_process
 
 Log = Callable[[str], None]
 Progress = Callable[[str, int, int], None]  # (label, done, total)
@@ -87,8 +78,7 @@ class RoutingConfig:
 
     def __post_init__(self) -> None:
         names = self.names
-        if len(set(names)) != len(names):
-            raise ValueError(f"adapters: folder names must differ, got {names}")
+        check_names(names)
         if self.replicas < 2:
             raise ValueError(f"replicas: routing needs at least 2, got {self.replicas}")
         if self.resident < 1:
@@ -98,8 +88,7 @@ class RoutingConfig:
                 f"adapters: give more than --resident ({self.resident}) so that adapters must move, "
                 f"got {len(names)}"
             )
-        if not self.concurrency or any(c < 1 for c in self.concurrency):
-            raise ValueError(f"concurrency: must be >= 1, got {list(self.concurrency)}")
+        check_concurrency(self.concurrency)
         WorkloadSpec(models=names, mix=self.mix)  # validates the mix
 
     @property
@@ -111,68 +100,18 @@ class RoutingConfig:
         return self.base_name or Path(self.base).name
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for k in ("base", "out", "workdir"):
-            d[k] = None if d[k] is None else str(d[k])
-        d["adapters"] = [str(a) for a in self.adapters]
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def workload(cfg: RoutingConfig, models: Sequence[str], seed: int | None = None) -> WorkloadSpec:
-    return WorkloadSpec(
-        models=list(models),
-        mix=cfg.mix if len(models) > 1 else "uniform",
-        prompt_tokens=cfg.prompt_tokens,
-        max_tokens=cfg.max_tokens,
-        stream=True,
-        seed=cfg.seed if seed is None else seed,
-        ignore_eos=cfg.ignore_eos,
-        extra_body={"return_token_ids": True},  # a chunk per token: TTFT per token, not per character
-    )
-
-
-def sweep(
-    cfg: RoutingConfig,
-    url: str,
-    spec: WorkloadSpec,
-    level: int,
-    requests: int,
-    on_done: Callable[[int], None] | None = None,
-    references: References | None = None,
-) -> dict[str, Any]:
-    """One closed-loop level; ``on_done(n)`` after each finished request. With ``references`` (and
-    ``cfg.verify``) every answer is checked; both policies send the same requests to the same replicas, so
-    one set of references serves the whole run."""
-    sc = SweepConfig(
-        target=url,
-        workload=spec,
-        mode="concurrency",
-        levels=[level],
-        requests=requests,
-        timeout_s=cfg.timeout_s,
-        time_limit_s=cfg.time_limit_s,
-        client=cfg.client,
-        verify=cfg.verify and references is not None,
-    )
-    done = [0]
-
-    def tick(_: Any) -> None:
-        done[0] += 1
-        if on_done is not None:
-            on_done(done[0])
-
-    return run_sweep(sc, on_result=tick, references=references).payload["levels"][0]
+        return config_dict(self)
 
 
 def warm_replica(cfg: RoutingConfig, vllm: Server, adapter: Path) -> None:
     """Unmeasured: a few base-model requests, then one adapter loaded, used and unloaded directly on
     vLLM (the first requests of a vLLM, and its first LoRA step, are slow)."""
-    sweep(cfg, vllm.url, workload(cfg, [cfg.served_base], seed=cfg.seed + 99), 1, 3)
+    closed_level(cfg, vllm.url, stream_workload(cfg, [cfg.served_base], seed=cfg.seed + 99), 1, 3)
     name = "warm-" + adapter.name
     with httpx.Client(base_url=vllm.url, timeout=120, trust_env=False) as c:
         body = {"lora_name": name, "lora_path": str(adapter)}
         c.post("/v1/load_lora_adapter", json=body).raise_for_status()
-    sweep(cfg, vllm.url, workload(cfg, [name], seed=cfg.seed + 98), 1, 2)
+    closed_level(cfg, vllm.url, stream_workload(cfg, [name], seed=cfg.seed + 98), 1, 2)
     unload_all(vllm.url)
 
 
@@ -225,18 +164,18 @@ def measure(
     progress: Progress | None,
     references: References | None = None,
 ) -> dict[str, Any]:
-    """One (policy, level): the sweep with the gateway's counters read around it."""
+    """One (policy, level): the sweep with the gateway's counters read around it. Both policies send the
+    same requests to the same replicas, so one set of ``references`` serves the whole run."""
     label = f"{policy} c={level}"
-    names = [LOADS, LOAD_ERRORS, EVICTIONS]
-    before = scrape_counters(gateway.url, names)
+    before = adapter_counters(gateway.url)
     on_done = None if progress is None else (lambda n: progress(label, n, cfg.requests))
-    entry = sweep(cfg, gateway.url, workload(cfg, cfg.names), level, cfg.requests, on_done, references)
-    after = scrape_counters(gateway.url, names)
+    workload = stream_workload(cfg, cfg.names)
+    entry, _ = closed_level(
+        cfg, gateway.url, workload, level, cfg.requests, references=references, on_done=on_done
+    )
+    entry.update(counted(before, adapter_counters(gateway.url)))
     done = entry["summary"]["requests"]["completed"]
-    loads = int(after[LOADS] - before[LOADS])
-    entry["adapter_loads"] = loads
-    entry["adapter_load_errors"] = int(after[LOAD_ERRORS] - before[LOAD_ERRORS])
-    entry["adapter_evictions"] = int(after[EVICTIONS] - before[EVICTIONS])
+    loads = entry["adapter_loads"]
     entry["loads_per_1000_requests"] = loads / done * 1000 if done else None
     entry["resident_after"] = resident_by_engine(gateway.url)
     s = entry["summary"]
@@ -261,13 +200,7 @@ def run_routing(cfg: RoutingConfig, *, log: Log = print, progress: Progress | No
     policies: dict[str, list[dict[str, Any]]] = {p: [] for p in POLICIES}
     memory: dict[str, Any] = {}
     with workdir(cfg.workdir, "lora-gateway-routing-") as work:
-        if cfg.snapshot_base:  # a private copy: a shared cache may be rebuilt under a starting vLLM
-            snap = work / "base" / cfg.served_base
-            shutil.copytree(cfg.base, snap, dirs_exist_ok=True)
-            cfg = dataclasses.replace(cfg, base=snap)
-        adapters_dir = work / "adapters"
-        for a in cfg.adapters:
-            shutil.copytree(a, adapters_dir / Path(a).name, dirs_exist_ok=True)
+        cfg, adapters_dir = private_copies(cfg, work)
         lora = LoraOptions(
             max_loras=cfg.resident, max_lora_rank=max_lora_rank(cfg.adapters), max_cpu_loras=cfg.resident
         )
@@ -302,11 +235,7 @@ def run_routing(cfg: RoutingConfig, *, log: Log = print, progress: Progress | No
                     starts += 1
                     settings = gateway_settings(cfg, replicas, adapters_dir, policy)
                     with gateway_process(settings, work, name=f"gateway-{policy}-{starts}") as gw:
-                        missing = set(cfg.names) - served_models(gw.url)
-                        if missing:
-                            raise RuntimeError(
-                                f"the gateway did not register {sorted(missing)}:\n{gw.log_tail()}"
-                            )
+                        require_registered(gw, cfg.names)
                         wait_engines_ready(gw.url, len(replicas))
                         policies[policy].append(measure(cfg, policy, gw, level, log, progress, references))
             memory["replicas"] = {r.name: tree_memory(r.pid) for r in replicas}

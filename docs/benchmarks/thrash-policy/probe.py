@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from loadtest.compare.cli import _adapters
-from loadtest.compare.run import CompareConfig, Runner, gateway_settings, max_lora_rank, unload_all
+from loadtest.compare.run import CompareConfig, Runner, gateway_settings
+from loadtest.harness.scenario import max_lora_rank, unload_all
 from loadtest.harness.sweep import SweepConfig, run_sweep
 from loadtest.servers.processes import LoraOptions, gateway_process, scrape_counters, vllm_process
 
