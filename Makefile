@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 EXTRAS ?= cpu,train,loadtest,postgres,dev
 
-.PHONY: setup models serve test lint clean
+.PHONY: setup models services serve test lint clean
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
@@ -25,7 +25,12 @@ models: setup
 serve: models
 	$(BIN)/lora-gateway serve
 
-test: models
+# What the tests need outside .venv: PostgreSQL's server binaries (tests/pg.py). Installed when missing, as
+# root with apt-get; otherwise this stops, before any other set-up, with the command to run.
+services:
+	@bash .ci/test-services
+
+test: services models
 	$(BIN)/python -m pytest
 
 lint: setup

@@ -6,7 +6,7 @@
 - `new_database(postgres_url)`: a fresh, empty database on that server; returns its URL.
 
 PostgreSQL refuses to run as root: as root (CI) the server runs as the `postgres` OS user (`runuser`).
-No binaries is a failure, not a skip: `.ci/run` installs them (`apt-get install -y postgresql`).
+No binaries is a failure, not a skip: `make test` installs them first (`make services`, .ci/test-services).
 Re-exported by conftest.py; psycopg is imported only when a test asks for the server.
 """
 
@@ -27,7 +27,7 @@ import pytest
 
 MISSING = (
     "PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or in /usr/lib/postgresql/*/bin. "
-    ".ci/run installs them: apt-get install -y postgresql"
+    "`make services` installs them (as root with apt-get) or names the command to run."
 )
 
 
