@@ -1,4 +1,5 @@
-"""The comparison's numbers side by side: ratios per concurrency, loads, thrash, memory, two plots.
+"""The comparison's numbers side by side: ratios per concurrency, loads, memory, two plots; the thrash
+modes' ratios, targets and lines come from ``loadtest.thrash.report``.
 
 Everything is derived from the ``compare`` payload alone (``summarize_compare``), so a report can be
 re-rendered from ``results.json``.
@@ -17,14 +18,15 @@ from loadtest.harness.report import (
     ratio,
     table,
     times,
+    verdict,
+    worst_ratio,
     write_report,
 )
+from loadtest.thrash import report as thrash
 
 MODE_LABELS = {"merged": "merged", "adapter_1": "adapter-only, 1 adapter", "adapter_n": "adapter-only, N"}
-MODE_LABELS["thrash"] = "adapter-only, N, thrash"
-MODE_LABELS["engine_thrash"] = "adapter-only, N, engine slots"
+MODE_LABELS |= thrash.LABELS
 MULTI_TARGET = 0.9
-THRASH_TARGET = 3.0
 
 
 def _point(entry: dict[str, Any]) -> dict[str, Any]:
@@ -55,9 +57,7 @@ def summarize_compare(payload: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for i, c in enumerate(payload["config"]["concurrency"]):
         pts = {m: _point(levels[i]) for m, levels in modes.items() if i < len(levels)}
-        m, a1, an, th, et = (
-            pts.get(k) for k in ("merged", "adapter_1", "adapter_n", "thrash", "engine_thrash")
-        )
+        m, a1, an = (pts.get(k) for k in ("merged", "adapter_1", "adapter_n"))
 
         def r(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str) -> float | None:
             return ratio(a and a[key], b and b[key])
@@ -71,10 +71,7 @@ def summarize_compare(payload: dict[str, Any]) -> dict[str, Any]:
             "ttft_p99_adapter_n_vs_merged": r(an, m, "ttft_p99_ms"),
             "tpot_p50_adapter_1_vs_merged": r(a1, m, "tpot_p50_ms"),
             "tpot_p50_adapter_n_vs_merged": r(an, m, "tpot_p50_ms"),
-            "ttft_p99_thrash_vs_all_resident": r(th, an, "ttft_p99_ms"),
-            "throughput_thrash_vs_all_resident": r(th, an, "output_token_throughput"),
-            "ttft_p99_engine_thrash_vs_all_resident": r(et, an, "ttft_p99_ms"),
-            "throughput_engine_thrash_vs_all_resident": r(et, an, "output_token_throughput"),
+            **thrash.thrash_ratios(pts, r),
         }
         rows.append({"concurrency": c, "modes": pts, "ratios": ratios})
     procs = payload["memory"]["processes"]
@@ -99,22 +96,11 @@ def summarize_compare(payload: dict[str, Any]) -> dict[str, Any]:
         "ratio": ratio(None if one is None else n * one, files["base_bytes"] + adapters_total),
     }
 
-    def worst(key: str, pick: Any) -> float | None:
-        return pick((v for x in rows if (v := x["ratios"][key]) is not None), default=None)
-
     targets: dict[str, Any] = {
-        "adapter_n_vs_adapter_1_throughput_min": worst("throughput_adapter_n_vs_adapter_1", min),
+        "adapter_n_vs_adapter_1_throughput_min": worst_ratio(rows, "throughput_adapter_n_vs_adapter_1", min),
         "adapter_n_vs_adapter_1_target": MULTI_TARGET,
+        **thrash.thrash_targets(modes, rows),
     }
-    for mode in ("thrash", "engine_thrash"):
-        if mode in modes:
-            targets[f"{mode}_ttft_p99_ratio_max"] = worst(f"ttft_p99_{mode}_vs_all_resident", max)
-            targets["thrash_target"] = THRASH_TARGET
-    if "thrash" in modes:
-        th_levels = modes["thrash"]
-        done = sum(e["summary"]["requests"]["completed"] for e in th_levels)
-        loads = sum(e.get("adapter_loads", 0) for e in th_levels)
-        targets["thrash_loads_per_1000_requests"] = loads / done * 1000 if done else None
     return {"per_concurrency": rows, "memory": memory, "targets": targets}
 
 
@@ -145,20 +131,7 @@ def render_compare_markdown(payload: dict[str, Any]) -> str:
         )
         + f"adapter-only = the gateway over vLLM --enable-lora (max_loras {cfg['max_loras'] or n}, "
         f"max_cpu_loras {n}) with {'1 adapter, and with ' if 'adapter_1' in present else ''}"
-        f"all {n} under `{cfg['mix']}`"
-        + (
-            f"; thrash = the same with registry.max_resident {cfg['thrash_resident']} (the gateway loads "
-            "and evicts adapters)"
-            if "thrash" in present
-            else ""
-        )
-        + (
-            f"; engine slots = another vLLM keeping {cfg['thrash_resident']} adapters (--max-loras and "
-            f"--max-cpu-loras {cfg['thrash_resident']}) behind a gateway that registers all {n} (vLLM swaps "
-            "adapters through its batch slots and reads evicted ones back from disk)"
-            if "engine_thrash" in present
-            else ""
-        ),
+        f"all {n} under `{cfg['mix']}`" + thrash.modes_text(cfg, present),
         f"- Closed loop, concurrency {', '.join(str(c) for c in cfg['concurrency'])}; {cfg['requests']} "
         f"streaming requests per level{_repeats(cfg)}, prompt ~{cfg['prompt_tokens']} tokens, "
         f"max_tokens {cfg['max_tokens']}"
@@ -248,28 +221,10 @@ def render_compare_markdown(payload: dict[str, Any]) -> str:
             f"{n} adapters under `{cfg['mix']}`: throughput >= {MULTI_TARGET:.0%} of one adapter's "
             "(worst concurrency)",
             times(t["adapter_n_vs_adapter_1_throughput_min"]),
-            _verdict(t["adapter_n_vs_adapter_1_throughput_min"], MULTI_TARGET, at_least=True),
-        ]
+            verdict(t["adapter_n_vs_adapter_1_throughput_min"], MULTI_TARGET, at_least=True),
+        ],
+        *thrash.target_rows(t, cfg),
     ]
-    slots = {
-        "engine_thrash": "kept by vLLM (--max-loras, --max-cpu-loras)",
-        "thrash": "loaded by the gateway (registry.max_resident)",
-    }
-    for mode, what in slots.items():
-        if f"{mode}_ttft_p99_ratio_max" in t:
-            worst = t[f"{mode}_ttft_p99_ratio_max"]
-            trows.append(
-                [
-                    f"TTFT p99 with {n} adapters over {cfg['thrash_resident']} {what} <= "
-                    f"{THRASH_TARGET:g}x the all-resident p99 (worst concurrency)",
-                    times(worst),
-                    _verdict(worst, THRASH_TARGET, at_least=False),
-                ]
-            )
-    if "thrash_ttft_p99_ratio_max" in t:
-        trows.append(
-            ["thrash: adapter loads per 1000 requests", fmt(t["thrash_loads_per_1000_requests"], 1), "-"]
-        )
     out += [table(["target", "measured", "verdict"], trows), ""]
     out += _spread(payload, present)
     mem = summ["memory"]
@@ -325,13 +280,6 @@ def _spread(payload: dict[str, Any], present: list[str]) -> list[str]:
             )
     head = ["concurrency", "mode", "TTFT p99 of each repeat (ms)", "pooled TTFT p99 (ms)"]
     return ["## Spread over repeats", "", table(head, rows), ""]
-
-
-def _verdict(v: float | None, limit: float, *, at_least: bool) -> str:
-    if v is None:
-        return "not measured"
-    ok = v >= limit if at_least else v <= limit
-    return "met" if ok else f"missed by {abs(v - limit):.2f}"
 
 
 def plot_compare(payload: dict[str, Any], out_dir: Path) -> list[Path]:

@@ -6,18 +6,15 @@
     adapter-1   the gateway (attached) over vLLM --enable-lora on the base, every request to adapter 1
     adapter-N   the same gateway and vLLM, requests spread over all N adapters under the mix
     thrash      (``thrash=True``) the same vLLM behind a gateway keeping only ``thrash_resident``
-                adapters loaded (``registry.max_resident``), the same mix as adapter-N: the gateway
-                hot-loads and evicts through vLLM's load/unload routes
-    engine-thrash  (``engine_thrash=True``) a third vLLM that keeps only ``thrash_resident`` adapters:
-                in its batch slots (``--max-loras``) and in memory (``--max-cpu-loras``), behind a gateway
-                that registers all N: vLLM swaps adapters through its slots and reads the ones it
-                evicted back from disk itself, inside its step loop; the gateway loads each once
+                adapters loaded, the same mix as adapter-N (``loadtest.thrash.run``)
+    engine-thrash  (``engine_thrash=True``) a third vLLM that keeps only ``thrash_resident`` adapters,
+                behind a gateway that registers all N (``loadtest.thrash.run``)
 
 The two vLLM servers start together (their slow CPU starts overlap; an idle vLLM costs ~1% of a
 core) and stay up; at each concurrency the modes run back to back (closed loop, streaming, with
 ``ignore_eos`` so every mode generates the same number of tokens, and vLLM's ``return_token_ids``
 so every token is a chunk), so that the ratios of one level share the machine's moment on a CPU
-shared with other work. One gateway runs at a time over the LoRA vLLM (:class:`GatewaySlot`).
+shared with other work. One gateway runs at a time over the LoRA vLLM (``loadtest.thrash.run.GatewaySlot``).
 Around each level the gateway's ``/metrics`` give the adapter loads and evictions during it.
 With ``repeat`` > 1 every level of every mode is measured that many times (a new request sequence
 each time, the order of the modes alternating) and the numbers pool all its requests: a p99 over
@@ -45,13 +42,12 @@ from loadtest.harness.level import adapter_counters, closed_level, counted, fmt_
 from loadtest.harness.machine import machine_info
 from loadtest.harness.records import RequestResult
 from loadtest.harness.scenario import (
+    attached_gateway,
     check_concurrency,
     check_names,
     config_dict,
     max_lora_rank,
     private_copies,
-    require_registered,
-    unload_all,
     workdir,
 )
 from loadtest.harness.verify import References, merge_summaries
@@ -65,6 +61,7 @@ from loadtest.servers.processes import (
     tree_memory,
     vllm_process,
 )
+from loadtest.thrash.run import GatewaySlot
 
 Log = Callable[[str], None]
 Merger = Callable[[Path, Path, Path], Path]
@@ -247,41 +244,6 @@ class Runner:
         return run
 
 
-class GatewaySlot:
-    """One gateway at a time over the LoRA vLLM: ``all`` (every adapter resident) or ``thrash``
-    (``thrash_resident`` slots). Switching stops the current one and unloads vLLM's adapters, so the
-    next gateway starts from an empty engine; ``warmed`` tells which modes still need a warm-up."""
-
-    def __init__(self, cfg: CompareConfig, vllm: Server, adapters_dir: Path, work: Path, log: Log) -> None:
-        self.cfg, self.vllm, self.adapters_dir, self.work, self.log = cfg, vllm, adapters_dir, work, log
-        self.kind: str | None = None
-        self.server: Server | None = None
-        self.warmed: set[str] = set()
-        self._stack = contextlib.ExitStack()
-        self.starts = 0
-
-    def use(self, kind: str) -> Server:
-        if kind == self.kind and self.server is not None:
-            return self.server
-        self.close()
-        unload_all(self.vllm.url)
-        n = len(self.cfg.adapters)
-        resident = n if kind == "all" else self.cfg.resident_in_thrash()
-        settings = gateway_settings(self.cfg, self.vllm, self.adapters_dir, resident)
-        self.starts += 1
-        name = f"gateway-{kind}-{self.starts}"
-        self.server = self._stack.enter_context(gateway_process(settings, self.work, name=name))
-        require_registered(self.server, self.cfg.names)
-        self.kind, self.warmed = kind, set()
-        self.log(f"gateway with {resident} resident slot(s) at {self.server.url}")
-        return self.server
-
-    def close(self) -> None:
-        self._stack.close()
-        self._stack = contextlib.ExitStack()
-        self.kind, self.server = None, None
-
-
 def gateway_settings(
     cfg: CompareConfig,
     vllm: Server,
@@ -291,18 +253,17 @@ def gateway_settings(
     max_loras: int | None = None,
     max_cpu_loras: int | None = None,
 ) -> dict[str, Any]:
+    """A gateway over one LoRA vLLM of the comparison, keeping ``resident`` adapters loaded."""
     n = len(cfg.adapters)
-    engine = {
-        "mode": "attached",
-        "url": vllm.url,
-        "model": str(Path(cfg.base).absolute()),
-        "served_model_name": cfg.served_base,
-        "max_loras": max_loras or cfg.max_loras or n,
-        "max_cpu_loras": max_cpu_loras or n,
-        "max_lora_rank": max_lora_rank(cfg.adapters),
-        "health_interval_s": 2.0,
-    }
-    return {"engine": engine, "adapters_dir": str(adapters_dir), "registry": {"max_resident": resident}}
+    return attached_gateway(
+        cfg,
+        [vllm.url],
+        adapters_dir,
+        resident=resident,
+        max_loras=max_loras or cfg.max_loras or n,
+        max_cpu_loras=max_cpu_loras or n,
+        health_interval_s=2.0,
+    )
 
 
 def merged_gateway_settings(merged: Server, merged_dir: Path, name: str, work: Path) -> dict[str, Any]:
@@ -375,7 +336,13 @@ def run_compare(cfg: CompareConfig, *, merger: Merger | None = None, log: Log = 
                 engine_gw = stack.enter_context(gateway_process(settings, work, name="gateway-slots"))
                 runner.warm(engine_gw.url, names)
                 log(f"gateway over vLLM with {slots} LoRA slots at {engine_gw.url}")
-            slot = stack.enter_context(contextlib.closing(GatewaySlot(cfg, base, adapters_dir, work, log)))
+            resident = {"all": n, "thrash": slots}  # one gateway at a time over the LoRA vLLM
+
+            def gateway_keeping(k: int) -> dict[str, Any]:
+                return gateway_settings(cfg, base, adapters_dir, k)
+
+            slot = GatewaySlot(base, names, resident, gateway_keeping, work, log)
+            stack.enter_context(contextlib.closing(slot))
             plan = {"all": (["adapter_1"] if cfg.single else []) + ["adapter_n"], "thrash": ["thrash"]}
             plan["engine"] = ["engine_thrash"]
             label = {"adapter_1": "adapter-1", "adapter_n": f"adapter-{n}", "thrash": "thrash"}

@@ -57,6 +57,19 @@ def times(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
+def worst_ratio(rows: Iterable[dict[str, Any]], key: str, pick: Any) -> float | None:
+    """``pick`` (``min`` or ``max``) of ``row["ratios"][key]`` over a summary's rows; None if none."""
+    return pick((v for x in rows if (v := x["ratios"][key]) is not None), default=None)
+
+
+def verdict(v: float | None, limit: float, *, at_least: bool) -> str:
+    """A target's verdict: met, missed by how much, or not measured."""
+    if v is None:
+        return "not measured"
+    ok = v >= limit if at_least else v <= limit
+    return "met" if ok else f"missed by {abs(v - limit):.2f}"
+
+
 def level_name(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 

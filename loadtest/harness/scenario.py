@@ -132,6 +132,32 @@ def private_copies(cfg: C, work: Path) -> tuple[C, Path]:
     return cfg, adapters_dir
 
 
+def attached_gateway(
+    cfg: ScenarioConfig,
+    urls: Sequence[str],
+    adapters_dir: Path,
+    *,
+    resident: int,
+    max_loras: int,
+    max_cpu_loras: int,
+    health_interval_s: float,
+) -> dict[str, Any]:
+    """The settings of a gateway attached to the vLLM at ``urls`` (one, or replicas), serving the
+    adapters of ``adapters_dir`` and keeping ``resident`` of them loaded on each engine."""
+    where = {"url": urls[0]} if len(urls) == 1 else {"urls": list(urls)}
+    engine = {
+        "mode": "attached",
+        **where,
+        "model": str(Path(cfg.base).absolute()),
+        "served_model_name": cfg.served_base,
+        "max_loras": max_loras,
+        "max_cpu_loras": max_cpu_loras,
+        "max_lora_rank": max_lora_rank(cfg.adapters),
+        "health_interval_s": health_interval_s,
+    }
+    return {"engine": engine, "adapters_dir": str(adapters_dir), "registry": {"max_resident": resident}}
+
+
 def unload_all(vllm_url: str) -> list[str]:
     """Unload every adapter vLLM lists (between two gateways sharing one vLLM)."""
     with httpx.Client(base_url=vllm_url, timeout=60, trust_env=False) as c:

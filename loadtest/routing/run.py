@@ -33,6 +33,7 @@ import httpx
 from loadtest.harness.level import adapter_counters, closed_level, counted, fmt_ms, stream_workload
 from loadtest.harness.machine import load_average, machine_info
 from loadtest.harness.scenario import (
+    attached_gateway,
     check_concurrency,
     check_names,
     config_dict,
@@ -118,22 +119,12 @@ def warm_replica(cfg: RoutingConfig, vllm: Server, adapter: Path) -> None:
 def gateway_settings(
     cfg: RoutingConfig, replicas: Sequence[Server], adapters_dir: Path, policy: str
 ) -> dict[str, Any]:
-    engine = {
-        "mode": "attached",
-        "urls": [r.url for r in replicas],
-        "model": str(Path(cfg.base).absolute()),
-        "served_model_name": cfg.served_base,
-        "max_loras": cfg.resident,
-        "max_cpu_loras": cfg.resident,
-        "max_lora_rank": max_lora_rank(cfg.adapters),
-        "health_interval_s": 1.0,
-    }
-    return {
-        "engine": engine,
-        "adapters_dir": str(adapters_dir),
-        "registry": {"max_resident": cfg.resident},
-        "routing": policy,
-    }
+    urls = [r.url for r in replicas]
+    k = cfg.resident
+    settings = attached_gateway(
+        cfg, urls, adapters_dir, resident=k, max_loras=k, max_cpu_loras=k, health_interval_s=1.0
+    )
+    return {**settings, "routing": policy}
 
 
 def wait_engines_ready(url: str, n: int, timeout_s: float = 120.0) -> list[dict[str, Any]]:
