@@ -14,8 +14,11 @@
     lora-gateway loadtest benchmark --out docs/benchmarks      # everything in docs/benchmarks.md
     lora-gateway loadtest fast-upstream --port 8001
 
-Mounted by the gateway CLI with ``app.add_typer(loadtest_app, name="loadtest")``; also runnable as
-``python -m loadtest.cli``. Importing this module is cheap: the work is imported inside commands.
+``run`` (the harness alone, against any endpoint), ``fast-upstream`` and ``benchmark`` (every scenario
+in turn) are here; each scenario's command is in its package (``overhead.cli``, ``compare.cli``,
+``thrash.cli``, ``routing.cli``), their shared options in ``harness.options``. Mounted by the gateway
+CLI with ``app.add_typer(loadtest_app, name="loadtest")``; also runnable as ``python -m loadtest.cli``.
+Importing this module is cheap: the work is imported inside commands.
 """
 
 from __future__ import annotations
@@ -25,30 +28,18 @@ from typing import Annotated, Any
 
 import typer
 
+from loadtest.compare.cli import compare, run_compare_command
+from loadtest.harness.options import base_and_adapters, floats, ms
+from loadtest.overhead.cli import overhead
+from loadtest.routing.cli import routing, run_routing_command
+from loadtest.thrash.cli import thrash
+
 app = typer.Typer(
     name="loadtest",
     help="Load tests against any OpenAI-compatible endpoint: throughput, TTFT, TPOT, ITL, latency.",
     no_args_is_help=True,
     add_completion=False,
 )
-
-
-def _floats(text: str, option: str) -> list[float]:
-    """Comma-separated positive numbers; whole numbers come back as ints (levels read as 1, not 1.0)."""
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise typer.BadParameter(
-            f"expected comma-separated numbers, got {text!r}", param_hint=option
-        ) from None
-    if not values or any(v <= 0 for v in values):
-        raise typer.BadParameter(f"expected positive numbers, got {text!r}", param_hint=option)
-    return [int(v) if v.is_integer() else v for v in values]
-
-
-def _ms(d: dict[str, Any], stat: str) -> str:
-    v = d.get(stat)
-    return "-" if v is None else f"{v:.2f}"
 
 
 def _level_line(mode: str, entry: dict[str, Any]) -> str:
@@ -63,9 +54,9 @@ def _level_line(mode: str, entry: dict[str, Any]) -> str:
         f"{s['request_throughput']:.2f} req/s, {s['output_token_throughput']:.1f} tok/s",
     ]
     if s["ttft_ms"]["count"]:
-        parts.append(f"TTFT p50/p99 {_ms(s['ttft_ms'], 'p50')}/{_ms(s['ttft_ms'], 'p99')} ms")
-        parts.append(f"TPOT p50 {_ms(s['tpot_ms'], 'p50')} ms")
-    parts.append(f"E2E p50/p99 {_ms(s['e2e_ms'], 'p50')}/{_ms(s['e2e_ms'], 'p99')} ms")
+        parts.append(f"TTFT p50/p99 {ms(s['ttft_ms'], 'p50')}/{ms(s['ttft_ms'], 'p99')} ms")
+        parts.append(f"TPOT p50 {ms(s['tpot_ms'], 'p50')} ms")
+    parts.append(f"E2E p50/p99 {ms(s['e2e_ms'], 'p50')}/{ms(s['e2e_ms'], 'p99')} ms")
     if s["errors"]:
         parts.append("errors " + ", ".join(f"{k}: {v}" for k, v in s["errors"].items()))
     return "  ".join(parts)
@@ -138,7 +129,7 @@ def run(
         raise typer.BadParameter("give --concurrency or --rate, not both", param_hint="--rate")
     mode = "rate" if rate is not None else "concurrency"
     levels = (
-        _floats(rate, "--rate") if rate is not None else _floats(concurrency or "1,4,16,64", "--concurrency")
+        floats(rate, "--rate") if rate is not None else floats(concurrency or "1,4,16,64", "--concurrency")
     )
     try:
         workload = WorkloadSpec(
@@ -209,149 +200,6 @@ def run(
     console.print(f"wrote {', '.join(str(p) for p in files.values())}", soft_wrap=True)
 
 
-@app.command()
-def overhead(
-    direct: Annotated[
-        str | None, typer.Option(help="Base URL of an upstream you run, reached directly.")
-    ] = None,
-    gateway: Annotated[str | None, typer.Option(help="Base URL of a gateway you run in front of it.")] = None,
-    rates: Annotated[str, typer.Option(help="Offered rates per path (req/s), in order.")] = (
-        "50,200,500,1000,1500,2000,3000"
-    ),
-    duration: Annotated[float, typer.Option(min=0.1, help="Seconds per rate and mode.")] = 10.0,
-    out: Annotated[Path, typer.Option(help="Directory for results.json, report.md and plots.")] = Path(
-        "out/overhead"
-    ),
-    model: Annotated[str, typer.Option(help="Model name sent directly.")] = "base",
-    gateway_model: Annotated[
-        str | None, typer.Option(help="Model name through the gateway [= --model].")
-    ] = None,
-    modes: Annotated[str, typer.Option(help="nonstream, stream or both.")] = "nonstream,stream",
-    prompt_tokens: Annotated[int, typer.Option(min=1)] = 32,
-    max_tokens: Annotated[int, typer.Option(min=1)] = 16,
-    p99_target_ms: Annotated[float, typer.Option(help="Sustained means gateway p99 e2e under this.")] = 50.0,
-    timeout: Annotated[float, typer.Option(min=0.001, help="Per-request timeout (s).")] = 10.0,
-    seed: Annotated[int, typer.Option()] = 0,
-    api_key: Annotated[str | None, typer.Option(help="Sent to both paths as a Bearer token.")] = None,
-    stop_on_saturation: Annotated[bool, typer.Option(help="Skip higher rates once one is missed.")] = True,
-    client: Annotated[str, typer.Option(help="HTTP client: aiohttp (light) or httpx.")] = "aiohttp",
-    vllm: Annotated[
-        bool, typer.Option(help="Self-managed: also measure in front of the real vLLM (tiny model).")
-    ] = True,
-    vllm_rates: Annotated[str, typer.Option(help="Self-managed: offered rates against vLLM.")] = "2,5,10,20",
-    litellm: Annotated[
-        bool,
-        typer.Option(help="Self-managed: also LiteLLM's proxy, in its own venv (.cache/litellm-venv)."),
-    ] = False,
-    litellm_rates: Annotated[
-        str, typer.Option(help="Self-managed: rates with LiteLLM.")
-    ] = "10,20,50,100,200",
-    closed_loop: Annotated[
-        str, typer.Option(help="Self-managed: closed-loop concurrency levels, each path alone.")
-    ] = "1,8,32",
-    closed_requests: Annotated[int, typer.Option(min=1, help="Self-managed: requests per level.")] = 2000,
-    paced_itl_ms: Annotated[
-        float, typer.Option(min=0, help="Self-managed: streams paced this far apart (ms), 0: skip that part.")
-    ] = 5.0,
-    other: Annotated[
-        list[str] | None,
-        typer.Option(help="With --direct/--gateway: another proxy in the same run, TAG=URL (repeatable)."),
-    ] = None,
-) -> None:
-    """Added latency of the gateway over a direct upstream at fixed offered rates (open loop).
-
-    With --direct and --gateway, measures those. With neither, starts its own: the fast upstream
-    and a gateway attached to it (each in its own process), LiteLLM with --litellm, and a managed
-    gateway over the real vLLM unless --no-vllm; then stops them.
-    """
-    if (direct is None) != (gateway is None):
-        raise typer.BadParameter("give both --direct and --gateway, or neither", param_hint="--gateway")
-    if direct is None:
-        from loadtest.overhead.suite import SuiteConfig, run_suite
-
-        cfg = SuiteConfig(
-            out=out,
-            rates=_floats(rates, "--rates"),
-            duration_s=duration,
-            modes=[m.strip() for m in modes.split(",") if m.strip()],
-            prompt_tokens=prompt_tokens,
-            max_tokens=max_tokens,
-            p99_target_ms=p99_target_ms,
-            closed_loop=[int(c) for c in _floats(closed_loop, "--closed-loop")],
-            closed_requests=closed_requests,
-            paced_itl_ms=paced_itl_ms,
-            vllm=vllm,
-            vllm_rates=_floats(vllm_rates, "--vllm-rates"),
-            vllm_duration_s=duration,
-            litellm=litellm,
-            litellm_rates=_floats(litellm_rates, "--litellm-rates"),
-            client=client,
-            seed=seed,
-        )
-        payload = run_suite(cfg, log=lambda line: typer.echo(line, err=True))
-        from loadtest.overhead.suite_report import target_rows
-
-        for target, measured, verdict in target_rows(payload["targets"]):
-            typer.echo(f"{target}: {measured} ({verdict})", err=True)
-        typer.echo(f"wrote {out}/report.md and {', '.join(payload['parts'].values())}", err=True)
-        return
-
-    from loadtest.overhead.report import write_overhead_report
-    from loadtest.overhead.run import run_overhead
-
-    others = {}
-    for item in other or []:
-        tag, sep, url = item.partition("=")
-        if not sep or not tag or not url:
-            raise typer.BadParameter(f"expected TAG=URL, got {item!r}", param_hint="--other")
-        others[tag] = (url, gateway_model or model)
-
-    def show(lv: dict[str, Any]) -> None:
-        added = lv["added_ms"]
-        key = "e2e_ms" if lv["mode"] == "nonstream" else "ttfb_ms"
-        g = lv["gateway"]
-        typer.echo(
-            f"rate={lv['rate']:g} {lv['mode']}: gateway {g['request_throughput']:.0f} req/s, "
-            f"{key[:-3]} p50 {_ms(g[key], 'p50')} ms p99 {_ms(g[key], 'p99')} ms, "
-            f"added p50 {_ms(added[key], 'p50')} ms p99 {_ms(added[key], 'p99')} ms, "
-            f"{'sustained' if lv['sustained'] else 'NOT sustained: ' + lv['reason']}"
-            + "".join(
-                f"; {tag} added p50 {_ms(a, 'p50')} ms p99 {_ms(a, 'p99')} ms"
-                for tag, o in lv.get("others", {}).items()
-                if (a := o["added_ms"][key])
-            ),
-            err=True,
-        )
-
-    try:
-        payload = run_overhead(
-            direct,
-            gateway,  # type: ignore[arg-type]  # both given (checked above)
-            _floats(rates, "--rates"),
-            duration,
-            model=model,
-            gateway_model=gateway_model,
-            modes=[m.strip() for m in modes.split(",") if m.strip()],
-            prompt_tokens=prompt_tokens,
-            max_tokens=max_tokens,
-            p99_target_ms=p99_target_ms,
-            timeout_s=timeout,
-            seed=seed,
-            stop_on_saturation=stop_on_saturation,
-            api_key=api_key,
-            client=client,
-            on_level=show,
-            keep_records=True,
-            others=others,
-        )
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    files = write_overhead_report(out, payload)
-    typer.echo(f"max sustained rate: {payload['max_sustained_rate']}", err=True)
-    typer.echo(f"wrote {', '.join(str(p) for p in files.values())}", err=True)
-
-
-@app.command("fast-upstream")
 def fast_upstream(
     port: Annotated[int, typer.Option()] = 8001,
     host: Annotated[str, typer.Option()] = "127.0.0.1",
@@ -366,8 +214,52 @@ def fast_upstream(
     main(args + (["--strict-models"] if strict_models else []))
 
 
-from loadtest.compare.cli import benchmark, compare, routing, thrash  # noqa: E402 - registered last
+def benchmark(
+    out: Annotated[Path, typer.Option(help="Where the reports go.")] = Path("docs/benchmarks"),
+    litellm: Annotated[bool, typer.Option(help="Include LiteLLM's proxy (installs it in .cache/).")] = True,
+    adapters: Annotated[int, typer.Option(min=2, help="Random adapters for compare and thrash.")] = 16,
+    requests: Annotated[int, typer.Option(min=1, help="compare: requests per level and mode.")] = 200,
+    repeat: Annotated[int, typer.Option(min=1, help="compare: runs per level and mode, pooled.")] = 3,
+) -> None:
+    """The full benchmark of docs/benchmarks.md: overhead (fast upstream, LiteLLM, real vLLM), then
+    compare (merged vs adapter-only, 16 random adapters under zipf:1.1) with both thrash scenarios, each
+    level measured 3 times, then
+    routing (affinity vs round-robin over 2 replicas, 8 random adapters, 2 slots per replica)."""
+    from loadtest.overhead.suite import SuiteConfig, run_suite
+    from loadtest.overhead.suite_report import target_rows
 
+    say = lambda line: typer.echo(line, err=True)  # noqa: E731
+    payload = run_suite(SuiteConfig(out=out / "overhead", litellm=litellm), log=say)
+    for target, measured, verdict in target_rows(payload["targets"]):
+        say(f"{target}: {measured} ({verdict})")
+    base_dir, base_name, paths = base_and_adapters("tiny", None, adapters, None)
+    run_compare_command(
+        base=base_dir,
+        base_name=base_name,
+        snapshot_base=True,
+        adapters=paths,
+        out=out / "compare",
+        concurrency=[1, 4, 16, 64],
+        requests=requests,
+        thrash=True,
+        engine_thrash=True,
+        repeat=repeat,
+        verify=True,  # a benchmark that does not check its answers can hide wrong output
+    )
+    base_dir, base_name, paths = base_and_adapters("tiny", None, 8, None)
+    run_routing_command(
+        base=base_dir,
+        base_name=base_name,
+        snapshot_base=True,
+        adapters=paths,
+        out=out / "routing",
+        requests=requests,
+    )
+
+
+# in the order of `lora-gateway loadtest --help`
+app.command()(overhead)
+app.command("fast-upstream")(fast_upstream)
 app.command()(compare)
 app.command()(thrash)
 app.command()(routing)

@@ -13,8 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from loadtest.compare.cli import _adapters
 from loadtest.compare.run import CompareConfig, Runner, gateway_settings
+from loadtest.harness.options import base_and_adapters
 from loadtest.harness.scenario import max_lora_rank, unload_all
 from loadtest.harness.sweep import SweepConfig, run_sweep
 from loadtest.servers.processes import LoraOptions, gateway_process, scrape_counters, vllm_process
@@ -26,7 +26,7 @@ def main(
     work: Path, levels: list[int], requests: int, resident: int, repeats: int, drain: str | None
 ) -> None:
     work.mkdir(parents=True, exist_ok=True)
-    base_dir, base_name, adapters = _adapters("tiny", None, 16, None)
+    base_dir, base_name, adapters = base_and_adapters("tiny", None, 16, None)
     snap, adir = work / "base" / base_name, work / "adapters"
     shutil.copytree(base_dir, snap, dirs_exist_ok=True)
     for a in adapters:
