@@ -1,4 +1,4 @@
-"""`lora-gateway` commands about adapters as artifacts: train, merge, evaluate, build-demo.
+"""`lora-gateway` commands about adapters as artifacts: train, merge, evaluate, build-demo, train-bench.
 
 Importing this module is cheap (typer only): torch, transformers, PEFT and TRL are imported by the
 command that needs them. The gateway's CLI mounts these commands (`app.registered_commands`).
@@ -127,3 +127,15 @@ def build_demo(
     for name, folder in folders.items():
         typer.echo(f"{name}: {folder}")
     typer.echo(json.dumps(demo_scores(cache_dir), indent=2))
+
+
+@app.command(
+    "train-bench",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def train_bench(ctx: typer.Context) -> None:
+    """GPU training benchmark of `train` (Llama-3 shapes; `lora-gateway train-bench --help`, `... report`)."""
+    from adapters.bench.cli import main
+
+    raise typer.Exit(main(list(ctx.args)))

@@ -224,6 +224,21 @@ def test_report_table_says_which_cards_fit():
     assert "| y |" in text and "oom" in text
 
 
+def test_one_cli_runs_the_benchmark_and_its_report(tmp_path):
+    """`lora-gateway train-bench ...` passes everything to the benchmark, `... report FILES` to the tables."""
+    from typer.testing import CliRunner
+
+    from gateway.cli import app
+
+    path = tmp_path / "r.json"
+    train_bench.write_report(path, {"results": [{"name": "x", "status": "oom"}]})
+    res = CliRunner().invoke(app, ["train-bench", "report", str(path)])
+    assert res.exit_code == 0 and "| x |" in res.output and "oom" in res.output
+    res = CliRunner().invoke(app, ["train-bench", "--help"])
+    assert res.exit_code == 0 and "usage: lora-gateway train-bench" in res.output and "--suite" in res.output
+    assert CliRunner().invoke(app, ["train-bench", "--steps", "0", "--out", "x"]).exit_code == 2
+
+
 def test_our_path_is_timed_through_trainer_callbacks(monkeypatch):
     """A stand-in ``adapters.train`` on transformers' Trainer: the step timer and layer counter work."""
     import dataclasses

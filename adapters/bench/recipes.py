@@ -13,7 +13,7 @@
   through ``chunked_lm_loss`` (no full fp32 logits); with ``liger``, Liger's fused RMSNorm,
   SwiGLU and RoPE kernels (Triton; GPU only). It is a reference loop: what
   ``adapters/train.py`` should do, measured.
-- ``ours``: ``adapters.train`` itself, through ``train_bench_ours``.
+- ``ours``: ``adapters.train`` itself, through ``adapters/bench/ours.py``.
 
 Every recipe returns a ``Stepper``: ``step(batch) -> loss`` runs one optimizer step. Checkpointing
 is verified, not assumed: ``count_layer_calls`` counts decoder-layer forwards, which run twice

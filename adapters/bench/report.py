@@ -1,6 +1,6 @@
 """Markdown tables from training-benchmark results: tokens/s, MFU, peak memory, which cards it fits.
 
-    python -m adapters.bench.report docs/training-benchmarks/*.json
+    lora-gateway train-bench report docs/training-benchmarks/*.json
 
 A configuration *fits* a card of C GB when its peak reserved memory plus ``CONTEXT_GIB`` (the CUDA
 context and library workspaces, which PyTorch's allocator does not count) is at most C GiB (cards
@@ -77,7 +77,7 @@ def load(paths: list[Path]) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     paths = [Path(p) for p in (sys.argv[1:] if argv is None else argv)]
     if not paths:
-        print("usage: python -m adapters.bench.report RESULTS.json ...", file=sys.stderr)
+        print("usage: lora-gateway train-bench report RESULTS.json ...", file=sys.stderr)
         return 2
     print(table(load(paths)))
     return 0

@@ -3,29 +3,30 @@
 Builds the model from its config with random weights directly on the GPU (nothing downloaded),
 trains on synthetic token batches, and reports peak memory (``max_memory_allocated`` and
 ``max_memory_reserved``), tokens/s, MFU and whether gradient checkpointing really ran. Three
-recipes (``loadtest/train_bench_recipes.py``): ``baseline`` (the textbook PEFT recipe), ``ours``
+recipes (``adapters/bench/recipes.py``): ``baseline`` (the textbook PEFT recipe), ``ours``
 (``adapters.train``, the code of ``lora-gateway train``) and ``levers`` (a reference loop with the
 speed and memory changes, measured for ``adapters/train.py`` to adopt).
 
 One configuration:
 
-    python -m adapters.bench.run --arch llama3-8b --method lora --recipe baseline,ours \\
+    lora-gateway train-bench --arch llama3-8b --method lora --recipe baseline,ours \\
         --seq 2048 --micro-batch 4 --checkpointing --steps 4 --out results.json
 
 The planned list (``SUITES`` below), cut short once ``--time-budget`` seconds have passed:
 
-    python -m adapters.bench.run --suite h200 --out results.json --time-budget 480
-    python -m adapters.bench.run --suite h200 --select qlora --out results.json
-    python -m adapters.bench.run --suite h200 --skip ours,70b --out results.json
+    lora-gateway train-bench --suite h200 --out results.json --time-budget 480
+    lora-gateway train-bench --suite h200 --select qlora --out results.json
+    lora-gateway train-bench --suite h200 --skip ours,70b --out results.json
 
 CPU check of the whole path on a tiny model (seconds):
 
-    python -m adapters.bench.run --arch tiny --device cpu --method lora --recipe baseline,levers \\
+    lora-gateway train-bench --arch tiny --device cpu --method lora --recipe baseline,levers \\
         --seq 64 --micro-batch 2 --steps 2 --out /tmp/bench.json
 
 Results accumulate in ``--out`` (a JSON document rewritten after every case, so a run that is cut
 off keeps what it measured); one line per case is printed as it finishes. docs/training-benchmarks.md
-holds the table made from these files on an H200.
+holds the table made from these files on an H200 (``lora-gateway train-bench report``).
+``python -m adapters.bench`` is the same command without the installed CLI.
 """
 
 from __future__ import annotations
@@ -218,7 +219,11 @@ def cases_from_args(args: argparse.Namespace) -> list[Case]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m adapters.bench.run", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="lora-gateway train-bench",
+        description=__doc__.split("\n\n")[0],
+        epilog="lora-gateway train-bench report RESULTS.json ... prints the tables of the results.",
+    )
     p.add_argument("--arch", default="llama3-8b", help="llama3-8b, llama3-70b or tiny")
     p.add_argument("--method", default="lora", choices=["lora", "qlora"])
     p.add_argument("--recipe", default="baseline,ours", help="comma list of baseline, ours, levers")
