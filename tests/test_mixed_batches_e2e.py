@@ -3,10 +3,10 @@
 The workload: 24 clients for 20 s through the official OpenAI SDK, each cycling through the base model,
 demo-a, demo-b and a third adapter (three adapters over vLLM's 2 batch slots, so the slots rotate), chat and
 completions, streaming and not, greedy. Each answer is checked against the answer its model gives to the same
-request alone (`loadtest/verify.py`; a flip between two almost equally likely tokens is a near tie, not a
-wrong answer). And an answer alone is the weights' own: the base model's equals what transformers generates
-from the base weights, an adapter's what PEFT generates (so the references above are right, and the grouped
-ops are right for a batch of one).
+request alone (`loadtest/harness/verify.py`; a flip between two almost equally likely tokens is a near tie,
+not a wrong answer). And an answer alone is the weights' own: the base model's equals what transformers
+generates from the base weights, an adapter's what PEFT generates (so the references above are right, and the
+grouped ops are right for a batch of one).
 
 - The session's gateway (`lora-gateway serve`, its vLLM loading the engine plugin): 0 wrong answers.
 - A gateway whose managed vLLM runs with the plugin switched off (`engine.lora_ops: off`): base-model answers
