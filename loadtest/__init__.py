@@ -8,8 +8,13 @@ Packages:
                 upstream, LiteLLM's proxy, servers in a thread; what is read from them
 - ``overhead``  what the gateway adds over a direct upstream (and over LiteLLM's proxy)
 - ``compare``   merged serving vs adapter-only serving, on servers it starts itself
+- ``thrash``    more adapters than slots (measured inside compare's run, beside all resident)
 - ``routing``   adapter-affinity routing vs round-robin over the same vLLM replicas
 
-``cli`` is the typer app. Importing the package is cheap: heavy imports (matplotlib, uvicorn, aiohttp)
-happen in functions. The GPU training benchmark is ``adapters.bench``, not here: it needs torch.
+Each scenario package has its ``run``, ``report`` and ``cli``. ``cli`` here is the typer app: ``run``,
+``fast-upstream`` and ``benchmark`` (every scenario in turn), and the scenarios' commands.
+``train_bench`` and ``train_bench_report`` are aliases only: the GPU training benchmark is
+``adapters.bench`` (``lora-gateway train-bench``), as it needs torch.
+
+Importing the package is cheap: heavy imports (matplotlib, uvicorn, aiohttp) happen in functions.
 """
