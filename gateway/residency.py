@@ -46,6 +46,12 @@ from gateway.upstream import UpstreamClient
 log = logging.getLogger("lora_gateway.residency")
 
 
+def _now() -> float:
+    """The event loop's clock (time.monotonic() in production) for waits, deadlines and drains: a test's
+    loop may run on virtual time. `touched` stays on time.monotonic(), the clock of a probe's start."""
+    return asyncio.get_running_loop().time()
+
+
 @dataclass
 class _EngineBook:
     """Per-engine bookkeeping beside `engine.status` (which the admin API shows)."""
@@ -62,6 +68,10 @@ class _EngineBook:
     touched: dict[str, float] = field(default_factory=dict)  # loaded/unloaded by us: monotonic time
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # an adapter went idle, or drained, or left
+    # Leases taken and given back, per adapter, since the gateway started: equal when nothing is in flight
+    # (every lease is released exactly once); shown by /admin/engines.
+    acquired: dict[str, int] = field(default_factory=dict)
+    released: dict[str, int] = field(default_factory=dict)
 
 
 class Lease:
@@ -118,7 +128,7 @@ class Residency:
             self._hold(engine, self.book(engine), key)
             return Lease(self, engine, key)
         book = self.book(engine)
-        started = time.monotonic()
+        started = _now()
         deadline = started + self.wait_timeout_s
         while True:
             if key in status.resident:
@@ -136,20 +146,22 @@ class Residency:
                     book.loading -= 1
                 break
         self._hold(engine, book, key)
-        self.metrics.adapter_wait.labels(ref.name).observe(time.monotonic() - started)
+        self.metrics.adapter_wait.labels(ref.name).observe(_now() - started)
         return Lease(self, engine, key)
 
     def _hold(self, engine: Engine, book: _EngineBook, key: str) -> None:
         engine.status.in_flight[key] = engine.status.in_flight.get(key, 0) + 1
+        book.acquired[key] = book.acquired.get(key, 0) + 1
         book.lru[key] = None
         book.lru.move_to_end(key)
 
     def _release(self, engine: Engine, key: str) -> None:
+        book = self.book(engine)
+        book.released[key] = book.released.get(key, 0) + 1
         in_flight = engine.status.in_flight
         in_flight[key] = max(0, in_flight.get(key, 0) - 1)
         if not in_flight[key]:
             del in_flight[key]
-            book = self.book(engine)
             self._notify(book)
             if key in book.retiring:
                 self._spawn(self._retire_now(engine, key))
@@ -164,7 +176,7 @@ class Residency:
     ) -> None:
         """Wait for the next change of residency, or `wake_at`, or 1 s, whichever comes first (the
         caller then looks again); past `deadline`, 503 + Retry-After."""
-        now = time.monotonic()
+        now = _now()
         remaining = deadline - now
         if remaining <= 0:
             raise EngineUnavailableError(
@@ -181,6 +193,11 @@ class Residency:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def leases(self, engine: Engine) -> dict[str, dict[str, int]]:
+        """Per adapter (engine name): leases acquired and released on this engine so far."""
+        book = self.book(engine)
+        return {k: {"acquired": n, "released": book.released.get(k, 0)} for k, n in book.acquired.items()}
+
     def forget(self, engine: Engine, key: str) -> None:
         """vLLM answered that it does not have `key` (restarted, or unloaded by someone else)."""
         book = self.book(engine)
@@ -194,7 +211,7 @@ class Residency:
     async def _make_room(self, engine: Engine, book: _EngineBook, deadline: float) -> None:
         """Reserve a slot for one load: evict an idle adapter if the engine is full; after
         `drain_after_s` with none idle, drain a busy one."""
-        drain_at = time.monotonic() + self.drain_after_s
+        drain_at = _now() + self.drain_after_s
         overdue = False
         try:
             while len(engine.status.resident) + book.loading >= self.max_resident:
@@ -202,7 +219,7 @@ class Residency:
                 if victim is not None:
                     await self._evict(engine, book, victim)
                     continue
-                if not overdue and time.monotonic() >= drain_at:
+                if not overdue and _now() >= drain_at:
                     overdue = True
                     book.overdue_loads += 1
                 if overdue:

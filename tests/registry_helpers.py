@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -129,11 +130,52 @@ def vllm_adapters(vllm_url: str) -> set[str]:
     return {m["id"] for m in data if m.get("parent")}
 
 
+def held_stream(tiny_cache: dict[str, Path]) -> dict:
+    """A stream whose client reads nothing: more bytes than the socket buffers hold (n=8, top-20
+    logprobs, ~1 KB an event), so it keeps its lease until the client closes it, however slow or fast
+    vLLM is. A stream holds its lease from its status line on."""
+    context = json.loads((tiny_cache["base"] / "config.json").read_text())["max_position_embeddings"]
+    body = {"prompt": PROMPT, "max_tokens": context - 64, "temperature": 1.0, "ignore_eos": True}
+    return body | {"stream": True, "n": 8, "logprobs": 20}  # n > 1 needs sampling
+
+
+def vllm_running_adapters(vllm_url: str) -> set[str]:
+    """The adapters vLLM's scheduler ran in its latest step (`vllm:lora_requests_info`: one sample per
+    label set, its value the time it was last set; the newest one is now)."""
+    newest: tuple[float, set[str]] = (-1.0, set())
+    for family in text_string_to_metric_families(httpx.get(vllm_url + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "vllm:lora_requests_info" and sample.value > newest[0]:
+                running = sample.labels.get("running_lora_adapters", "")
+                newest = (sample.value, {name for name in running.split(",") if name})
+    return newest[1]
+
+
+def leases(url: str) -> dict[str, dict[str, int]]:
+    """Per engine name: leases the gateway acquired and released on its one engine."""
+    return engine(url)["leases"]
+
+
 def engine(url: str, token: str | None = None) -> dict:
     r = httpx.get(url + "/admin/engines", headers=auth(token))
     assert r.status_code == 200, r.text
     [info] = r.json()["data"]
     return info
+
+
+def settled_view(url: str, vllm_url: str, timeout: float = 10) -> tuple[set[str], dict]:
+    """vLLM's listing and the gateway's engine info, once the gateway reports resident exactly what vLLM
+    lists (read before and after the gateway's view, and unchanged)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = vllm_adapters(vllm_url)
+        info = engine(url)
+        if listed == vllm_adapters(vllm_url) == set(info["resident_adapters"]):
+            return listed, info
+        assert time.monotonic() < deadline, (
+            f"gateway: {sorted(info['resident_adapters'])}, vLLM: {sorted(listed)}"
+        )
+        time.sleep(0.1)
 
 
 def assert_stopped(url: str) -> None:

@@ -22,8 +22,8 @@ from tests.registry_helpers import (
     engine,
     register,
     registry_settings,
+    settled_view,
     text,
-    vllm_adapters,
     write_adapter,
 )
 from tests.test_errors_e2e import assert_openai_error
@@ -92,7 +92,7 @@ def test_versions_aliases_pins_removal_and_restart(
 
         assert httpx.post(url + "/admin/adapters/sql/pin").json()["pinned"] is True
         assert "sql@1" in engine(url)["resident_models"]
-        assert set(engine(url)["resident_adapters"]) <= vllm_adapters(vllm_url), "resident is what vLLM has"
+        settled_view(url, vllm_url)  # resident is what vLLM has
 
     with serve_app(settings) as url:  # a new gateway process state on the same data_dir
         sql = admin_adapter(url, "sql")

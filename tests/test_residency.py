@@ -1,4 +1,5 @@
-"""gateway/residency.py, with the engine's load/unload routes played by a fake vLLM (pure asyncio logic).
+"""gateway/residency.py, with the engine's load/unload routes played by a fake vLLM (pure asyncio logic),
+on an event loop with virtual time (no timing window: a sleep here is an ordering, not a duration).
 
 The interleavings here are the ones a real vLLM produces only now and then (tests/test_residency_e2e.py
 runs the real thing): a probe's listing that is older than a load or an eviction, an eviction racing a
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -70,12 +72,55 @@ def setup(
     return vllm, residency, engine, metrics
 
 
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock jumps to the next timer whenever nothing is ready to run. Sleeps and
+    timeouts (`drain_after_s`, `wait_timeout_s`) take no real time, and no load on the machine can
+    stretch one past another: the interleavings below are the same on every run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._virtual = 0.0
+
+    def time(self) -> float:
+        return self._virtual
+
+    def _run_once(self) -> None:
+        if not self._ready:  # type: ignore[attr-defined]
+            timers = [h.when() for h in self._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
+            if timers:
+                self._virtual = max(self._virtual, min(timers))
+        super()._run_once()  # type: ignore[misc]
+
+
 def in_loop(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
     @functools.wraps(test)
     def run() -> None:
-        asyncio.run(test())
+        with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
+            runner.run(test())
 
     return run
+
+
+def test_virtual_time_runs_timers_in_order_without_waiting() -> None:
+    async def main() -> tuple[list[str], float]:
+        order: list[str] = []
+
+        async def after(delay: float, name: str) -> None:
+            await asyncio.sleep(delay)
+            order.append(name)
+
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await asyncio.gather(
+            after(30, "b"), after(10, "a"), asyncio.wait_for(after(60, "never"), 45), return_exceptions=True
+        )
+        return order, loop.time() - start
+
+    started = time.monotonic()
+    with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
+        order, elapsed = runner.run(main())
+    assert order == ["a", "b"] and elapsed == 45
+    assert time.monotonic() - started < 5
 
 
 def loads(vllm: FakeVllm) -> list[str]:

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,9 +32,11 @@ from tests.registry_helpers import (
     assert_stopped,
     complete,
     engine,
+    held_stream,
     metric,
     register,
     registry_settings,
+    settled_view,
     text,
     vllm_adapters,
     write_adapter,
@@ -48,6 +49,7 @@ ADAPTERS = [f"r{i}" for i in range(5)]
 CLIENTS = 16
 STORM_S = 12.0
 MAX_TOKENS = 6
+LONG_TOKENS = 200
 LOADS = "lora_gateway_adapter_loads_total"
 EVICTIONS = "lora_gateway_adapter_evictions_total"
 
@@ -57,9 +59,13 @@ class Storm:
 
     def __init__(self) -> None:
         self.answers: list[tuple[str, int, str]] = []  # (model, status, text or error body)
+        self.long_answers: list[tuple[str, int, str]] = []  # LONG_TOKENS each, from one client
         self.churn_cycles = 0
         self.violations: list[str] = []
         self.samples = 0
+        self.held_throughout = (
+            0  # samples where an adapter provably had a request in flight: checked with vLLM
+        )
 
 
 def greedy(model: str) -> dict:
@@ -73,6 +79,18 @@ async def client_loop(http: httpx.AsyncClient, seed: int, deadline: float, storm
         body = greedy(model)
         r = await http.post("/v1/completions", json=body)
         storm.answers.append(
+            (model, r.status_code, r.json()["choices"][0]["text"] if r.is_success else r.text)
+        )
+
+
+async def long_client_loop(http: httpx.AsyncClient, deadline: float, storm: Storm) -> None:
+    """Requests that hold their lease far longer than the watcher's look takes (so it can prove something);
+    a greedy answer's start is the short answer's, and counts as one of the answers checked."""
+    rng = random.Random(-1)
+    while time.monotonic() < deadline:
+        model = rng.choice(ADAPTERS)
+        r = await http.post("/v1/completions", json=greedy(model) | {"max_tokens": LONG_TOKENS})
+        storm.long_answers.append(
             (model, r.status_code, r.json()["choices"][0]["text"] if r.is_success else r.text)
         )
 
@@ -95,28 +113,43 @@ async def churn_loop(
         storm.churn_cycles += 1
 
 
-async def watch_engines(http: httpx.AsyncClient, deadline: float, storm: Storm, mine: dict[str, str]) -> None:
+async def watch_engines(
+    http: httpx.AsyncClient, vllm_url: str, deadline: float, storm: Storm, mine: dict[str, str]
+) -> None:
+    """The gateway's view, then vLLM's listing, then the gateway's view again. An adapter with `c`
+    requests in flight at the first look, and fewer than `c` leases released on it by the second, had a
+    request in flight the whole time: vLLM must list it in between (it was never evicted)."""
     while time.monotonic() < deadline:
-        [info] = (await http.get("/admin/engines")).json()["data"]
-        resident = set(info["resident_adapters"])
-        busy = set(info["in_flight"])
+        [first] = (await http.get("/admin/engines")).json()["data"]
+        listed = {
+            m["id"] for m in (await http.get(vllm_url + "/v1/models")).json()["data"] if m.get("parent")
+        }
+        [second] = (await http.get("/admin/engines")).json()["data"]
+        resident = set(first["resident_adapters"])
+        busy = set(first["in_flight"])
         if not busy <= resident:
             storm.violations.append(f"in flight but not resident: {busy - resident}")
+        for key, count in first["in_flight"].items():
+            released = second["leases"][key]["released"] - first["leases"][key]["released"]
+            if released < count and key not in listed:
+                storm.violations.append(f"{key} had a request in flight throughout, vLLM did not list it")
+            storm.held_throughout += released < count
         if len(resident & set(mine.values())) > 2:
             storm.violations.append(f"more than 2 of ours resident: {resident}")
         storm.samples += 1
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.05)
 
 
-async def run_storm(url: str, sources: dict[str, Path], mine: dict[str, str]) -> Storm:
+async def run_storm(url: str, vllm_url: str, sources: dict[str, Path], mine: dict[str, str]) -> Storm:
     storm = Storm()
     deadline = time.monotonic() + STORM_S
     limits = httpx.Limits(max_connections=CLIENTS + 4)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as http:
         await asyncio.gather(
             *(client_loop(http, seed, deadline, storm) for seed in range(CLIENTS)),
+            long_client_loop(http, deadline, storm),
             churn_loop(http, sources, deadline, storm),
-            watch_engines(http, deadline, storm, mine),
+            watch_engines(http, vllm_url, deadline, storm, mine),
         )
     return storm
 
@@ -156,19 +189,21 @@ def test_singleflight_and_eviction_under_concurrent_clients_and_churn(
         assert expected["r0"] == first[0]
 
         mine = engine_names(url)
-        storm = asyncio.run(run_storm(url, {n: root / n for n in ("churn-a", "churn-b")}, mine))
+        storm = asyncio.run(run_storm(url, vllm_url, {n: root / n for n in ("churn-a", "churn-b")}, mine))
 
         failed = [a for a in storm.answers if a[1] != 200]
         assert not failed, f"{len(failed)} of {len(storm.answers)} failed: {failed[:5]}"
         wrong = [a for a in storm.answers if a[2] != expected[a[0]]]
         assert not wrong, f"{len(wrong)} answers from the wrong adapter: {wrong[:5]}"
+        assert storm.long_answers, "the long client finished no request"
+        wrong = [a for a in storm.long_answers if a[1] != 200 or not a[2].startswith(expected[a[0]])]
+        assert not wrong, f"{len(wrong)} long answers failed or came from another adapter: {wrong[:3]}"
         assert storm.churn_cycles >= 2
         assert len(storm.answers) > 2 * CLIENTS
 
-        time.sleep(1.5)  # a few probes: the gateway's view is vLLM's again
-        listed = vllm_adapters(vllm_url)
-        info = engine(url)
-        assert set(info["resident_adapters"]) <= listed and info["in_flight"] == {}
+        listed, info = settled_view(url, vllm_url)  # the next probes make the gateway's view vLLM's list
+        assert info["in_flight"] == {}
+        assert all(c["acquired"] == c["released"] for c in info["leases"].values()), info["leases"]
         report = []
         for name in ADAPTERS:
             loads, evictions = metric(url, LOADS, adapter=name), metric(url, EVICTIONS, adapter=name)
@@ -178,7 +213,15 @@ def test_singleflight_and_eviction_under_concurrent_clients_and_churn(
             assert mine[name] in info["last_load_at"]
         assert metric(url, LOADS, result="error") == 0
         assert not storm.violations, f"{len(storm.violations)} of {storm.samples}: {storm.violations[:5]}"
-        print(f"\n{len(storm.answers)} requests, {storm.churn_cycles} churn cycles; " + "; ".join(report))
+        proved = storm.held_throughout
+        assert proved >= 3, f"in {storm.samples} looks, only {proved} saw an adapter in flight throughout"
+        looks = (
+            f"{storm.samples} looks saw an adapter in flight throughout {proved} times, each listed by vLLM"
+        )
+        print(
+            f"\n{len(storm.answers)} requests, {storm.churn_cycles} churn cycles, {looks}; "
+            + "; ".join(report)
+        )
     assert_stopped(url)
 
 
@@ -233,15 +276,6 @@ def register_xyz(url: str, tiny_cache: dict[str, Path], root: Path) -> dict[str,
     for name in ("x", "y", "z"):
         register(url, name, root / name)
     return engine_names(url)
-
-
-def held_stream(tiny_cache: dict[str, Path]) -> dict:
-    """A stream whose client reads nothing: more bytes than the socket buffers hold (n=8, top-20
-    logprobs, ~1 KB an event), so it keeps its lease until the client closes it, however slow or fast
-    vLLM is. A stream holds its lease from its status line on."""
-    context = json.loads((tiny_cache["base"] / "config.json").read_text())["max_position_embeddings"]
-    body = {"prompt": PROMPT, "max_tokens": context - 64, "temperature": 1.0, "ignore_eos": True}
-    return body | {"stream": True, "n": 8, "logprobs": 20}  # n > 1 needs sampling
 
 
 def test_a_cold_adapter_drains_the_least_busy_one_and_loads_when_it_is_idle(

@@ -160,5 +160,6 @@ async def engines(request: Request) -> dict[str, Any]:
         info = engine.describe()
         info["resident_models"] = sorted(names.get(k, k) for k in engine.status.resident)
         info["pid"] = getattr(engine, "pid", None)
+        info["leases"] = state.residency.leases(engine)
         data.append(info)
     return {"object": "list", "data": data}
