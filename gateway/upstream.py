@@ -7,6 +7,7 @@ the difference between ~1,000 and several thousand requests per second per gatew
 Created in the app's lifespan (it needs the running loop), closed at shutdown. Explicit timeouts
 suited to long streams: `read_s` bounds the silence between two chunks, not the whole response.
 
+    every pooled connection busy for `timeouts.pool_s`     -> EngineUnavailableError 503 + Retry-After
     aiohttp.ClientConnectorError, ConnectionTimeoutError   -> UpstreamError 502 (engine unreachable)
     aiohttp.SocketTimeoutError / ServerTimeoutError, TimeoutError -> UpstreamTimeoutError 504
     other aiohttp.ClientError (disconnects, bad payloads)   -> UpstreamError 502
@@ -21,7 +22,13 @@ from typing import Any
 
 import aiohttp
 
-from gateway.errors import GatewayError, UpstreamError, UpstreamTimeoutError, from_upstream
+from gateway.errors import (
+    EngineUnavailableError,
+    GatewayError,
+    UpstreamError,
+    UpstreamTimeoutError,
+    from_upstream,
+)
 from gateway.settings import Settings
 
 TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
@@ -70,11 +77,26 @@ class UpstreamResponse:
         self._response.close()
 
 
+async def _queued(_: Any, ctx: Any, __: Any) -> None:
+    ctx.trace_request_ctx["queued"] = True
+
+
+async def _dequeued(_: Any, ctx: Any, __: Any) -> None:
+    ctx.trace_request_ctx["queued"] = False
+
+
 class UpstreamClient:
     """One `aiohttp.ClientSession` for every engine call; build it inside the running loop."""
 
     def __init__(self, settings: Settings) -> None:
         t = settings.timeouts
+        self.max_connections = settings.max_connections
+        self.retry_after_s = settings.retry_after_s
+        # aiohttp reports a wait for a pooled connection and a slow connect as the same timeout; its
+        # trace signals say which one it was (a full pool is a busy engine, 503, not an unreachable one).
+        pool_trace = aiohttp.TraceConfig()
+        pool_trace.on_connection_queued_start.append(_queued)
+        pool_trace.on_connection_queued_end.append(_dequeued)
         self.timeout = aiohttp.ClientTimeout(
             total=None, connect=t.pool_s + t.connect_s, sock_connect=t.connect_s, sock_read=t.read_s
         )
@@ -90,6 +112,7 @@ class UpstreamClient:
             auto_decompress=False,  # bytes pass through as the engine sent them
             trust_env=False,
             skip_auto_headers=("User-Agent",),
+            trace_configs=[pool_trace],
         )
 
     async def aclose(self) -> None:
@@ -106,12 +129,18 @@ class UpstreamClient:
         what: str = "engine",
     ) -> UpstreamResponse:
         """Send and return once the status and headers are in; the body is read by the caller."""
-        kwargs: dict[str, Any] = {"data": content, "headers": headers}
+        trace: dict[str, bool] = {}
+        kwargs: dict[str, Any] = {"data": content, "headers": headers, "trace_request_ctx": trace}
         if timeout is not None:
             kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout)
         try:
             response = await self.session.request(method, url, **kwargs)
         except TRANSPORT_ERRORS as exc:
+            if trace.get("queued") and isinstance(exc, aiohttp.ConnectionTimeoutError):
+                raise EngineUnavailableError(
+                    f"All {self.max_connections} connections to the {what} are busy; try again.",
+                    retry_after_s=self.retry_after_s,
+                ) from exc
             raise map_transport_error(exc, what) from exc
         return UpstreamResponse(response, what)
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -25,6 +25,7 @@ import openai
 import pytest
 import uvicorn
 import yaml
+from fastapi import FastAPI
 
 from gateway.settings import Settings
 
@@ -168,13 +169,21 @@ class _ThreadServer(uvicorn.Server):
 
 @contextlib.contextmanager
 def serve_app_server(
-    settings: Settings, *, wait_ready: bool = True, ready_timeout: float = 120
+    settings: Settings,
+    *,
+    wait_ready: bool = True,
+    ready_timeout: float = 120,
+    extend: Callable[[FastAPI], None] | None = None,
 ) -> Iterator[tuple[str, uvicorn.Server]]:
-    """Run a gateway built from `settings` in a thread on a free loopback port; yield its URL and server."""
+    """Run a gateway built from `settings` in a thread on a free loopback port; yield its URL and server.
+    `extend(app)` may add to the app first (a test's stand-in route)."""
     from gateway.app import create_app
 
     port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    app = create_app(settings)
+    if extend is not None:
+        extend(app)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     server = _ThreadServer(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -197,9 +206,16 @@ def serve_app_server(
 
 
 @contextlib.contextmanager
-def serve_app(settings: Settings, *, wait_ready: bool = True, ready_timeout: float = 120) -> Iterator[str]:
+def serve_app(
+    settings: Settings,
+    *,
+    wait_ready: bool = True,
+    ready_timeout: float = 120,
+    extend: Callable[[FastAPI], None] | None = None,
+) -> Iterator[str]:
     """Run a gateway built from `settings` in a thread on a free loopback port; yield its URL."""
-    with serve_app_server(settings, wait_ready=wait_ready, ready_timeout=ready_timeout) as (url, _):
+    served = serve_app_server(settings, wait_ready=wait_ready, ready_timeout=ready_timeout, extend=extend)
+    with served as (url, _):
         yield url
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -20,18 +21,52 @@ def vllm_processes(gateway: GatewayProcess) -> list[psutil.Process]:
     return [p for p in children if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())]
 
 
-def resident(gateway: GatewayProcess) -> set[str]:
-    """What the gateway reports resident, checked against what vLLM itself lists."""
-    [engine] = httpx.get(gateway.url + "/admin/engines").json()["data"]
-    listed = {m["id"] for m in httpx.get(gateway.vllm_url + "/v1/models").json()["data"]}
-    assert set(engine["resident_adapters"]) <= listed, "nothing is reported resident that vLLM lacks"
-    return set(engine["resident_models"])
+def listed(gateway: GatewayProcess) -> set[str]:
+    data = httpx.get(gateway.vllm_url + "/v1/models", timeout=10).json()["data"]
+    return {m["id"] for m in data if m.get("parent")}
+
+
+def resident(gateway: GatewayProcess, timeout: float = 10) -> set[str]:
+    """What the gateway reports resident, once it equals what vLLM itself lists (the next probe after a
+    change replaces the gateway's view with vLLM's list; a listing read before and after the gateway's
+    view, and equal, is the state the view must show)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        before = listed(gateway)
+        [engine] = httpx.get(gateway.url + "/admin/engines").json()["data"]
+        if before == listed(gateway) == set(engine["resident_adapters"]):
+            return set(engine["resident_models"])
+        assert time.monotonic() < deadline, (
+            f"the gateway reports {sorted(engine['resident_adapters'])} resident, vLLM lists {sorted(before)}"
+        )
+        time.sleep(0.1)
 
 
 def test_killed_vllm_is_restarted_with_adapters_restored(gateway: GatewayProcess) -> None:
+    resident(gateway)  # equal before, as after
     [vllm] = vllm_processes(gateway)
     assert "--enable-lora" in vllm.cmdline() and "127.0.0.1" in vllm.cmdline()
-    os.killpg(vllm.pid, signal.SIGKILL)
+    # A stream in flight when vLLM dies ends with one error event in OpenAI's shape (its status line went
+    # out long ago), not a silent cut: the README promises `data: {"error": ...}`.
+    stream_body = {
+        "model": "demo-a",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 900,
+        "n": 4,
+        "temperature": 1.0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=stream_body, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {")).count('"choices"') == 1
+        os.killpg(vllm.pid, signal.SIGKILL)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest, "the stream ended without a word"
+    last = json.loads(rest[-1].removeprefix("data: "))
+    assert set(last) == {"error"} and set(last["error"]) == {"message", "type", "param", "code"}, rest[-1]
+    assert last["error"]["code"] == "upstream_error" and "[DONE]" not in rest[-1]
 
     # While it is down: clear errors, never a hang or an HTML page.
     deadline = time.monotonic() + 30

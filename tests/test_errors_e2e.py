@@ -1,4 +1,9 @@
-"""Every error a client can meet, with its status and the OpenAI error shape, against real servers."""
+"""Every error a client can meet, with its status and the OpenAI error shape, against real servers.
+
+The engine is the session's real vLLM, except where only a stand-in can produce the condition: an engine
+that stays silent (vLLM always answers) and one that dies right after its probe use the project's fast
+upstream (`loadtest`'s OpenAI-compatible server) in a process of its own; each such test says so.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from fastapi import FastAPI
 
 from tests.conftest import attached_settings, free_port, serve_app, upstream_process
+from tests.registry_helpers import held_stream
 
 pytestmark = pytest.mark.engine
 
@@ -99,6 +106,35 @@ def test_engine_not_ready_is_503_with_retry_after(cache_dir: Path, tmp_path: Pat
         assert health.json()["error"]["code"] == "engine_unavailable"
 
 
+def test_every_engine_connection_busy_is_503_with_retry_after(
+    vllm_url: str, cache_dir: Path, tmp_path: Path, tiny_cache: dict[str, Path]
+) -> None:
+    """`max_connections` towards the engine all in use for `timeouts.pool_s`: the engine is busy, 503 with
+    Retry-After (an OpenAI SDK retries it), not 502 "unreachable". One stream whose client reads nothing
+    holds the one connection of this gateway's pool to the real vLLM."""
+    settings = attached_settings(
+        vllm_url,
+        cache_dir,
+        tmp_path,
+        max_connections=1,
+        timeouts={"pool_s": 0.5, "connect_s": 0.5},  # aiohttp's bound on the wait is their sum
+        retry_after_s=4,
+        engine={"health_interval_s": 300},  # the probe shares the pool: one at start only
+    )
+    held = held_stream(tiny_cache) | {"model": "tiny-llama"}
+    with (
+        serve_app(settings) as url,
+        httpx.Client(timeout=60) as http,
+        http.stream("POST", url + "/v1/completions", json=held) as stream,
+    ):
+        assert stream.status_code == 200
+        body = {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": 2}
+        r = httpx.post(url + CHAT, json=body, timeout=60)
+        assert_openai_error(r, 503, "engine_unavailable")
+        assert r.headers["retry-after"] == "4"
+        assert "busy" in r.json()["error"]["message"]
+
+
 def test_upstream_read_timeout_is_504(tmp_path: Path, cache_dir: Path) -> None:
     """An engine that accepts the request, then stays silent longer than `timeouts.read_s`: 504.
 
@@ -125,3 +161,20 @@ def test_engine_gone_after_ready_is_502(tmp_path: Path, cache_dir: Path) -> None
             upstream.kill()
             r = httpx.post(url + CHAT, json={"model": "tiny-llama", "messages": MESSAGES})
             assert_openai_error(r, 502, "engine_unreachable")
+
+
+def test_an_unexpected_crash_is_500_in_openai_shape(cache_dir: Path, tmp_path: Path) -> None:
+    """The catch-all handler, as the real app installs it, over real HTTP. No input the gateway accepts is
+    known to crash it (that would be a bug to fix), so a stand-in route added to the app raises."""
+
+    def extend(app: FastAPI) -> None:
+        @app.post("/v1/crash")
+        async def crash() -> None:
+            raise RuntimeError("a bug")
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    with serve_app(attached_settings(dead, cache_dir, tmp_path), wait_ready=False, extend=extend) as url:
+        r = httpx.post(url + "/v1/crash", json={})
+        error = assert_openai_error(r, 500, "internal_error")
+        assert error["type"] == "server_error" and "a bug" not in r.text and "Traceback" not in r.text
+        assert httpx.get(url + "/health").status_code == 503  # and the gateway goes on
