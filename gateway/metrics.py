@@ -141,6 +141,13 @@ class Metrics:
             ["adapter"],
             registry=r,
         )
+        self.retries = Counter(
+            "lora_gateway_retries",
+            "Requests sent again before any byte reached the client: `engine_failed` (the replica refused or "
+            "dropped the connection; another one took it), `adapter_lost` (vLLM no longer had the adapter).",
+            ["reason"],
+            registry=r,
+        )
         self.resident_adapters = Gauge(
             "lora_gateway_resident_adapters", "Adapters loaded in an engine now.", ["engine"], registry=r
         )

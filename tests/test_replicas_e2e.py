@@ -6,20 +6,24 @@ attached gateway over the same two replicas routes round-robin, for the comparis
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.demo import RandomAdapterSpec, write_random_adapter
 from gateway.settings import Settings
+from loadtest.harness.verify import References, learn_all, request_key
 from tests.conftest import free_port, serve_app
 
 pytestmark = pytest.mark.engine
@@ -114,28 +118,82 @@ def test_affinity_loads_a_third_of_round_robin_or_less(replicas: dict, cache_dir
     assert affinity_loads * 3 <= rr_loads, f"affinity {affinity_loads} loads vs round-robin {rr_loads}"
 
 
+MIXED = ("tiny-llama", "aff1", "aff2")
+
+
+def greedy_chat(model: str, max_tokens: int = 8) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True}  # fmt: skip
+
+
 def test_killing_a_replica_fails_no_request(replicas: dict) -> None:
+    """A replica dies with a request in flight on it (the gateway counts its lease there when the replica
+    is killed): that request is sent again to the survivor (`lora_gateway_retries_total{reason=
+    "engine_failed"}`) and answered in full; meanwhile base-model and adapter requests keep flowing,
+    none fails, and each answer is its model's own (checked against its answer alone, near ties aside)."""
     url = replicas["url"]
+    refs = References()
+    todo = [(m, url + "/v1/chat/completions", greedy_chat(m)) for m in MIXED]
+    asyncio.run(learn(todo, refs))
+    key = request_key(greedy_chat("tiny-llama"))
+    assert len({refs.text(m, key) for m in MIXED}) == len(MIXED), "the models must answer differently"
+    # aff3 lives on one replica: that one dies while it generates a long answer for aff3.
+    assert chat(url, "aff3").status_code == 200
+    [victim] = [e for e in engines(url) if any(m.startswith("aff3@") for m in e["resident_models"])]
+    [aff3] = [v["engine_name"] for v in httpx.get(url + "/admin/adapters/aff3").json()["versions"]]
+    retries = metric(url, "lora_gateway_retries_total", reason="engine_failed")
+
     failures: list[str] = []
+    wrong: list[str] = []
+    checked = 0
     done = threading.Event()
 
     def client(model: str) -> None:
+        nonlocal checked
         while not done.is_set():
-            r = chat(url, model)
+            r = httpx.post(url + "/v1/chat/completions", json=greedy_chat(model), timeout=120)
             if r.status_code != 200:
                 failures.append(f"{model}: {r.status_code} {r.text[:200]}")
+                continue
+            verdict = refs.check(model, key, r.json()["choices"][0]["message"]["content"] or "")
+            checked += 1
+            if not verdict.ok and not verdict.near_tie:
+                wrong.append(f"{model}: answered as {verdict.as_model}")
 
-    threads = [
-        threading.Thread(target=client, args=(m,)) for m in ("tiny-llama", "aff1", "aff2", "tiny-llama")
-    ]
-    for t in threads:
-        t.start()
-    try:
-        victim = next(e for e in engines(url) if e["state"] == "ready" and e["pid"])
-        os.killpg(psutil.Process(victim["pid"]).pid, signal.SIGKILL)
-        done.wait(8)  # requests keep flowing on the survivor while the victim is down
-    finally:
-        done.set()
+    long = greedy_chat("aff3", max_tokens=600)
+    with ThreadPoolExecutor(1) as pool:
+        threads = [threading.Thread(target=client, args=(m,)) for m in (*MIXED, "tiny-llama")]
         for t in threads:
-            t.join(timeout=120)
+            t.start()
+        try:
+            in_flight = pool.submit(httpx.post, url + "/v1/chat/completions", json=long, timeout=300)
+            deadline = time.monotonic() + 60
+            while next(e for e in engines(url) if e["name"] == victim["name"])["in_flight"].get(aff3) != 1:
+                assert time.monotonic() < deadline and not in_flight.done(), "aff3 never went to its replica"
+                time.sleep(0.005)
+            os.killpg(psutil.Process(victim["pid"]).pid, signal.SIGKILL)
+            r = in_flight.result(timeout=300)
+            done.wait(5)  # requests keep flowing on the survivor while the victim is down
+        finally:
+            done.set()
+            for t in threads:
+                t.join(timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "aff3" and r.json()["usage"]["completion_tokens"] == 600
+    assert metric(url, "lora_gateway_retries_total", reason="engine_failed") >= retries + 1
     assert not failures, failures[:5]
+    assert checked > 20 and not wrong, f"{len(wrong)} of {checked} answers from another model: {wrong[:5]}"
+
+
+async def learn(todo: list, refs: References) -> None:
+    async with httpx.AsyncClient(timeout=120) as http:
+        await learn_all(http, todo, refs)
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total

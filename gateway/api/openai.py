@@ -201,6 +201,7 @@ async def _complete(request: Request, route: str, schema: type[CompletionParams]
                 if retried or target.adapter is None or exc.status_code != 404:
                     raise
                 state.residency.forget(engine, target.adapter.engine_name)
+                metrics.retries.labels("adapter_lost").inc()
             except UpstreamError as exc:
                 # The replica refused the connection or dropped it before answering: it leaves the
                 # rotation for a while, and the request goes to another one (generation is safe to
@@ -211,6 +212,7 @@ async def _complete(request: Request, route: str, schema: type[CompletionParams]
                 excluded.append(engine)
                 if retried or len(state.engines) < 2:
                     raise
+                metrics.retries.labels("engine_failed").inc()
             retried = True
             let_go()
     except GatewayError as exc:
