@@ -70,14 +70,25 @@ _UNSUPPORTED_FIELDS = {
 }
 
 
-class AdapterValidationError(ValueError):
-    """An adapter (or its name or source) is refused. `code` is stable; `param` names the culprit."""
+class AdapterRefusedError(ValueError):
+    """The one base of adapter refusals, wherever they are decided. `code` is stable; `param` names the
+    culprit. `gateway/errors.py` turns each code into its HTTP status, once.
+
+        AdapterRefusedError
+        ├── AdapterValidationError   the folder, its config, its tensors, or the name (this module)
+        ├── SourceError              where the files come from (gateway/registry/sources.py)
+        └── RegistryNotFoundError    no such adapter or version (gateway/registry/store.py)
+    """
 
     def __init__(self, message: str, code: str, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
         self.param = param
+
+
+class AdapterValidationError(AdapterRefusedError):
+    """An adapter (its files or its name) is refused; the codes are in the module docstring."""
 
 
 def _err(code: str, param: str | None, message: str) -> AdapterValidationError:

@@ -14,6 +14,10 @@
     ├── UpstreamTimeoutError          504 server_error
     └── UpstreamResponseError         the engine's own 4xx, passed through in OpenAI shape
 
+Adapter refusals are decided away from HTTP (`adapters.validate.AdapterRefusedError`: validation,
+source, registry) and carry a stable `code` and a `param`; `refusal_error` maps each code to its class
+here, once (`REFUSAL_CLASSES`; any other code is a 400).
+
 Body: `{"error": {"message", "type", "param", "code"}}`; `code` is always a string or null (vLLM sends
 an int, OpenAI a string). Mid-stream errors are sent as one `data: {"error": ...}` SSE event.
 """
@@ -28,6 +32,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapters.validate import AdapterRefusedError
 
 log = logging.getLogger("lora_gateway.errors")
 
@@ -44,6 +50,7 @@ class GatewayError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -51,9 +58,10 @@ class GatewayError(Exception):
         if code is not None:
             self.code = code
         self.headers = headers or {}
+        self.extra = extra or {}  # more top-level keys beside "error" (`/health` lists its engines)
 
     def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
+        return {**error_body(self.message, self.type, self.param, self.code), **self.extra}
 
 
 class InvalidRequestError(GatewayError):
@@ -102,8 +110,15 @@ class EngineUnavailableError(GatewayError):
     status_code = 503
     code = "engine_unavailable"
 
-    def __init__(self, message: str, *, retry_after_s: int = 5, code: str | None = None) -> None:
-        super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: int = 5,
+        code: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)}, extra=extra)
 
 
 class UpstreamError(GatewayError):
@@ -124,6 +139,26 @@ class UpstreamResponseError(GatewayError):
         self.status_code = status_code
         self.type = type_
         self.code = code
+
+
+#: Adapter refusal codes whose status is not 400 (`InvalidRequestError`).
+REFUSAL_CLASSES: dict[str, type[GatewayError]] = {
+    "adapter_not_found": NotFoundError,
+    "version_not_found": NotFoundError,
+    "source_not_found": NotFoundError,
+    "revision_not_found": NotFoundError,
+    "source_not_allowed": PermissionDeniedError,
+    "too_large": PayloadTooLargeError,
+    "engine_unavailable": EngineUnavailableError,  # the base's shapes are not known yet: try again
+}
+
+
+def refusal_error(exc: AdapterRefusedError) -> GatewayError:
+    """An adapter refusal -> the error its code names, with the refusal's message, code and param."""
+    cls = REFUSAL_CLASSES.get(exc.code, InvalidRequestError)
+    if issubclass(cls, EngineUnavailableError):
+        return cls(exc.message, code=exc.code)
+    return cls(exc.message, code=exc.code, param=exc.param)
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: Any = None) -> dict[str, Any]:
@@ -189,11 +224,16 @@ def sse_error_event(exc: GatewayError) -> bytes:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every error leaves the gateway in OpenAI's shape: ours, FastAPI's validation, routing, crashes."""
+    """Every error leaves the gateway in OpenAI's shape: ours, adapter refusals, FastAPI's validation,
+    routing, crashes."""
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(AdapterRefusedError)
+    async def _refused(_: Request, exc: AdapterRefusedError) -> JSONResponse:
+        return error_response(refusal_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,4 +1,5 @@
-"""The error-mapping table: engine answers and transport failures -> our status and OpenAI body.
+"""The error-mapping tables: engine answers, transport failures and adapter refusals -> our status and
+OpenAI body.
 
 Pure logic, so the transport failures are exception instances; the same paths run against real servers
 in test_errors_e2e.py (refused connection, read timeout, engine gone).
@@ -12,7 +13,10 @@ from types import SimpleNamespace
 import aiohttp
 import pytest
 
-from gateway.errors import GatewayError, from_upstream
+from adapters.validate import AdapterRefusedError, AdapterValidationError
+from gateway.errors import GatewayError, from_upstream, refusal_error
+from gateway.registry.sources import SourceError
+from gateway.registry.store import RegistryNotFoundError
 from gateway.settings import Settings
 from gateway.upstream import UpstreamClient, map_transport_error
 from tests.conftest import free_port
@@ -88,3 +92,24 @@ def test_connection_refused_is_502_through_the_real_client() -> None:
     err = asyncio.run(go())
     assert (err.status_code, err.code) == (502, "engine_unreachable")
     assert isinstance(err.__cause__, aiohttp.ClientError)
+
+
+@pytest.mark.parametrize(
+    ("refusal", "status", "type_"),
+    [
+        (AdapterValidationError("r too large", "rank_too_large", "r"), 400, "invalid_request_error"),
+        (AdapterValidationError("big", "too_large", "source"), 413, "invalid_request_error"),
+        (SourceError("outside", "source_not_allowed", "source"), 403, "permission_error"),
+        (SourceError("no such revision", "revision_not_found", "revision"), 404, "invalid_request_error"),
+        (RegistryNotFoundError("no v7", "version_not_found", "version"), 404, "invalid_request_error"),
+        (AdapterRefusedError("base unknown", "engine_unavailable"), 503, "server_error"),
+    ],
+)
+def test_adapter_refusals(refusal: AdapterRefusedError, status: int, type_: str) -> None:
+    """Validation, source and registry refusals share one base and one code -> status table."""
+    err = refusal_error(refusal)
+    assert err.status_code == status
+    assert err.body() == {
+        "error": {"message": refusal.message, "type": type_, "param": refusal.param, "code": refusal.code}
+    }
+    assert ("Retry-After" in err.headers) == (status == 503)

@@ -7,6 +7,9 @@ DELETE /admin/adapters/{name}[?version=N] retire the adapter, or one version; in
 POST   /admin/adapters/{name}/pin|unpin   keep it resident on every engine (restored after restarts)
 PUT    /admin/adapters/{name}/alias       {"version": N}: `name` resolves to N; DELETE to clear
 GET    /admin/engines                     state, resident adapters, in-flight counts, last loads
+
+A refusal (validation, source, no such adapter or version) is raised by the registry as an
+`AdapterRefusedError` and leaves as the status `gateway/errors.py` gives its code.
 """
 
 from __future__ import annotations
@@ -17,17 +20,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapters.validate import AdapterValidationError
 from gateway.auth import require_admin
-from gateway.errors import (
-    GatewayError,
-    InvalidRequestError,
-    NotFoundError,
-    PayloadTooLargeError,
-    PermissionDeniedError,
-)
+from gateway.errors import NotFoundError
 from gateway.registry.service import describe_adapter, describe_version
-from gateway.registry.store import RegistryError, RegistryNotFoundError
 from gateway.state import GatewayState
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
@@ -50,18 +45,6 @@ class AliasRequest(BaseModel):
     version: int = Field(ge=1)
 
 
-def registry_error(exc: AdapterValidationError | RegistryError) -> GatewayError:
-    """Registry and validation refusals -> 4xx naming the problem (`code`) and the culprit (`param`)."""
-    code, param, message = exc.code, exc.param, exc.message
-    if isinstance(exc, RegistryNotFoundError) or code in ("source_not_found", "revision_not_found"):
-        return NotFoundError(message, code=code, param=param)
-    if code == "source_not_allowed":
-        return PermissionDeniedError(message, code=code, param=param)
-    if code == "too_large":
-        return PayloadTooLargeError(message, code=code, param=param)
-    return InvalidRequestError(message, code=code, param=param)
-
-
 def _state(request: Request) -> GatewayState:
     return request.app.state.gateway
 
@@ -69,17 +52,14 @@ def _state(request: Request) -> GatewayState:
 @router.post("/adapters", status_code=201)
 async def register(body: RegisterRequest, request: Request) -> JSONResponse:
     state = _state(request)
-    try:
-        version = await state.registry.register(
-            body.name,
-            body.source,
-            revision=body.revision,
-            description=body.description,
-            pin=body.pin or None,
-            force=body.force,
-        )
-    except (AdapterValidationError, RegistryError) as exc:
-        raise registry_error(exc) from exc
+    version = await state.registry.register(
+        body.name,
+        body.source,
+        revision=body.revision,
+        description=body.description,
+        pin=body.pin or None,
+        force=body.force,
+    )
     adapter = state.registry.adapter(body.name)
     return JSONResponse(
         {"registered": describe_version(version), "adapter": describe_adapter(adapter) if adapter else None},
@@ -106,20 +86,12 @@ async def show_adapter(name: str, request: Request) -> dict[str, Any]:
 
 @router.delete("/adapters/{name}")
 async def remove_adapter(name: str, request: Request, version: int | None = None) -> dict[str, Any]:
-    state = _state(request)
-    try:
-        removed = await state.registry.remove(name, version)
-    except RegistryError as exc:
-        raise registry_error(exc) from exc
+    removed = await _state(request).registry.remove(name, version)
     return {"removed": [describe_version(v) for v in removed]}
 
 
 async def _pin(request: Request, name: str, pinned: bool) -> dict[str, Any]:
-    state = _state(request)
-    try:
-        adapter = await state.registry.set_pinned(name, pinned)
-    except RegistryError as exc:
-        raise registry_error(exc) from exc
+    adapter = await _state(request).registry.set_pinned(name, pinned)
     return describe_adapter(adapter)
 
 
@@ -135,19 +107,13 @@ async def unpin(name: str, request: Request) -> dict[str, Any]:
 
 @router.put("/adapters/{name}/alias")
 async def set_alias(name: str, body: AliasRequest, request: Request) -> dict[str, Any]:
-    try:
-        adapter = await _state(request).registry.set_alias(name, body.version)
-    except RegistryError as exc:
-        raise registry_error(exc) from exc
+    adapter = await _state(request).registry.set_alias(name, body.version)
     return describe_adapter(adapter)
 
 
 @router.delete("/adapters/{name}/alias")
 async def clear_alias(name: str, request: Request) -> dict[str, Any]:
-    try:
-        adapter = await _state(request).registry.set_alias(name, None)
-    except RegistryError as exc:
-        raise registry_error(exc) from exc
+    adapter = await _state(request).registry.set_alias(name, None)
     return describe_adapter(adapter)
 
 
@@ -157,8 +123,9 @@ async def engines(request: Request) -> dict[str, Any]:
     names = {ref.engine_name: ref.name + f"@{ref.version}" for ref in state.registry.versions()}
     data = []
     for engine in state.engines:
-        info = engine.describe()
-        info["resident_models"] = sorted(names.get(k, k) for k in engine.status.resident)
+        residency = state.residency.view(engine)
+        info = engine.describe() | residency.describe()
+        info["resident_models"] = sorted(names.get(k, k) for k in residency.resident)
         info["pid"] = getattr(engine, "pid", None)
         info["leases"] = state.residency.leases(engine)
         data.append(info)

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.engines.base import Engine
-from gateway.errors import GatewayError, error_body
+from gateway.errors import EngineUnavailableError, GatewayError
 from gateway.state import GatewayState
 
 router = APIRouter()
@@ -23,13 +23,11 @@ async def health(request: Request) -> JSONResponse:
         {"name": e.name, "state": str(e.status.state), "answers": ok}
         for e, ok in zip(state.engines, results, strict=True)
     ]
-    for engine, ok in zip(state.engines, results, strict=True):
-        state.metrics.engine_up.labels(engine.name).set(1 if ok else 0)
-    if any(results):
-        return JSONResponse({"status": "ok", "engines": engines})
-    body = error_body("No engine is answering.", "server_error", None, "engine_unavailable")
-    body["engines"] = engines
-    return JSONResponse(body, status_code=503, headers={"Retry-After": str(state.settings.retry_after_s)})
+    if not any(results):
+        raise EngineUnavailableError(
+            "No engine is answering.", retry_after_s=state.settings.retry_after_s, extra={"engines": engines}
+        )
+    return JSONResponse({"status": "ok", "engines": engines})
 
 
 async def _engine_answers(state: GatewayState, engine: Engine) -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 
 from adapters.validate import (
     AdapterInfo,
+    AdapterRefusedError,
     AdapterValidationError,
     BaseModelSpec,
     validate_adapter_dir,
@@ -31,7 +32,7 @@ from adapters.validate import (
 )
 from gateway.registry.blobs import BlobStore
 from gateway.registry.catalog import AdapterRef, Target
-from gateway.registry.sources import resolve_source
+from gateway.registry.sources import SourceError, resolve_source
 from gateway.registry.store import Adapter, AdapterVersion, RegistryStore
 
 log = logging.getLogger("lora_gateway.registry")
@@ -49,7 +50,10 @@ class RegistryLimits:
 
 
 class Registry:
-    """Implements `AdapterCatalog` for the request path, and the write operations for the admin API."""
+    """The catalog the request path resolves in (memory only), and the writes of the admin API.
+
+    Refusals are `AdapterRefusedError`s (validation, source, no such adapter or version), whose codes
+    `gateway/errors.py` turns into statuses; nothing here speaks HTTP."""
 
     def __init__(
         self,
@@ -152,12 +156,12 @@ class Registry:
         pin: bool | None = None,
         force: bool = False,
     ) -> AdapterVersion:
-        """Validate and store a new version of `name`. Raises `AdapterValidationError` (4xx) on refusal."""
+        """Validate and store a new version of `name`. Raises an `AdapterRefusedError` on refusal; code
+        `engine_unavailable` while the base's shapes are unknown (nothing to validate against yet)."""
         validate_adapter_name(name, reserved={self.base_name})
         if self.base is None:
-            from gateway.errors import EngineUnavailableError
-
-            raise EngineUnavailableError("The base model's config.json is not available; cannot validate.")
+            msg = "The base model's config.json is not available; cannot validate."
+            raise AdapterRefusedError(msg, "engine_unavailable")
         async with self._lock(name):
             version = await asyncio.to_thread(
                 self._register_blocking, name, source, revision, description, pin, force
@@ -214,7 +218,7 @@ class Registry:
                 if current is not None and current.engine_name == engine_name(staged.digest):
                     continue
                 await self.register(sub.name, str(sub))
-            except AdapterValidationError as exc:
+            except (AdapterValidationError, SourceError) as exc:
                 log.error("not registering %s from %s: %s", sub.name, folder, exc)
                 continue
             added.append(sub.name)

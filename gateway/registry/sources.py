@@ -14,7 +14,7 @@ is returned so the registry records exactly what it serves:
   linking into `blobs/` (which may link on into the cache-wide `<cache>/blobs/`; any link leaving the
   cache is refused). A full or unique abbreviated sha is accepted as is.
 
-Errors are `SourceError` (an `AdapterValidationError`) with codes `invalid_source`,
+Errors are `SourceError` (an `AdapterRefusedError`) with codes `invalid_source`,
 `source_not_allowed`, `source_not_found`, `revision_not_found`, `source_unavailable` (Hub unreachable
 and nothing cached). Blocking (hub calls, file walks): call through a thread.
 """
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from adapters.validate import STORED_FILES, AdapterValidationError
+from adapters.validate import STORED_FILES, AdapterRefusedError
 
 HF_SCHEME = "hf://"
 _REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
@@ -41,7 +41,7 @@ _SHORT_SHA_RE = re.compile(r"[0-9a-f]{7,39}")
 log = logging.getLogger("lora_gateway.registry.sources")
 
 
-class SourceError(AdapterValidationError):
+class SourceError(AdapterRefusedError):
     """A source cannot be used (see the module docstring for the codes)."""
 
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from adapters.validate import is_valid_adapter_name, validate_adapter_name
+from adapters.validate import AdapterRefusedError, is_valid_adapter_name, validate_adapter_name
 
 READY = "ready"
 RETIRED = "retired"
@@ -87,17 +87,16 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 class RegistryError(Exception):
-    """A registry operation was refused. `code` is stable; `param` names the culprit."""
+    """The registry's storage cannot be used (opening it): `storage_error`, `schema_too_new`."""
 
-    def __init__(self, message: str, code: str, param: str | None = None) -> None:
+    def __init__(self, message: str, code: str) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
-        self.param = param
 
 
-class RegistryNotFoundError(RegistryError, LookupError):
-    """Codes: `adapter_not_found`, `version_not_found`."""
+class RegistryNotFoundError(AdapterRefusedError, LookupError):
+    """No such adapter, or no such ready version: `adapter_not_found`, `version_not_found`."""
 
 
 @dataclass(frozen=True)
