@@ -1,12 +1,17 @@
-"""gateway/registry/store.py against real SQLite files: versions, resolution, aliases, pins, crashes."""
+"""gateway/registry/store.py against real SQLite files: versions, resolution, aliases, pins, crashes.
+
+What a `model` string resolves to is asked the way requests ask it: `Registry.resolve` over a snapshot
+of the store (`resolve()` below)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -15,15 +20,17 @@ from pathlib import Path
 import pytest
 
 from adapters.validate import AdapterValidationError
+from gateway.registry.blobs import BlobStore
+from gateway.registry.service import Registry, RegistryLimits
 from gateway.registry.store import (
     READY,
     RETIRED,
     SCHEMA_VERSION,
+    AdapterVersion,
     RegistryError,
     RegistryNotFoundError,
     RegistryStore,
     SqliteStore,
-    parse_model_ref,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +65,17 @@ def add(store: RegistryStore, name: str, n: int | None = None, **kw: object):
     )
 
 
+def resolve(store: RegistryStore, model: str) -> AdapterVersion | None:
+    """The version `model` names on the request path: `Registry.resolve` over a fresh snapshot of `store`."""
+    with tempfile.TemporaryDirectory() as blobs:
+        registry = Registry(store, BlobStore(blobs), None, "tiny-llama", RegistryLimits(16, 1 << 20, ()))
+        asyncio.run(registry.refresh())
+        target = registry.resolve(model)
+    if target is None or target.adapter is None:
+        return None
+    return store.get_version(target.adapter.name, target.adapter.version)
+
+
 def test_sqlite_store_satisfies_the_protocol(store: SqliteStore) -> None:
     typed: RegistryStore = store
     assert typed.list_adapters() == []
@@ -79,29 +97,24 @@ def test_versions_increment_per_name(store: SqliteStore) -> None:
 
 def test_resolve(store: SqliteStore) -> None:
     v1, v2 = add(store, "sql", 1), add(store, "sql", 2)
-    assert store.resolve("sql") == v2
-    assert store.resolve("sql@1") == v1
-    assert store.resolve("sql@2") == v2
-    for unknown in ["sql@3", "sql@0", "sql@01", "sql@", "sql@x", "sql@-1", "nope", "nope@1", "", "@1", "a/b"]:
-        assert store.resolve(unknown) is None, unknown
-
-
-def test_parse_model_ref() -> None:
-    assert parse_model_ref("sql") == ("sql", None)
-    assert parse_model_ref("sql@12") == ("sql", 12)
-    assert parse_model_ref("sql@1@2") is None
-    assert parse_model_ref("sql@١") is None  # a non-ASCII digit
+    assert resolve(store, "sql") == v2
+    assert resolve(store, "sql@1") == v1
+    assert resolve(store, "sql@2") == v2
+    unknown = ["sql@3", "sql@0", "sql@01", "sql@", "sql@x", "sql@-1", "sql@1@2", "sql@١", "nope", "nope@1"]
+    # `sql@١`: a non-ASCII digit; `tiny-llama`: the base, no adapter
+    for model in [*unknown, "", "@1", "a/b", "tiny-llama"]:
+        assert resolve(store, model) is None, model
 
 
 def test_alias_overrides_newest(store: SqliteStore) -> None:
     v1, _ = add(store, "sql", 1), add(store, "sql", 2)
     assert store.set_alias("sql", 1).alias_version == 1
-    assert store.resolve("sql") == v1
+    assert resolve(store, "sql") == v1
     v3 = add(store, "sql", 3)
-    assert store.resolve("sql") == v1, "a new version does not move an alias"
-    assert store.resolve("sql@3") == v3
+    assert resolve(store, "sql") == v1, "a new version does not move an alias"
+    assert resolve(store, "sql@3") == v3
     assert store.clear_alias("sql").alias_version is None
-    assert store.resolve("sql") == v3
+    assert resolve(store, "sql") == v3
 
 
 def test_alias_errors(store: SqliteStore) -> None:
@@ -135,8 +148,8 @@ def test_remove_version(store: SqliteStore) -> None:
     removed = store.remove_version("sql", 2)
     assert removed.version == 2 and removed.status == READY  # as it was
     assert store.get_version("sql", 2).status == RETIRED
-    assert store.resolve("sql@2") is None
-    assert store.resolve("sql") == v1, "alias on a retired version is cleared"
+    assert resolve(store, "sql@2") is None
+    assert resolve(store, "sql") == v1, "alias on a retired version is cleared"
     assert store.get_adapter("sql").alias_version is None
     assert store.referenced_digests() == {digest(1)}
     with pytest.raises(RegistryNotFoundError):
@@ -151,7 +164,7 @@ def test_remove_adapter_keeps_version_numbers(store: SqliteStore) -> None:
     removed = store.remove_adapter("sql")
     assert [v.version for v in removed] == [1, 2]
     assert (
-        store.get_adapter("sql") is None and store.resolve("sql") is None and store.resolve("sql@1") is None
+        store.get_adapter("sql") is None and resolve(store, "sql") is None and resolve(store, "sql@1") is None
     )
     assert [a.name for a in store.list_adapters()] == ["chat"]
     gone = store.get_adapter("sql", include_removed=True)
@@ -192,7 +205,7 @@ def test_everything_survives_reopening(db: Path) -> None:
         before = first.list_adapters(include_removed=True)
     with SqliteStore(db) as second:
         assert second.list_adapters(include_removed=True) == before
-        assert second.resolve("sql").version == 1 and second.get_adapter("sql").pinned
+        assert resolve(second, "sql").version == 1 and second.get_adapter("sql").pinned
         assert second.schema_version() == SCHEMA_VERSION
         assert add(second, "chat", 4).version == 2
     conn = sqlite3.connect(db)
@@ -203,9 +216,9 @@ def test_everything_survives_reopening(db: Path) -> None:
 def test_two_connections_see_each_other(db: Path) -> None:
     with SqliteStore(db) as a, SqliteStore(db) as b:
         add(a, "sql", 1)
-        assert b.resolve("sql").digest == digest(1)
+        assert resolve(b, "sql").digest == digest(1)
         add(b, "sql", 2)
-        assert a.resolve("sql").version == 2
+        assert resolve(a, "sql").version == 2
 
 
 CRASHING_CHILD = textwrap.dedent(
@@ -272,7 +285,7 @@ def test_concurrent_registrations_from_threads(store: SqliteStore) -> None:
         try:
             for i in range(10):
                 add(store, "sql", 1000 + k * 10 + i)
-                store.resolve("sql")
+                store.list_adapters()  # what each refresh of a registry reads
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 

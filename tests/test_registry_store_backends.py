@@ -40,7 +40,7 @@ from gateway.registry.store import (
     SCHEMA_VERSION as SQLITE_SCHEMA_VERSION,
 )
 from tests.pg import new_database
-from tests.test_registry_store import add, digest
+from tests.test_registry_store import add, digest, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,6 @@ def test_change_token_changes_with_every_write_and_only_then(store: RegistryStor
     store.get_adapter("sql", include_removed=True)
     store.list_adapters(include_removed=True)
     store.get_version("sql", 1)
-    store.resolve("sql@1")
     store.referenced_digests()
     after("reads", False)
     for refused in [
@@ -134,9 +133,9 @@ def test_two_stores_see_each_other(backend: Backend) -> None:
         token = b.change_token()
         add(a, "sql", 1)
         assert b.change_token() != token, "a write through one store changes the token the other reads"
-        assert b.resolve("sql").digest == digest(1)
+        assert resolve(b, "sql").digest == digest(1)
         add(b, "sql", 2)
-        assert a.resolve("sql").version == 2
+        assert resolve(a, "sql").version == 2
         assert a.change_token() == b.change_token()
 
 
@@ -153,7 +152,7 @@ def test_everything_survives_reopening(backend: Backend) -> None:
     with backend.open() as second:
         assert second.list_adapters(include_removed=True) == before
         assert second.change_token() == token, "opening is not a change"
-        assert second.resolve("sql").version == 1 and second.get_adapter("sql").pinned
+        assert resolve(second, "sql").version == 1 and second.get_adapter("sql").pinned
         assert second.get_version("sql", 2).forced_base and second.get_version("chat", 1).status == RETIRED
         assert second.schema_version() == backend.schema_version
         assert add(second, "chat", 4).version == 2
@@ -229,7 +228,7 @@ def test_sqlite_v1_file_is_migrated(tmp_path: Path) -> None:
     conn.close()
     with SqliteStore(db) as s:
         assert s.schema_version() == SQLITE_SCHEMA_VERSION == 2
-        assert s.resolve("sql").digest == digest(1)
+        assert resolve(s, "sql").digest == digest(1)
         token = s.change_token()
         add(s, "sql", 2)
         assert s.change_token() != token
@@ -368,7 +367,7 @@ def test_writers_of_one_name_wait_for_each_other(pg_url: str) -> None:
         b.remove_version("sql", 2)
         aliasing.join()
         assert waited == [True], "B waited for A's lock"
-        assert b.get_adapter("sql").alias_version is None and b.resolve("sql") == v1
+        assert b.get_adapter("sql").alias_version is None and resolve(b, "sql") == v1
 
 
 def test_gateways_starting_together_migrate_once(pg_url: str) -> None:
@@ -407,7 +406,7 @@ def test_lost_connections_are_replaced(pg_url: str) -> None:
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                 " WHERE datname = current_database() AND pid <> pg_backend_pid()"
             )
-        assert s.resolve("sql").version == 1
+        assert resolve(s, "sql").version == 1
         assert add(s, "sql", 2).version == 2
 
 

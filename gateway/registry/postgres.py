@@ -47,7 +47,6 @@ from gateway.registry.store import (
     check_new_version,
     require_listed,
     require_ready,
-    resolve_model,
     version_from_row,
 )
 
@@ -312,10 +311,6 @@ class PostgresStore:
         """One version whatever its status (check `.status`); None if it never existed."""
         rows = self._one("SELECT * FROM versions WHERE name = %s AND version = %s", (name, version))
         return version_from_row(rows[0]) if rows else None
-
-    def resolve(self, model: str) -> AdapterVersion | None:
-        """The ready version a `model` string names (`name` or `name@N`); None when there is none."""
-        return resolve_model(self, model)
 
     def referenced_digests(self) -> set[str]:
         """Digests of ready versions: blobs outside this set may be garbage-collected."""

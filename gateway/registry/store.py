@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from adapters.validate import AdapterRefusedError, is_valid_adapter_name, validate_adapter_name
+from adapters.validate import AdapterRefusedError, validate_adapter_name
 
 READY = "ready"
 RETIRED = "retired"
@@ -159,7 +159,6 @@ class RegistryStore(Protocol):
     def get_adapter(self, name: str, *, include_removed: bool = False) -> Adapter | None: ...
     def list_adapters(self, *, include_removed: bool = False) -> list[Adapter]: ...
     def get_version(self, name: str, version: int) -> AdapterVersion | None: ...
-    def resolve(self, model: str) -> AdapterVersion | None: ...
     def set_alias(self, name: str, version: int) -> Adapter: ...
     def clear_alias(self, name: str) -> Adapter: ...
     def set_pinned(self, name: str, pinned: bool) -> Adapter: ...
@@ -170,36 +169,11 @@ class RegistryStore(Protocol):
     def close(self) -> None: ...
 
 
-def parse_model_ref(model: str) -> tuple[str, int | None] | None:
-    """`"sql"` -> ("sql", None); `"sql@3"` -> ("sql", 3); anything else -> None."""
-    name, at, version = model.partition("@")
-    if not is_valid_adapter_name(name):
-        return None
-    if not at:
-        return name, None
-    if not (version.isascii() and version.isdigit()) or version.startswith("0") or len(version) > 9:
-        return None
-    return name, int(version)
-
-
 def check_new_version(name: str, digest: str) -> None:
     """What every store checks before recording a version: a valid name, a sha256 hex digest."""
     validate_adapter_name(name)
     if not _DIGEST_RE.fullmatch(digest):
         raise ValueError(f"not a sha256 digest: {digest!r}")
-
-
-def resolve_model(store: RegistryStore, model: str) -> AdapterVersion | None:
-    """`RegistryStore.resolve`, the same for every backend."""
-    ref = parse_model_ref(model)
-    if ref is None:
-        return None
-    name, version = ref
-    if version is not None:
-        found = store.get_version(name, version)
-        return found if found and found.status == READY else None
-    adapter = store.get_adapter(name)
-    return adapter.current if adapter else None
 
 
 def require_listed(adapter: Adapter | None, name: str) -> Adapter:
@@ -432,10 +406,6 @@ class SqliteStore:
                 "SELECT * FROM versions WHERE name = ? AND version = ?", (name, version)
             ).fetchone()
         return version_from_row(row) if row else None
-
-    def resolve(self, model: str) -> AdapterVersion | None:
-        """The ready version a `model` string names (`name` or `name@N`); None when there is none."""
-        return resolve_model(self, model)
 
     def referenced_digests(self) -> set[str]:
         """Digests of ready versions: blobs outside this set may be garbage-collected."""
