@@ -127,7 +127,6 @@ class TimeoutSettings(BaseModel):
 
     connect_s: float = Field(5.0, description="Opening a connection to the engine.")
     read_s: float = Field(600.0, description="Longest wait for the next bytes of a response (stream gaps).")
-    write_s: float = Field(30.0, description="Sending a request body.")
     pool_s: float = Field(30.0, description="Waiting for a free connection from the pool.")
     admin_s: float = Field(
         60.0, description="Whole-call timeout for engine admin calls (load/unload adapter)."

@@ -21,7 +21,6 @@ from gateway.metrics import UNKNOWN, Metrics
 from gateway.registry.catalog import AdapterRef
 from gateway.residency import Residency
 
-BASE = "tiny-llama"
 A = AdapterRef("a", "lora-a", Path("/store/a"))
 B = AdapterRef("b", "lora-b", Path("/store/b"))
 C = AdapterRef("c", "lora-c", Path("/store/c"))
@@ -130,13 +129,13 @@ def loads(vllm: FakeVllm) -> list[str]:
 @in_loop
 async def test_a_listing_older_than_a_load_does_not_drop_it() -> None:
     vllm, residency, engine, _ = setup(max_resident=2)
-    listing = ProbeResult({BASE}, set())  # asked for before the load
+    listing = ProbeResult(set())  # asked for before the load
     lease = await residency.acquire(engine, A)
     await residency.on_probe(engine, listing)
     assert engine.status.resident == {"lora-a"}, "an adapter with a request in flight stays resident"
     assert loads(vllm) == ["lora-a"], "and is not loaded a second time"
     lease.release()
-    await residency.on_probe(engine, ProbeResult({BASE}, set()))  # a newer listing is the truth again
+    await residency.on_probe(engine, ProbeResult(set()))  # a newer listing is the truth again
     assert loads(vllm) == ["lora-a", "lora-a"] and engine.status.resident == {"lora-a"}  # restored
 
 
@@ -147,12 +146,12 @@ async def test_after_a_restart_pinned_and_most_recent_adapters_come_back_the_res
     for ref in (pinned, A, B, C, A):  # least recently used first: p, b, c, a
         (await residency.acquire(engine, ref)).release()
     vllm.loaded.clear()  # vLLM restarted: it lists none
-    await residency.on_probe(engine, ProbeResult({BASE}, set()))
+    await residency.on_probe(engine, ProbeResult(set()))
     assert engine.status.resident == {"lora-p", "lora-a"} == vllm.loaded  # pinned, then up to the limit
     assert loads(vllm)[-2:] == ["lora-p", "lora-a"]
     (await residency.acquire(engine, B)).release()  # the others load on their next request
     assert engine.status.resident == {"lora-p", "lora-a", "lora-b"}
-    await residency.on_probe(engine, ProbeResult({BASE}, set(vllm.loaded)))
+    await residency.on_probe(engine, ProbeResult(set(vllm.loaded)))
     assert "lora-c" not in vllm.loaded, "a probe restores no more than the limit"
 
 
@@ -160,7 +159,7 @@ async def test_after_a_restart_pinned_and_most_recent_adapters_come_back_the_res
 async def test_a_listing_older_than_an_eviction_does_not_bring_it_back() -> None:
     vllm, residency, engine, _ = setup(max_resident=1)
     (await residency.acquire(engine, A)).release()
-    listing = ProbeResult({BASE}, {"lora-a"})
+    listing = ProbeResult({"lora-a"})
     lease = await residency.acquire(engine, B)  # evicts a
     await residency.on_probe(engine, listing)
     assert engine.status.resident == {"lora-b"} == vllm.loaded
@@ -214,7 +213,7 @@ async def test_retired_once_the_last_request_ends() -> None:
 @in_loop
 async def test_adapters_of_unknown_age_go_first_under_no_label_of_their_own() -> None:
     vllm, residency, engine, metrics = setup(max_resident=2)
-    await residency.on_probe(engine, ProbeResult({BASE}, {"lora-foreign"}))  # loaded by someone else
+    await residency.on_probe(engine, ProbeResult({"lora-foreign"}))  # loaded by someone else
     (await residency.acquire(engine, A)).release()
     (await residency.acquire(engine, B)).release()
     assert engine.status.resident == {"lora-a", "lora-b"}

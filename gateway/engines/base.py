@@ -36,7 +36,6 @@ class EngineState(StrEnum):
 
 @dataclass
 class ProbeResult:
-    base_models: set[str]
     adapters: set[str]
     # time.monotonic() when the listing was asked for: loads and unloads after it may be missing from it
     started_at: float = field(default_factory=time.monotonic)
@@ -176,10 +175,9 @@ class Engine:
             self.status.last_error = f"bad /v1/models answer: {exc}"
             return None
         models = data.get("data", []) if isinstance(data, dict) else []
-        base = {m["id"] for m in models if isinstance(m, dict) and not m.get("parent")}
         adapters = {m["id"] for m in models if isinstance(m, dict) and m.get("parent")}
         await self._read_queue(timeout)
-        return ProbeResult(base, adapters, started)
+        return ProbeResult(adapters, started)
 
     async def _read_queue(self, timeout: float) -> None:
         """vLLM's scheduler queue, from its Prometheus metrics (best effort: absent on other servers)."""
@@ -218,14 +216,6 @@ class Engine:
             except Exception:  # a listener's failure must not stop the monitor
                 log.exception("engine %s: probe listener failed", self.name)
         return True
-
-    async def wait_ready(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.ready:
-                return True
-            await asyncio.sleep(0.1)
-        return self.ready
 
     def describe(self) -> dict[str, object]:
         s = self.status

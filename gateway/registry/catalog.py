@@ -1,14 +1,13 @@
-"""The seam between the API and wherever adapters are recorded: a catalog resolves a `model` string.
+"""What a `model` string resolves to: the base model, or one adapter version.
 
-`resolve("sql")` answers what a request should run on: the base model, or one adapter version with the
-name vLLM knows it by and the folder vLLM loads it from. `gateway/registry/service.py` implements it.
+`Registry.resolve("sql")` (`gateway/registry/service.py`) answers a `Target`: what a request should run
+on, with the name vLLM knows the adapter by and the folder vLLM loads it from.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -35,15 +34,3 @@ class Target:
     def label(self) -> str:
         """The metric label for this target: a registered name, never free text from a request."""
         return self.adapter.name if self.adapter else self.engine_model
-
-
-class AdapterCatalog(Protocol):
-    base_name: str
-
-    def resolve(self, model: str) -> Target | None: ...
-
-    def adapters(self) -> list[AdapterRef]:
-        """Every adapter users can call (one entry per callable name)."""
-        ...
-
-    def known_labels(self) -> frozenset[str]: ...
