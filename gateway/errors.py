@@ -126,6 +126,16 @@ class UpstreamError(GatewayError):
     code = "upstream_error"
 
 
+class EngineUnreachableError(UpstreamError):
+    """No connection to the engine; `refused`: its port is closed (the server is gone, not slow)."""
+
+    code = "engine_unreachable"
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
 class UpstreamTimeoutError(GatewayError):
     status_code = 504
     code = "upstream_timeout"

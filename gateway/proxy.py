@@ -16,8 +16,8 @@ from typing import Any
 
 from fastapi.responses import Response, StreamingResponse
 
+from gateway.engines.client import EngineClient, EngineResponse
 from gateway.errors import GatewayError, from_upstream, sse_error_event
-from gateway.upstream import UpstreamClient, UpstreamResponse
 
 Finish = Callable[[int, str | None, dict[str, Any] | None], None]
 
@@ -100,7 +100,7 @@ def body_usage(content: bytes) -> dict[str, Any] | None:
 
 
 async def forward_json(
-    client: UpstreamClient,
+    client: EngineClient,
     url: str,
     content: bytes,
     headers: dict[str, str],
@@ -129,7 +129,7 @@ class _Relay:
 
     def __init__(
         self,
-        response: UpstreamResponse,
+        response: EngineResponse,
         rewriter: SseRewriter,
         finish: Finish,
         on_first_chunk: Callable[[float], None],
@@ -218,7 +218,7 @@ class RelayResponse(StreamingResponse):
 
 
 async def forward_stream(
-    client: UpstreamClient,
+    client: EngineClient,
     url: str,
     content: bytes,
     headers: dict[str, str],

@@ -24,6 +24,7 @@ import aiohttp
 
 from gateway.errors import (
     EngineUnavailableError,
+    EngineUnreachableError,
     GatewayError,
     UpstreamError,
     UpstreamTimeoutError,
@@ -37,8 +38,9 @@ TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 def map_transport_error(exc: BaseException, what: str = "engine") -> GatewayError:
     """Most specific first; the caller raises the result `from exc`."""
     if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
-        return UpstreamError(
-            f"The {what} is unreachable: {exc.__class__.__name__}.", code="engine_unreachable"
+        return EngineUnreachableError(
+            f"The {what} is unreachable: {exc.__class__.__name__}.",
+            refused=isinstance(exc, aiohttp.ClientConnectorError),
         )
     if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError):
         return UpstreamTimeoutError(f"The {what} did not answer in time ({exc.__class__.__name__}).")
@@ -86,7 +88,8 @@ async def _dequeued(_: Any, ctx: Any, __: Any) -> None:
 
 
 class UpstreamClient:
-    """One `aiohttp.ClientSession` for every engine call; build it inside the running loop."""
+    """The `EngineClient` (gateway/engines/client.py) on aiohttp: one `aiohttp.ClientSession` for every
+    engine call; build it inside the running loop."""
 
     def __init__(self, settings: Settings) -> None:
         t = settings.timeouts

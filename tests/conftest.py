@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -174,13 +175,15 @@ def serve_app_server(
     wait_ready: bool = True,
     ready_timeout: float = 120,
     extend: Callable[[FastAPI], None] | None = None,
+    engine_client: Any = None,
 ) -> Iterator[tuple[str, uvicorn.Server]]:
     """Run a gateway built from `settings` in a thread on a free loopback port; yield its URL and server.
-    `extend(app)` may add to the app first (a test's stand-in route)."""
+    `extend(app)` may add to the app first (a test's stand-in route); `engine_client` replaces the
+    aiohttp client towards the engines (tests/fake_engine.py)."""
     from gateway.app import create_app
 
     port = free_port()
-    app = create_app(settings)
+    app = create_app(settings) if engine_client is None else create_app(settings, lambda _: engine_client)
     if extend is not None:
         extend(app)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
@@ -212,9 +215,16 @@ def serve_app(
     wait_ready: bool = True,
     ready_timeout: float = 120,
     extend: Callable[[FastAPI], None] | None = None,
+    engine_client: Any = None,
 ) -> Iterator[str]:
     """Run a gateway built from `settings` in a thread on a free loopback port; yield its URL."""
-    served = serve_app_server(settings, wait_ready=wait_ready, ready_timeout=ready_timeout, extend=extend)
+    served = serve_app_server(
+        settings,
+        wait_ready=wait_ready,
+        ready_timeout=ready_timeout,
+        extend=extend,
+        engine_client=engine_client,
+    )
     with served as (url, _):
         yield url
 

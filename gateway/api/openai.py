@@ -1,16 +1,14 @@
-"""OpenAI-compatible inference routes: chat completions, completions, models.
+"""OpenAI-compatible inference routes: chat completions, completions, models. HTTP only:
 
 read the body (size-capped: 413) -> JSON (400) -> validate (400, `param` names the field)
 -> check the API key (401/403) -> resolve `model` in the registry (404)
--> pick an engine (503 when none is ready)
--> lease the adapter there (hot-load if needed) -> forward (see gateway/proxy.py) -> release the lease
+-> gateway/serving.py: place on an engine (503 when none is ready), lease the adapter there,
+   forward (gateway/proxy.py), retry once while nothing reached the client, release on every path
 """
 
 from __future__ import annotations
 
 import json
-import time
-import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -19,20 +17,13 @@ from pydantic import ValidationError
 
 from gateway.api.schemas import ChatCompletionRequest, CompletionParams, CompletionRequest
 from gateway.auth import api_key, check_model_allowed, may_use
-from gateway.engines.base import Engine
 from gateway.errors import (
-    GatewayError,
     InvalidRequestError,
     ModelNotFoundError,
     PayloadTooLargeError,
-    UpstreamError,
-    UpstreamResponseError,
     validation_error,
 )
-from gateway.metrics import UNKNOWN, model_label
-from gateway.proxy import Finish, SseRewriter, forward_json, forward_stream, model_rewrite
-from gateway.registry.catalog import Target
-from gateway.residency import Lease
+from gateway.serving import Call
 from gateway.state import GatewayState
 
 router = APIRouter()
@@ -124,126 +115,13 @@ def validate(payload: dict[str, Any], schema: type[CompletionParams]) -> Complet
 
 async def _complete(request: Request, route: str, schema: type[CompletionParams]) -> Response:
     state: GatewayState = request.app.state.gateway
-    metrics = state.metrics
-    started = time.perf_counter()
-    label = UNKNOWN
-    lease: Lease | None = None
-    engine: Engine | None = None
-    finished = False
-
-    def let_go() -> None:
-        """Release what this request holds on its engine (before a retry, or when it ends)."""
-        nonlocal lease, engine
-        if lease is not None:
-            lease.release()
-            lease = None
-        if engine is not None:
-            engine.status.active -= 1
-            engine = None
-
-    def finish(status: int, error: str | None, usage: dict[str, Any] | None) -> None:
-        nonlocal finished
-        if finished:
-            return
-        finished = True
-        let_go()
-        metrics.child(metrics.in_flight, label).dec()
-        metrics.child(metrics.requests, route, label, str(status)).inc()
-        if error:
-            metrics.child(metrics.errors, route, label, error).inc()
-        metrics.child(metrics.latency, route, label).observe(time.perf_counter() - started)
-        if usage:
-            metrics.child(metrics.prompt_tokens, label).inc(usage.get("prompt_tokens") or 0)
-            metrics.child(metrics.completion_tokens, label).inc(usage.get("completion_tokens") or 0)
-
-    metrics.child(metrics.in_flight, label).inc()
-    try:
+    async with Call(state, route) as call:
         key = api_key(request, state.settings)
         body = await read_body(request, state.settings.max_body_bytes)
         payload = parse_json(body)
-        target = state.registry.resolve(payload["model"]) if isinstance(payload.get("model"), str) else None
-        if target is not None:  # a registered name: count this request under it from now on
-            metrics.child(metrics.in_flight, label).dec()
-            label = model_label(target.label, state.registry.known_labels())
-            metrics.child(metrics.in_flight, label).inc()
+        target = call.resolve(payload)
         parsed = validate(payload, schema)
-        requested: str = parsed.model
         if target is None:
-            raise ModelNotFoundError(requested)
+            raise ModelNotFoundError(parsed.model)
         check_model_allowed(key, target.label)
-
-        client_wants_usage = bool((parsed.stream_options or {}).get("include_usage"))
-        drop_usage = parsed.stream and not client_wants_usage
-        if drop_usage:  # ask for the usage event anyway (token metrics); the client will not see it
-            payload["stream_options"] = {**(parsed.stream_options or {}), "include_usage": True}
-        if payload["model"] != target.engine_model or drop_usage:
-            payload["model"] = target.engine_model
-            body = json.dumps(payload).encode()
-        headers = {
-            "content-type": "application/json",
-            "x-request-id": request.headers.get("x-request-id") or uuid.uuid4().hex,
-        }
-        excluded: list[Engine] = []
-        retried = False  # one retry at most, and only while nothing has reached the client
-        while True:
-            engine = state.router.pick(target, exclude=excluded)
-            engine.status.active += 1
-            if target.adapter is not None:
-                lease = await state.residency.acquire(engine, target.adapter)
-            try:
-                url = engine.url(route)
-                return await _forward(
-                    state, url, body, headers, parsed, target, requested, finish, drop_usage
-                )
-            except UpstreamResponseError as exc:
-                # vLLM no longer has the adapter (restarted, or unloaded by someone else since our last
-                # probe): forget it, so the retry loads it again.
-                if retried or target.adapter is None or exc.status_code != 404:
-                    raise
-                state.residency.forget(engine, target.adapter.engine_name)
-                metrics.retries.labels("adapter_lost").inc()
-            except UpstreamError as exc:
-                # The replica refused the connection or dropped it before answering: it leaves the
-                # rotation for a while, and the request goes to another one (generation is safe to
-                # repeat, and the client has received nothing yet).
-                if exc.code not in ("engine_unreachable", "upstream_error"):
-                    raise
-                engine.cool_down(state.settings.engine_cooldown_s, exc.message)
-                excluded.append(engine)
-                if retried or len(state.engines) < 2:
-                    raise
-                metrics.retries.labels("engine_failed").inc()
-            retried = True
-            let_go()
-    except GatewayError as exc:
-        finish(exc.status_code, exc.code or exc.type, None)
-        raise
-    except BaseException:
-        finish(500, "internal_error", None)
-        raise
-
-
-async def _forward(
-    state: GatewayState,
-    url: str,
-    body: bytes,
-    headers: dict[str, str],
-    parsed: CompletionParams,
-    target: Target,
-    requested: str,
-    finish: Finish,
-    drop_usage: bool,
-) -> Response:
-    if parsed.stream:
-        label = model_label(target.label, state.registry.known_labels())
-        return await forward_stream(
-            state.client,
-            url,
-            body,
-            headers,
-            SseRewriter(target.engine_model, requested, drop_usage=drop_usage),
-            finish,
-            on_first_chunk=state.metrics.child(state.metrics.ttft, label).observe,
-        )
-    rewrite = model_rewrite(target.engine_model, requested) if target.engine_model != requested else None
-    return await forward_json(state.client, url, body, headers, rewrite, finish)
+        return await call.send(target, parsed, payload, body, request.headers.get("x-request-id"))
