@@ -27,6 +27,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from adapters.validate import VLLM_MAX_LORA_RANKS
+
 ENV_PREFIX = "LORA_GATEWAY_"
 # Adapters registered with one engine by default. Registering is cheap (vLLM keeps only
 # engine.max_cpu_loras in memory and reads the rest from disk when a batch needs them, inside its own
@@ -98,10 +100,9 @@ class EngineSettings(BaseModel):
     def _attached_needs_url(self) -> EngineSettings:
         if self.mode == "attached" and not (self.url or self.urls):
             raise ValueError("engine.url is required when engine.mode is 'attached'")
-        if self.max_lora_rank not in (1, 8, 16, 32, 64, 128, 256, 320, 512):
-            raise ValueError(
-                "engine.max_lora_rank must be one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (vLLM)"
-            )
+        if self.max_lora_rank not in VLLM_MAX_LORA_RANKS:
+            ranks = ", ".join(map(str, VLLM_MAX_LORA_RANKS))
+            raise ValueError(f"engine.max_lora_rank must be one of {ranks} (vLLM)")
         return self
 
     def attached_urls(self) -> list[str]:

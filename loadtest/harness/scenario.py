@@ -18,9 +18,8 @@ from typing import Any, Protocol, TypeVar
 
 import httpx
 
+from adapters.validate import VLLM_MAX_LORA_RANKS
 from loadtest.servers.processes import Server
-
-RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM accepts for --max-lora-rank
 
 
 class ScenarioConfig(Protocol):
@@ -84,7 +83,7 @@ def lora_rank(adapter: Path) -> int:
 def max_lora_rank(adapters: Sequence[Path]) -> int:
     """The smallest rank vLLM accepts for ``--max-lora-rank`` that fits every adapter."""
     r = max(lora_rank(a) for a in adapters)
-    return next(x for x in RANKS if x >= r)
+    return next(x for x in VLLM_MAX_LORA_RANKS if x >= r)
 
 
 def random_adapters(base: Path, base_name: str, n: int, out: Path, *, rank: int = 8) -> list[Path]:
