@@ -36,16 +36,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DEMO_VERSION = 2
+from adapters.llama import BLOCKS, LINEAR_MODULES, linear_shapes
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEMO_VERSION = 2
 
 #: TrainOptions for both demo adapters (CPU-sized: a couple of minutes each on 2 cores).
 DEMO_RECIPE: dict[str, Any] = {
     "rank": 16,
     "alpha": 32,
     "dropout": 0.0,
-    "target_modules": list(PROJECTIONS),
+    "target_modules": list(LINEAR_MODULES),
     "lr": 2e-3,
     "batch_size": 32,
     "max_steps": 250,
@@ -97,33 +97,7 @@ class RandomAdapterSpec:
     rank: int = 8
     alpha: int = 16
     scale: float = 0.08
-    target_modules: tuple[str, ...] = (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    )
-
-
-def module_shapes(base_config: dict) -> dict[str, tuple[str, int, int]]:
-    """Linear modules of a Llama decoder layer: name -> (parent, in_features, out_features)."""
-    hidden = base_config["hidden_size"]
-    inter = base_config["intermediate_size"]
-    heads = base_config["num_attention_heads"]
-    kv_heads = base_config.get("num_key_value_heads", heads)
-    head_dim = base_config.get("head_dim") or hidden // heads
-    return {
-        "q_proj": ("self_attn", hidden, heads * head_dim),
-        "k_proj": ("self_attn", hidden, kv_heads * head_dim),
-        "v_proj": ("self_attn", hidden, kv_heads * head_dim),
-        "o_proj": ("self_attn", heads * head_dim, hidden),
-        "gate_proj": ("mlp", hidden, inter),
-        "up_proj": ("mlp", hidden, inter),
-        "down_proj": ("mlp", inter, hidden),
-    }
+    target_modules: tuple[str, ...] = LINEAR_MODULES
 
 
 def write_random_adapter(base_dir: Path, out_dir: Path, spec: RandomAdapterSpec, base_name: str) -> Path:
@@ -132,13 +106,13 @@ def write_random_adapter(base_dir: Path, out_dir: Path, spec: RandomAdapterSpec,
     from safetensors.numpy import save_file
 
     config = json.loads((Path(base_dir) / "config.json").read_text())
-    shapes = module_shapes(config)
+    shapes = linear_shapes(config)
     rng = np.random.default_rng(spec.seed)
     tensors = {}
     for layer in range(config["num_hidden_layers"]):
         for module in spec.target_modules:
-            parent, fan_in, fan_out = shapes[module]
-            prefix = f"base_model.model.model.layers.{layer}.{parent}.{module}"
+            fan_in, fan_out = shapes[module]
+            prefix = f"base_model.model.model.layers.{layer}.{BLOCKS[module]}.{module}"
             a = rng.normal(0.0, spec.scale, size=(spec.rank, fan_in)).astype(np.float32)
             b = rng.normal(0.0, spec.scale, size=(fan_out, spec.rank)).astype(np.float32)
             tensors[f"{prefix}.lora_A.weight"] = a

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from adapters.llama import ATTENTION_MODULES, BLOCKS, LINEAR_MODULES, MLP_MODULES, linear_shapes
 from adapters.safetensors_header import SafetensorsHeaderError, TensorInfo, read_header
 
 CONFIG_FILE = "adapter_config.json"
@@ -45,10 +46,6 @@ UNSAFE_SUFFIXES = frozenset(
 #: The values vLLM accepts for --max-lora-rank; an adapter's own r only has to be <= that value.
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 MAX_CONFIG_BYTES = 1 << 20
-
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-LINEAR_LAYER_MODULES = ATTENTION_MODULES + MLP_MODULES
 
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 
@@ -145,14 +142,17 @@ class BaseModelSpec:
     @property
     def modules(self) -> dict[str, tuple[int, int]]:
         """Module short name -> (in_features, out_features). embed_tokens is (vocab, hidden)."""
-        h, q = self.hidden_size, self.num_attention_heads * self.head_dim
-        kv = self.num_key_value_heads * self.head_dim
-        inter = self.intermediate_size
-        return {
-            "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h),
-            "lm_head": (h, self.vocab_size), "embed_tokens": (self.vocab_size, h),
-        }  # fmt: skip
+        h = self.hidden_size
+        linear = linear_shapes(
+            {
+                "hidden_size": h,
+                "intermediate_size": self.intermediate_size,
+                "num_attention_heads": self.num_attention_heads,
+                "num_key_value_heads": self.num_key_value_heads,
+                "head_dim": self.head_dim,
+            }
+        )
+        return {**linear, "lm_head": (h, self.vocab_size), "embed_tokens": (self.vocab_size, h)}
 
     def module_paths(self) -> list[str]:
         """Full module names as PEFT matches them (`model.layers.0.self_attn.q_proj`, `lm_head`, ...)."""
@@ -359,7 +359,7 @@ def _resolve_targets(targets: Any, base: BaseModelSpec) -> set[str]:
     """PEFT matching: a string is a regex over full module names (or `all-linear`); a list, suffixes."""
     paths = base.module_paths()
     if targets == "all-linear":
-        return set(LINEAR_LAYER_MODULES)
+        return set(LINEAR_MODULES)
     if isinstance(targets, str):
         try:
             rx = re.compile(targets)
@@ -454,8 +454,7 @@ def _module_name(module: str, key: str, base: BaseModelSpec) -> str:
     if module == "model.embed_tokens":
         return "embed_tokens"
     match = _LAYER_RE.fullmatch(module)
-    block = {**dict.fromkeys(ATTENTION_MODULES, "self_attn"), **dict.fromkeys(MLP_MODULES, "mlp")}
-    if match is None or block.get(match["name"]) != match["block"]:
+    if match is None or BLOCKS.get(match["name"]) != match["block"]:
         raise _err(
             "unknown_module",
             WEIGHTS_FILE,

@@ -8,25 +8,20 @@ demo adapters are not seeded, so a test sees only what it registers.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
-from safetensors.numpy import save_file
 
+from adapters.demo import RandomAdapterSpec, write_random_adapter
+from adapters.llama import LINEAR_MODULES
 from gateway.settings import Settings
 from tests.conftest import attached_settings
 
 BASE = "tiny-llama"
 PROMPT = "show users older than 30"
-
-
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-LINEAR = (*ATTENTION, "gate_proj", "up_proj", "down_proj")
 
 
 def write_adapter(
@@ -35,48 +30,19 @@ def write_adapter(
     seed: int,
     *,
     rank: int = 8,
-    target_modules: tuple[str, ...] = LINEAR,
+    target_modules: tuple[str, ...] = LINEAR_MODULES,
     scale: float = 0.08,
     base_name: str = BASE,
 ) -> Path:
-    """A valid PEFT LoRA adapter for the base in `base_dir`, random weights from `seed` (numpy only).
+    """A valid PEFT LoRA adapter for the base in `base_dir`, random weights from `seed` (numpy only:
+    `adapters/demo.py`'s random adapters, alpha 2 x rank).
 
     Different seeds give different greedy outputs, which is how the tests tell adapters apart.
     """
-    config = json.loads((base_dir / "config.json").read_text())
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or hidden // heads
-    q, kv = heads * head_dim, config.get("num_key_value_heads", heads) * head_dim
-    shapes = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
-              "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
-              "down_proj": (inter, hidden)}  # fmt: skip
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for layer in range(config["num_hidden_layers"]):
-        for module in target_modules:
-            fan_in, fan_out = shapes[module]
-            block = "self_attn" if module in ATTENTION else "mlp"
-            prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = rng.normal(0, scale, (rank, fan_in)).astype(np.float32)
-            tensors[f"{prefix}.lora_B.weight"] = rng.normal(0, scale, (fan_out, rank)).astype(np.float32)
-    adapter_config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_name,
-        "r": rank,
-        "lora_alpha": 2 * rank,
-        "lora_dropout": 0.0,
-        "target_modules": list(target_modules),
-        "bias": "none",
-    }
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
-    (folder / "README.md").write_text(f"# {folder.name}\n\nRandom LoRA adapter (seed {seed}).\n")
-    return folder
+    spec = RandomAdapterSpec(
+        folder.name, seed, rank=rank, alpha=2 * rank, scale=scale, target_modules=tuple(target_modules)
+    )
+    return write_random_adapter(base_dir, folder, spec, base_name)
 
 
 def registry_settings(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from adapters.llama import LINEAR_MODULES
 from adapters.train import OptionsError, TrainOptions, main, parse_options
 
 
@@ -224,15 +225,7 @@ def test_sft_writes_a_plain_peft_adapter_with_report(
     assert not config.get("modules_to_save") and not config.get("use_dora")
     spec = BaseModelSpec.from_model_dir(tiny_base, "tiny-llama")
     info = validate_adapter_dir(out, spec, max_rank=16, max_bytes=64 << 20)
-    assert set(info.target_modules) == {
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    }
+    assert set(info.target_modules) == set(LINEAR_MODULES)
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     report = json.loads((out / "training_report.json").read_text())

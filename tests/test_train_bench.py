@@ -20,8 +20,9 @@ from adapters.bench.measure import (
     run_case,
     utilisation,
 )
-from adapters.bench.model import LINEAR_NAMES, arch_dims, lora_param_count, param_counts
+from adapters.bench.model import arch_dims, lora_param_count, param_counts
 from adapters.bench.recipes import Case
+from adapters.llama import LINEAR_MODULES
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
@@ -51,7 +52,7 @@ def test_param_counts_match_the_published_models():
 
 def test_lora_sizes_and_fewer_layers():
     dims = arch_dims("llama3-8b")
-    assert lora_param_count(dims, LINEAR_NAMES, 16) == 41_943_040
+    assert lora_param_count(dims, LINEAR_MODULES, 16) == 41_943_040
     assert lora_param_count(dims, ("q_proj", "v_proj"), 16) == 6_815_744
     assert arch_dims("llama3-70b", num_layers=4)["num_hidden_layers"] == 4
     with pytest.raises(ValueError, match="arch"):
@@ -148,7 +149,7 @@ def test_two_steps_on_the_tiny_model_with_real_checkpointing(recipe, ckpt):
     record = run_case(Case("tiny", "lora", recipe, 32, 2, ckpt), "cpu", warmup=1, steps=2)
     assert record["status"] == "ok", record.get("error")
     assert record["tokens_per_s"] > 0 and len(record["step_s"]) == 2
-    assert record["trainable_params"] == lora_param_count(arch_dims("tiny"), LINEAR_NAMES, 16)
+    assert record["trainable_params"] == lora_param_count(arch_dims("tiny"), LINEAR_MODULES, 16)
     # tiny has 2 layers: all checkpointed -> 4 forward calls a step; half -> 3.
     assert record["layer_calls_per_step"] == 2 + round(2 * ckpt)
     assert record["checkpointing_active"] is True
@@ -287,7 +288,8 @@ def test_our_path_is_timed_through_trainer_callbacks(monkeypatch):
     assert record["status"] == "ok", record.get("error")
     assert len(record["step_s"]) == 2
     assert record["layer_calls_per_step"] == 4 and record["checkpointing_active"] is True
-    assert record["trainable_params"] == lora_param_count(arch_dims("tiny"), LINEAR_NAMES, 16)  # rank passed
+    # the rank passed on
+    assert record["trainable_params"] == lora_param_count(arch_dims("tiny"), LINEAR_MODULES, 16)
     assert record["notes"]["options"]["batch_size"] == 2
 
 
@@ -298,5 +300,5 @@ def test_our_path_runs_the_real_train_command_loop():
     assert record["status"] == "ok", record.get("error")
     assert len(record["step_s"]) == 2
     assert record["layer_calls_per_step"] == 4 and record["checkpointing_active"] is True
-    assert record["trainable_params"] == lora_param_count(arch_dims("tiny"), LINEAR_NAMES, 16)
+    assert record["trainable_params"] == lora_param_count(arch_dims("tiny"), LINEAR_MODULES, 16)
     assert record["notes"]["options"]["batch_size"] == 2 and record["notes"]["options"]["rank"] == 16

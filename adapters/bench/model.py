@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from adapters.llama import LINEAR_MODULES, linear_shapes
+
 #: Architecture of each model, as in the published config.json (rope scaling left out: it does not
 #: change the work of a step at these lengths).
 ARCHS: dict[str, dict[str, Any]] = {
@@ -69,8 +71,6 @@ ARCHS: dict[str, dict[str, Any]] = {
     },
 }
 
-#: The linear layers of a Llama decoder layer, as PEFT names them.
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INIT_STD = 0.02
 
 
@@ -95,22 +95,6 @@ def llama_config(arch: str, num_layers: int | None = None) -> Any:
     config._attn_implementation = "sdpa"
     config.dtype = torch.bfloat16
     return config
-
-
-def linear_shapes(dims: dict[str, Any]) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each linear layer of one decoder layer."""
-    h, inter = dims["hidden_size"], dims["intermediate_size"]
-    q = dims["num_attention_heads"] * dims["head_dim"]
-    kv = dims["num_key_value_heads"] * dims["head_dim"]
-    return {
-        "q_proj": (h, q),
-        "k_proj": (h, kv),
-        "v_proj": (h, kv),
-        "o_proj": (q, h),
-        "gate_proj": (h, inter),
-        "up_proj": (h, inter),
-        "down_proj": (inter, h),
-    }
 
 
 def param_counts(dims: dict[str, Any]) -> dict[str, int]:
@@ -229,7 +213,7 @@ def build_4bit_model(config: Any, device: str, on_layer: Callable[[int, int], No
             torch.set_default_dtype(previous)
         _random_(layer)
         for parent in (layer.self_attn, layer.mlp):
-            for name in LINEAR_NAMES:
+            for name in LINEAR_MODULES:
                 if hasattr(parent, name):
                     setattr(parent, name, quantize_linear(getattr(parent, name), device))
         model.model.layers[i] = layer

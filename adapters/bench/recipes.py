@@ -27,9 +27,9 @@ from collections.abc import Callable
 from typing import Any
 
 from adapters.bench.loss import chunked_lm_loss
-from adapters.bench.model import LINEAR_NAMES
+from adapters.llama import LINEAR_MODULES
 
-TARGETS = {"all-linear": LINEAR_NAMES, "qv": ("q_proj", "v_proj")}
+TARGETS = {"all-linear": LINEAR_MODULES, "qv": ("q_proj", "v_proj")}
 LORA_RANK = 16
 LORA_ALPHA = 32
 LR = 2e-4
