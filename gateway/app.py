@@ -65,6 +65,7 @@ async def build_state(settings: Settings) -> GatewayState:
         retry_after_s=settings.retry_after_s,
     )
     pool.add_listener(residency.on_probe)
+    pool.add_state_lost_listener(residency.on_state_lost)
     # Preload at start (and restore after a restart): pinned adapters everywhere; with one engine, also
     # the others, as many as it keeps in memory. With several, routing places adapters where asked for.
     current = sorted(registry.adapters(), key=lambda r: not r.pinned)
@@ -84,6 +85,7 @@ async def build_state(settings: Settings) -> GatewayState:
         retry_after_s=settings.retry_after_s,
         max_resident=settings.max_resident(),
         policy=settings.routing,
+        residency=residency.view,
     )
     return GatewayState(settings, metrics, client, registry, pool, residency, router)
 
@@ -92,7 +94,7 @@ async def collect_garbage(state: GatewayState, interval_s: float = 300.0) -> Non
     """Delete stored adapter files that no ready version references and no engine still has loaded."""
     while True:
         await asyncio.sleep(interval_s)
-        resident = set().union(*(e.status.resident for e in state.engines))
+        resident = set().union(*(state.residency.view(e).resident for e in state.engines))
         try:
             removed = await state.registry.gc(keep=resident)
         except Exception:

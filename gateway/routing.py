@@ -3,13 +3,14 @@
 `affinity` (the default), in order:
 
 1. base-model requests: the least loaded replica;
-2. the adapter is resident somewhere (and not draining there, see `gateway/residency.py`): the least
+2. the adapter is resident somewhere (and not draining there, see `gateway/residency/`): the least
    loaded of those replicas (affinity), unless all of them are saturated (load >= `spread_at`) and
    another replica with a free adapter slot is less loaded: then the hot adapter spreads there;
 3. the adapter is cold: a replica with a free slot, else any; among the least loaded ones (within
    `slack`), the adapter's rendezvous-hash favourite, so a cold adapter keeps going to the same
    replica instead of being loaded on (and evicting from) every replica in turn.
 
+What is resident where is read from residency (`Residency.view(engine)`), never written here.
 Load = requests in flight through this gateway + vLLM's own waiting queue (read at each probe).
 `round_robin` ignores all that; it is the baseline the load tests compare against.
 No replica available: 503 with Retry-After, which the OpenAI SDKs retry.
@@ -24,6 +25,7 @@ from collections.abc import Callable, Collection, Sequence
 from gateway.engines.base import Engine
 from gateway.errors import EngineUnavailableError
 from gateway.registry.catalog import Target
+from gateway.residency.state import EngineResidency, ResidencyView
 
 
 def _rendezvous(key: str, engine: Engine) -> int:
@@ -40,8 +42,12 @@ class Router:
         policy: str = "affinity",
         spread_at: float = 8.0,
         slack: float = 2.0,
+        residency: Callable[[Engine], ResidencyView] | None = None,
     ) -> None:
         self._engines = engines if callable(engines) else (lambda: engines)
+        # What each engine has loaded (`Residency.view`); without it, no adapter is resident anywhere.
+        nothing = ResidencyView(EngineResidency())
+        self._residency = residency or (lambda _: nothing)
         self.retry_after_s = retry_after_s
         self.max_resident = max_resident
         self.policy = policy
@@ -68,7 +74,7 @@ class Router:
         if target.adapter is None:
             return self._least_loaded(ready)
         key = target.adapter.engine_name
-        warm = [e for e in ready if key in e.status.resident and key not in e.status.draining]
+        warm = [e for e in ready if self._residency(e).takes(key)]
         if warm:
             best = self._least_loaded(warm)
             if best.load < self.spread_at:
@@ -90,4 +96,4 @@ class Router:
         return min(rotated, key=lambda e: e.load)
 
     def _has_free_slot(self, engine: Engine) -> bool:
-        return len(engine.status.resident) < self.max_resident
+        return self._residency(engine).resident_count < self.max_resident

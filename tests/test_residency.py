@@ -1,4 +1,4 @@
-"""gateway/residency.py, with the engine's load/unload routes played by a fake vLLM (pure asyncio logic),
+"""gateway/residency/, with the engine's load/unload routes played by a fake vLLM (pure asyncio logic),
 on an event loop with virtual time (no timing window: a sleep here is an ordering, not a duration).
 
 The interleavings here are the ones a real vLLM produces only now and then (tests/test_residency_e2e.py
@@ -129,28 +129,30 @@ def loads(vllm: FakeVllm) -> list[str]:
 @in_loop
 async def test_a_listing_older_than_a_load_does_not_drop_it() -> None:
     vllm, residency, engine, _ = setup(max_resident=2)
+    view = residency.view(engine)
     listing = ProbeResult(set())  # asked for before the load
     lease = await residency.acquire(engine, A)
     await residency.on_probe(engine, listing)
-    assert engine.status.resident == {"lora-a"}, "an adapter with a request in flight stays resident"
+    assert view.resident == {"lora-a"}, "an adapter with a request in flight stays resident"
     assert loads(vllm) == ["lora-a"], "and is not loaded a second time"
     lease.release()
     await residency.on_probe(engine, ProbeResult(set()))  # a newer listing is the truth again
-    assert loads(vllm) == ["lora-a", "lora-a"] and engine.status.resident == {"lora-a"}  # restored
+    assert loads(vllm) == ["lora-a", "lora-a"] and view.resident == {"lora-a"}  # restored
 
 
 @in_loop
 async def test_after_a_restart_pinned_and_most_recent_adapters_come_back_the_rest_on_demand() -> None:
     vllm, residency, engine, _ = setup(max_resident=4, restore_limit=2)
+    view = residency.view(engine)
     pinned = AdapterRef("p", "lora-p", Path("/store/p"), pinned=True)
     for ref in (pinned, A, B, C, A):  # least recently used first: p, b, c, a
         (await residency.acquire(engine, ref)).release()
     vllm.loaded.clear()  # vLLM restarted: it lists none
     await residency.on_probe(engine, ProbeResult(set()))
-    assert engine.status.resident == {"lora-p", "lora-a"} == vllm.loaded  # pinned, then up to the limit
+    assert view.resident == {"lora-p", "lora-a"} == vllm.loaded  # pinned, then up to the limit
     assert loads(vllm)[-2:] == ["lora-p", "lora-a"]
     (await residency.acquire(engine, B)).release()  # the others load on their next request
-    assert engine.status.resident == {"lora-p", "lora-a", "lora-b"}
+    assert view.resident == {"lora-p", "lora-a", "lora-b"}
     await residency.on_probe(engine, ProbeResult(set(vllm.loaded)))
     assert "lora-c" not in vllm.loaded, "a probe restores no more than the limit"
 
@@ -158,11 +160,12 @@ async def test_after_a_restart_pinned_and_most_recent_adapters_come_back_the_res
 @in_loop
 async def test_a_listing_older_than_an_eviction_does_not_bring_it_back() -> None:
     vllm, residency, engine, _ = setup(max_resident=1)
+    view = residency.view(engine)
     (await residency.acquire(engine, A)).release()
     listing = ProbeResult({"lora-a"})
     lease = await residency.acquire(engine, B)  # evicts a
     await residency.on_probe(engine, listing)
-    assert engine.status.resident == {"lora-b"} == vllm.loaded
+    assert view.resident == {"lora-b"} == vllm.loaded
     lease.release()
 
 
@@ -191,32 +194,35 @@ async def test_an_eviction_and_a_load_of_the_same_adapter_never_overlap() -> Non
 @in_loop
 async def test_registered_again_before_going_idle_is_not_retired() -> None:
     vllm, residency, engine, _ = setup(max_resident=2)
+    view = residency.view(engine)
     lease = await residency.acquire(engine, A)
     await residency.sync(engine, {})  # removed while a request is in flight: retire once idle
     await residency.sync(engine, {"lora-a": A})  # the same bytes registered again
     lease.release()
     await asyncio.sleep(0.01)
-    assert ("unload_lora_adapter", "lora-a") not in vllm.calls and engine.status.resident == {"lora-a"}
+    assert ("unload_lora_adapter", "lora-a") not in vllm.calls and view.resident == {"lora-a"}
 
 
 @in_loop
 async def test_retired_once_the_last_request_ends() -> None:
     vllm, residency, engine, _ = setup(max_resident=2)
+    view = residency.view(engine)
     lease = await residency.acquire(engine, A)
     await residency.sync(engine, {})
-    assert engine.status.resident == {"lora-a"}, "in flight: not yet"
+    assert view.resident == {"lora-a"}, "in flight: not yet"
     lease.release()
     await asyncio.sleep(0.01)
-    assert vllm.calls[-1] == ("unload_lora_adapter", "lora-a") and not engine.status.resident
+    assert vllm.calls[-1] == ("unload_lora_adapter", "lora-a") and not view.resident
 
 
 @in_loop
 async def test_adapters_of_unknown_age_go_first_under_no_label_of_their_own() -> None:
     vllm, residency, engine, metrics = setup(max_resident=2)
+    view = residency.view(engine)
     await residency.on_probe(engine, ProbeResult({"lora-foreign"}))  # loaded by someone else
     (await residency.acquire(engine, A)).release()
     (await residency.acquire(engine, B)).release()
-    assert engine.status.resident == {"lora-a", "lora-b"}
+    assert view.resident == {"lora-a", "lora-b"}
     assert metrics.adapter_evictions.labels(UNKNOWN)._value.get() == 1
     assert metrics.adapter_evictions.labels("a")._value.get() == 0
 
@@ -229,22 +235,23 @@ async def settle() -> None:
 @in_loop
 async def test_a_load_waits_drain_after_s_for_an_idle_slot_before_it_drains_one() -> None:
     vllm, residency, engine, metrics = setup(max_resident=2, drain_after_s=0.3)
+    view = residency.view(engine)
     a1, b1 = await residency.acquire(engine, A), await residency.acquire(engine, B)
     want_c = asyncio.create_task(residency.acquire(engine, C))
     await asyncio.sleep(0.1)
-    assert not engine.status.draining, "not yet: a slot may come free by itself"
+    assert not view.draining, "not yet: a slot may come free by itself"
     b1.release()  # it does: nothing drained, b evicted because idle
     (await asyncio.wait_for(want_c, 1)).release()
-    assert metrics.adapter_drains.labels("a")._value.get() == 0 and not engine.status.draining
+    assert metrics.adapter_drains.labels("a")._value.get() == 0 and not view.draining
     want_b = asyncio.create_task(residency.acquire(engine, B))
     await asyncio.sleep(0.1)
-    assert not engine.status.draining  # c is idle: evicted at once, no drain
+    assert not view.draining  # c is idle: evicted at once, no drain
     b2 = await asyncio.wait_for(want_b, 1)
     want_c = asyncio.create_task(residency.acquire(engine, C))  # a and b busy now
     await asyncio.sleep(0.1)
-    assert not engine.status.draining
+    assert not view.draining
     await asyncio.sleep(0.35)
-    assert engine.status.draining in ({"lora-a"}, {"lora-b"}), "overdue: one busy adapter drains"
+    assert view.draining in ({"lora-a"}, {"lora-b"}), "overdue: one busy adapter drains"
     a1.release()
     b2.release()
     (await asyncio.wait_for(want_c, 1)).release()
@@ -255,11 +262,12 @@ async def test_a_load_waits_drain_after_s_for_an_idle_slot_before_it_drains_one(
 @in_loop
 async def test_a_load_drains_the_least_busy_adapter_when_every_slot_is_busy() -> None:
     vllm, residency, engine, metrics = setup(max_resident=2)
+    view = residency.view(engine)
     a1, a2 = await residency.acquire(engine, A), await residency.acquire(engine, A)
     b1 = await residency.acquire(engine, B)  # a: 2 in flight, b: 1; b is the more recently used
     want_c = asyncio.create_task(residency.acquire(engine, C))
     await settle()
-    assert engine.status.draining == {"lora-b"}, "the fewest requests in flight drains first"
+    assert view.draining == {"lora-b"}, "the fewest requests in flight drains first"
     assert metrics.adapter_drains.labels("b")._value.get() == 1
     assert not want_c.done()
     (await residency.acquire(engine, A)).release()  # a takes new requests as before
@@ -268,13 +276,13 @@ async def test_a_load_drains_the_least_busy_adapter_when_every_slot_is_busy() ->
     assert not want_b.done(), "a draining adapter takes no new request"
     b1.release()  # b's last request ends: it goes at once, and c loads in its slot
     c1 = await asyncio.wait_for(want_c, 1)
-    assert engine.status.resident == {"lora-a", "lora-c"} and engine.status.in_flight["lora-c"] == 1
+    assert view.resident == {"lora-a", "lora-c"} and view.in_flight["lora-c"] == 1
     assert vllm.calls[-2:] == [("unload_lora_adapter", "lora-b"), ("load_lora_adapter", "lora-c")]
     await settle()  # the request that wanted b loads it again: c (1 in flight, not a's 2) drains now
-    assert engine.status.draining == {"lora-c"} and not want_b.done()
+    assert view.draining == {"lora-c"} and not want_b.done()
     c1.release()
     (await asyncio.wait_for(want_b, 1)).release()
-    assert engine.status.resident == {"lora-a", "lora-b"} and not engine.status.draining
+    assert view.resident == {"lora-a", "lora-b"} and not view.draining
     a1.release()
     a2.release()
     assert not vllm.overlaps and metrics.adapter_evictions.labels("b")._value.get() == 1
@@ -283,18 +291,19 @@ async def test_a_load_drains_the_least_busy_adapter_when_every_slot_is_busy() ->
 @in_loop
 async def test_a_drain_is_lifted_when_another_adapter_goes_idle_first() -> None:
     vllm, residency, engine, _ = setup(max_resident=2)
+    view = residency.view(engine)
     a1 = await residency.acquire(engine, A)
     b1, b2 = await residency.acquire(engine, B), await residency.acquire(engine, B)
     want_c = asyncio.create_task(residency.acquire(engine, C))
     await settle()
-    assert engine.status.draining == {"lora-a"}
+    assert view.draining == {"lora-a"}
     want_a = asyncio.create_task(residency.acquire(engine, A))
     b1.release()
     b2.release()  # b is idle before a: b is evicted, a keeps its slot and takes requests again
     (await asyncio.wait_for(want_c, 1)).release()
     (await asyncio.wait_for(want_a, 1)).release()
     a1.release()
-    assert not engine.status.draining and engine.status.resident == {"lora-a", "lora-c"}
+    assert not view.draining and view.resident == {"lora-a", "lora-c"}
     assert loads(vllm) == ["lora-a", "lora-b", "lora-c"], "a was never unloaded"
 
 
@@ -302,17 +311,18 @@ async def test_a_drain_is_lifted_when_another_adapter_goes_idle_first() -> None:
 async def test_a_load_that_gives_up_lifts_its_drain_and_pinned_adapters_never_drain() -> None:
     pinned = AdapterRef("p", "lora-p", Path("/store/p"), pinned=True)
     vllm, residency, engine, _ = setup(max_resident=2, wait_timeout_s=0.2)
+    view = residency.view(engine)
     p1, a1 = await residency.acquire(engine, pinned), await residency.acquire(engine, A)
     want_c = asyncio.create_task(residency.acquire(engine, C))
     await settle()
-    assert engine.status.draining == {"lora-a"}, "not the pinned one, though it is as busy"
+    assert view.draining == {"lora-a"}, "not the pinned one, though it is as busy"
     try:
         await want_c
     except EngineUnavailableError as exc:
         assert exc.code == "adapter_slots_busy" and exc.headers["Retry-After"] == str(residency.retry_after_s)
     else:
         raise AssertionError("c found no slot within wait_timeout_s: 503 expected")
-    assert not engine.status.draining, "nobody waits for a slot any more"
+    assert not view.draining, "nobody waits for a slot any more"
     a2 = await asyncio.wait_for(residency.acquire(engine, A), 0.01)  # a takes requests again, no wait
     for lease in (p1, a1, a2):
         lease.release()
@@ -322,10 +332,11 @@ async def test_a_load_that_gives_up_lifts_its_drain_and_pinned_adapters_never_dr
 @in_loop
 async def test_requests_waiting_for_a_draining_adapter_go_on_when_the_load_gives_up() -> None:
     _, residency, engine, _ = setup(max_resident=1, wait_timeout_s=0.3)
+    view = residency.view(engine)
     a1 = await residency.acquire(engine, A)
     want_b = asyncio.create_task(residency.acquire(engine, B))
     await settle()
-    assert engine.status.draining == {"lora-a"}
+    assert view.draining == {"lora-a"}
     await asyncio.sleep(0.1)
     want_a = asyncio.create_task(residency.acquire(engine, A))
     await settle()
@@ -337,6 +348,6 @@ async def test_requests_waiting_for_a_draining_adapter_go_on_when_the_load_gives
     else:
         raise AssertionError("a never went idle: b's load gives up with 503")
     a2 = await asyncio.wait_for(want_a, 0.1)  # woken when b gave up, long before its own deadline
-    assert not engine.status.draining and engine.status.in_flight == {"lora-a": 2}
+    assert not view.draining and view.in_flight == {"lora-a": 2}
     a1.release()
     a2.release()

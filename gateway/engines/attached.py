@@ -15,6 +15,6 @@ class AttachedEngine(Engine):
             answered = await self.probe_once()
             if not answered and self.status.state == EngineState.STARTING:
                 pass  # never seen ready yet: stay STARTING (503 "not ready")
-            elif not answered and not self.ready:
-                self.status.resident.clear()  # we cannot know what survives; reconcile on return
+            elif not answered and not self.ready:  # we cannot know what survives; reconcile on return
+                self.state_lost(self.status.last_error or "unavailable")
             await asyncio.sleep(self.probe_interval_s if answered else min(self.probe_interval_s, 1.0))

@@ -2,7 +2,10 @@
 
 An engine's monitor probes `GET /v1/models` (it answers only when vLLM is ready, and it lists the
 LoRA adapters vLLM really has). Each successful probe is handed to the listeners with the listed
-adapter names, which is how residency notices a restart and reconciles (see `gateway/residency.py`).
+adapter names, which is how residency notices a restart and reconciles (`gateway/residency/reconcile.py`).
+When what the engine had loaded is gone (its process died, it was stopped) or can no longer be known
+(unreachable), it tells its state-lost listeners: residency owns that state and clears it; the engine
+keeps only its own facts (`EngineStatus`).
 
 A ready engine leaves routing when a probe finds its port closed (the server is gone), or after
 `unhealthy_after` probes in a row failed otherwise (timed out, errors): a vLLM busy enough to answer
@@ -42,18 +45,16 @@ class ProbeResult:
 
 
 ProbeListener = Callable[["Engine", ProbeResult], Awaitable[None]]
+StateLostListener = Callable[["Engine", str], None]  # (engine, why): what it had loaded is gone
 
 
 @dataclass
 class EngineStatus:
-    """What the gateway believes about one engine; `resident` is kept equal to what vLLM lists."""
+    """The engine's own facts: state, health and load. What is loaded there is residency's
+    (`Residency.view(engine)`)."""
 
     state: EngineState = EngineState.STARTING
     generation: int = 0  # bumped each time the engine (re)becomes ready
-    resident: set[str] = field(default_factory=set)
-    in_flight: dict[str, int] = field(default_factory=dict)
-    draining: set[str] = field(default_factory=set)  # resident, taking no new requests: evicted when idle
-    last_load_at: dict[str, float] = field(default_factory=dict)
     ready_since: float | None = None
     last_error: str | None = None
     restarts: int = 0
@@ -87,12 +88,16 @@ class Engine:
         self._refused = False  # the last failed probe found nothing listening
         self.status = EngineStatus()
         self._listeners: list[ProbeListener] = []
+        self._lost_listeners: list[StateLostListener] = []
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
     # --- lifecycle -------------------------------------------------------------------------------
     def add_listener(self, listener: ProbeListener) -> None:
         self._listeners.append(listener)
+
+    def add_state_lost_listener(self, listener: StateLostListener) -> None:
+        self._lost_listeners.append(listener)
 
     async def start(self) -> None:
         self._stopping = False
@@ -107,6 +112,7 @@ class Engine:
             self._task = None
         await self._shutdown()
         self._set_state(EngineState.STOPPED)
+        self.state_lost("stopped")
 
     async def _run(self) -> None:
         raise NotImplementedError
@@ -156,9 +162,17 @@ class Engine:
                 log.warning("engine %s is %s%s", self.name, state, f": {error}" if error else "")
 
     def mark_down(self, error: str) -> None:
-        """The engine lost its state (process died): nothing is resident any more."""
+        """The engine lost its state (process died): unavailable, and nothing it had loaded is left."""
         self._set_state(EngineState.UNAVAILABLE, error)
-        self.status.resident.clear()
+        self.state_lost(error)
+
+    def state_lost(self, reason: str) -> None:
+        """Tell the state-lost listeners that what this engine had loaded is gone or unknown."""
+        for listener in self._lost_listeners:
+            try:
+                listener(self, reason)
+            except Exception:  # a listener's failure must not stop the monitor
+                log.exception("engine %s: state-lost listener failed", self.name)
 
     # --- probing ---------------------------------------------------------------------------------
     async def probe(self, timeout: float | None = None) -> ProbeResult | None:
@@ -228,15 +242,11 @@ class Engine:
             "ready_since": s.ready_since,
             "restarts": s.restarts,
             "last_error": s.last_error,
-            "resident_adapters": sorted(s.resident),
             "active_requests": s.active,
             "queue_waiting": s.waiting,
             "queue_running": s.running,
             "cooling_down": time.monotonic() < s.cooldown_until,
             "failed_probes": s.failed_probes,
-            "in_flight": {k: v for k, v in s.in_flight.items() if v},
-            "draining": sorted(s.draining),
-            "last_load_at": dict(s.last_load_at),
         }
 
 

@@ -4,7 +4,7 @@
       -> relay its log lines into ours, prefixed `[vllm <name>]`
       -> probe until ready (or the process exits, or the startup timeout passes)
       -> probe every `health_interval_s` while it lives
-      -> on exit: mark down (nothing resident), restart after an exponential backoff
+      -> on exit: mark down (state lost: residency forgets what was loaded), restart after a backoff
     stop: SIGTERM to the process group (vLLM has child processes), SIGKILL after `stop_timeout_s`.
 
 The child also gets PR_SET_PDEATHSIG, so a gateway killed with SIGKILL does not leave vLLM behind.
@@ -197,4 +197,3 @@ class ManagedEngine(Engine):
             await self._terminate()
         if self._relay is not None:
             self._relay.cancel()
-        self.status.resident.clear()

@@ -6,7 +6,8 @@
   `engine.url` resolves to is one replica (a Kubernetes headless Service), re-resolved every
   `engine.dns_refresh_s`: new addresses join, vanished ones leave.
 
-Every engine gets the same listeners (residency's reconciliation), also those that join later.
+Every engine gets the same listeners (residency's reconciliation: probe results, state lost), also
+those that join later.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import socket
 from urllib.parse import urlsplit, urlunsplit
 
 from gateway.engines.attached import AttachedEngine
-from gateway.engines.base import Engine, ProbeListener
+from gateway.engines.base import Engine, ProbeListener, StateLostListener
 from gateway.engines.managed import ManagedEngine
 from gateway.settings import Settings
 from gateway.upstream import UpstreamClient
@@ -32,6 +33,7 @@ class EnginePool:
         self.client = client
         self.engines: list[Engine] = []
         self._listeners: list[ProbeListener] = []
+        self._lost_listeners: list[StateLostListener] = []
         self._discovery: asyncio.Task[None] | None = None
         e = settings.engine
         if e.mode == "managed":
@@ -49,12 +51,19 @@ class EnginePool:
         )
         for listener in self._listeners:
             engine.add_listener(listener)
+        for lost in self._lost_listeners:
+            engine.add_state_lost_listener(lost)
         return engine
 
     def add_listener(self, listener: ProbeListener) -> None:
         self._listeners.append(listener)
         for engine in self.engines:
             engine.add_listener(listener)
+
+    def add_state_lost_listener(self, listener: StateLostListener) -> None:
+        self._lost_listeners.append(listener)
+        for engine in self.engines:
+            engine.add_state_lost_listener(listener)
 
     async def start(self) -> None:
         for engine in self.engines:

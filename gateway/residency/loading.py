@@ -1,0 +1,88 @@
+"""The engine calls: vLLM's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`, called from here only.
+
+Both are idempotent (an adapter vLLM already has is loaded; one it does not have is unloaded), and
+both stamp `touched`, so that a probe's listing asked for before the call cannot undo it
+(`policy.believed_resident`). Callers hold the adapter's lock (`EngineResidency.lock`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from gateway.engines.base import Engine
+from gateway.errors import EngineUnavailableError, GatewayError, UpstreamError
+from gateway.metrics import Metrics
+from gateway.registry.catalog import AdapterRef
+from gateway.residency.state import States
+from gateway.upstream import UpstreamClient
+
+log = logging.getLogger("lora_gateway.residency")
+
+
+class Loader:
+    def __init__(
+        self, client: UpstreamClient, metrics: Metrics, states: States, *, retry_after_s: int
+    ) -> None:
+        self._client = client
+        self._metrics = metrics
+        self._states = states
+        self._retry_after_s = retry_after_s
+
+    async def load(self, engine: Engine, ref: AdapterRef) -> None:
+        if not engine.ready:
+            raise EngineUnavailableError(
+                f"Engine {engine.name} is not ready.", retry_after_s=self._retry_after_s
+            )
+        state = self._states.of(engine)
+        state.touched[ref.engine_name] = time.monotonic()
+        started = time.perf_counter()
+        payload = {"lora_name": ref.engine_name, "lora_path": str(ref.path)}
+        try:
+            await self._client.post_json(engine.url("/v1/load_lora_adapter"), payload)
+        except GatewayError as exc:
+            if "already been loaded" not in exc.message:  # idempotent: vLLM has it, so do we
+                self._metrics.adapter_loads.labels(ref.name, "error").inc()
+                log.warning("engine %s: loading %s failed: %s", engine.name, ref.engine_name, exc.message)
+                if isinstance(exc, EngineUnavailableError):
+                    raise
+                raise UpstreamError(
+                    f"Loading adapter `{ref.name}` failed: {exc.message}", code="adapter_load_failed"
+                ) from exc
+        elapsed = time.perf_counter() - started
+        self._metrics.adapter_loads.labels(ref.name, "ok").inc()
+        self._metrics.adapter_load_duration.labels(ref.name).observe(elapsed)
+        state.touched[ref.engine_name] = time.monotonic()
+        state.resident.add(ref.engine_name)
+        state.last_load_at[ref.engine_name] = time.time()
+        state.wanted[ref.engine_name] = ref
+        state.known.add(ref.engine_name)
+        if ref.pinned:
+            state.pinned.add(ref.engine_name)
+        self.observe_resident(engine)
+        log.info("engine %s: loaded adapter %s in %.1f ms", engine.name, ref.engine_name, elapsed * 1000)
+
+    async def unload(self, engine: Engine, key: str, *, reason: str = "unloaded") -> None:
+        """Unload one adapter; idempotent (an adapter vLLM does not have is already unloaded)."""
+        state = self._states.of(engine)
+        label = state.label(key)
+        state.wanted.pop(key, None)
+        state.touched[key] = time.monotonic()
+        state.resident.discard(key)
+        state.draining.discard(key)
+        state.lru.pop(key, None)
+        try:
+            await self._client.post_json(engine.url("/v1/unload_lora_adapter"), {"lora_name": key})
+        except GatewayError as exc:
+            if exc.status_code != 404:
+                log.warning("engine %s: unloading %s failed: %s", engine.name, key, exc.message)
+        state.touched[key] = time.monotonic()
+        state.resident.discard(key)  # again: a listing older than the unload may have re-added it
+        if reason == "evicted":
+            self._metrics.adapter_evictions.labels(label).inc()
+        self.observe_resident(engine)
+        state.notify()  # requests waiting for it while it drained go and load it again
+        log.info("engine %s: %s adapter %s", engine.name, reason, key)
+
+    def observe_resident(self, engine: Engine) -> None:
+        self._metrics.resident_adapters.labels(engine.name).set(len(self._states.of(engine).resident))
