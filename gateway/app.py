@@ -54,7 +54,7 @@ async def build_state(settings: Settings) -> GatewayState:
     metrics = Metrics()
     client = UpstreamClient(settings)
     registry = await build_registry(settings)
-    pool = EnginePool(settings, client)
+    pool = EnginePool(settings, client, metrics)
     residency = Residency(
         client,
         metrics,

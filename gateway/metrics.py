@@ -109,7 +109,10 @@ class Metrics:
             registry=r,
         )
         self.engine_up = Gauge(
-            "lora_gateway_engine_up", "1 when the engine answers, else 0.", ["engine"], registry=r
+            "lora_gateway_engine_up",
+            "1 while the engine is ready (set at each of its probes), else 0.",
+            ["engine"],
+            registry=r,
         )
         self.adapter_loads = Counter(
             "lora_gateway_adapter_loads",

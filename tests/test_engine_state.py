@@ -4,6 +4,9 @@ residency listening as in the gateway).
 
 - The engine reports "state lost" instead of clearing residency's state: residency, listening, forgets
   what was resident there.
+- `lora_gateway_engine_up` follows the engine's state: 1 once a probe answers, 0 as soon as a probe finds
+  the server gone, 0 when the engine is stopped. (It used to be set to 1 by residency at each probe and
+  to 0 only by `GET /health`: without health traffic, a dead engine kept reporting up.)
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ async def watched_engine() -> AsyncIterator[Watched]:
     with contextlib.ExitStack() as server:
         url = server.enter_context(serve_in_thread(APP))
         settings = Settings(engine={"mode": "attached", "url": url, "health_interval_s": 0.05})
-        pool = EnginePool(settings, client)
+        pool = EnginePool(settings, client, metrics)
         residency = Residency(client, metrics, max_resident=2)
         pool.add_listener(residency.on_probe)
         pool.add_state_lost_listener(residency.on_state_lost)
@@ -87,5 +90,20 @@ def test_an_engine_that_dies_reports_state_lost_and_residency_forgets_what_was_t
             await until(lambda: w.engine.status.state == EngineState.UNAVAILABLE, "the engine notices")
             assert w.residency.view(w.engine).resident == set(), "state lost: nothing resident there"
             assert w.gauge("lora_gateway_resident_adapters") == 0
+
+    asyncio.run(main())
+
+
+def test_engine_up_follows_the_probes_without_health_traffic() -> None:
+    async def main() -> None:
+        async with watched_engine() as w:
+            assert w.gauge("lora_gateway_engine_up") == 0, "not ready yet"
+            await w.pool.start()
+            await until(lambda: w.gauge("lora_gateway_engine_up") == 1, "up once a probe answers")
+            w.kill_server()  # nobody calls /health
+            await until(lambda: w.gauge("lora_gateway_engine_up") == 0, "a dead engine must not report up")
+            assert w.engine.status.state == EngineState.UNAVAILABLE
+            await w.pool.stop()
+            assert w.engine.status.state == EngineState.STOPPED and w.gauge("lora_gateway_engine_up") == 0
 
     asyncio.run(main())

@@ -1,4 +1,8 @@
-"""Operational routes: `/health` (200 only when an engine answers now) and `/metrics` (Prometheus)."""
+"""Operational routes: `/health` (200 only when an engine answers now) and `/metrics` (Prometheus).
+
+`lora_gateway_engine_up` is not set here: it follows each engine's probes (`gateway/engines/base.py`),
+with or without `/health` traffic.
+"""
 
 from __future__ import annotations
 

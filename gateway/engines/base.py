@@ -7,6 +7,9 @@ When what the engine had loaded is gone (its process died, it was stopped) or ca
 (unreachable), it tells its state-lost listeners: residency owns that state and clears it; the engine
 keeps only its own facts (`EngineStatus`).
 
+`lora_gateway_engine_up` follows the engine's state: set after every probe and every change of state,
+1 while it is ready, else 0 (no `/health` traffic needed).
+
 A ready engine leaves routing when a probe finds its port closed (the server is gone), or after
 `unhealthy_after` probes in a row failed otherwise (timed out, errors): a vLLM busy enough to answer
 one probe late is still serving, and taking it out would turn its slowness into 503s.
@@ -25,6 +28,7 @@ from enum import StrEnum
 import aiohttp
 
 from gateway.errors import GatewayError
+from gateway.metrics import Metrics
 from gateway.upstream import UpstreamClient
 
 log = logging.getLogger("lora_gateway.engine")
@@ -78,6 +82,7 @@ class Engine:
         *,
         probe_interval_s: float,
         unhealthy_after: int = 3,
+        metrics: Metrics | None = None,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
@@ -89,6 +94,8 @@ class Engine:
         self.status = EngineStatus()
         self._listeners: list[ProbeListener] = []
         self._lost_listeners: list[StateLostListener] = []
+        self._up = metrics.engine_up.labels(name) if metrics is not None else None
+        self._observe_up()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -160,6 +167,11 @@ class Engine:
             self.status.ready_since = None
             if previous == EngineState.READY:
                 log.warning("engine %s is %s%s", self.name, state, f": {error}" if error else "")
+        self._observe_up()
+
+    def _observe_up(self) -> None:
+        if self._up is not None:
+            self._up.set(1 if self.ready else 0)
 
     def mark_down(self, error: str) -> None:
         """The engine lost its state (process died): unavailable, and nothing it had loaded is left."""
@@ -221,9 +233,11 @@ class Engine:
                         self.unhealthy_after,
                         self.status.last_error,
                     )
+            self._observe_up()
             return False
         self.status.failed_probes = 0
         self._set_state(EngineState.READY)
+        self._observe_up()
         for listener in self._listeners:
             try:
                 await listener(self, result)

@@ -22,6 +22,7 @@ import sys
 import time
 
 from gateway.engines.base import Engine, EngineState
+from gateway.metrics import Metrics
 from gateway.settings import EngineSettings
 from gateway.upstream import UpstreamClient
 
@@ -75,7 +76,13 @@ class ManagedEngine(Engine):
     kind = "managed"
 
     def __init__(
-        self, name: str, settings: EngineSettings, model: str, served_name: str, client: UpstreamClient
+        self,
+        name: str,
+        settings: EngineSettings,
+        model: str,
+        served_name: str,
+        client: UpstreamClient,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__(
             name,
@@ -83,6 +90,7 @@ class ManagedEngine(Engine):
             client,
             probe_interval_s=settings.health_interval_s,
             unhealthy_after=settings.unhealthy_after,
+            metrics=metrics,
         )
         self.settings = settings
         self.command = vllm_command(settings, model, served_name)

@@ -6,8 +6,8 @@
   `engine.url` resolves to is one replica (a Kubernetes headless Service), re-resolved every
   `engine.dns_refresh_s`: new addresses join, vanished ones leave.
 
-Every engine gets the same listeners (residency's reconciliation: probe results, state lost), also
-those that join later.
+Every engine gets the same listeners (residency's reconciliation: probe results, state lost) and the
+metrics its `engine_up` gauge is in, also those that join later.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 from gateway.engines.attached import AttachedEngine
 from gateway.engines.base import Engine, ProbeListener, StateLostListener
 from gateway.engines.managed import ManagedEngine
+from gateway.metrics import Metrics
 from gateway.settings import Settings
 from gateway.upstream import UpstreamClient
 
@@ -28,9 +29,10 @@ log = logging.getLogger("lora_gateway.engine")
 
 
 class EnginePool:
-    def __init__(self, settings: Settings, client: UpstreamClient) -> None:
+    def __init__(self, settings: Settings, client: UpstreamClient, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.client = client
+        self.metrics = metrics
         self.engines: list[Engine] = []
         self._listeners: list[ProbeListener] = []
         self._lost_listeners: list[StateLostListener] = []
@@ -39,7 +41,9 @@ class EnginePool:
         if e.mode == "managed":
             model, served = settings.resolved_engine_model(), settings.base_model_name()
             for i in range(e.replicas):
-                self.engines.append(ManagedEngine(f"engine{i}", e.replica(i), model, served, client))
+                self.engines.append(
+                    ManagedEngine(f"engine{i}", e.replica(i), model, served, client, metrics=metrics)
+                )
         elif not e.resolve_dns:
             for i, url in enumerate(e.attached_urls()):
                 self.engines.append(self._attached(f"engine{i}", url))
@@ -47,7 +51,12 @@ class EnginePool:
     def _attached(self, name: str, url: str) -> AttachedEngine:
         e = self.settings.engine
         engine = AttachedEngine(
-            name, url, self.client, probe_interval_s=e.health_interval_s, unhealthy_after=e.unhealthy_after
+            name,
+            url,
+            self.client,
+            probe_interval_s=e.health_interval_s,
+            unhealthy_after=e.unhealthy_after,
+            metrics=self.metrics,
         )
         for listener in self._listeners:
             engine.add_listener(listener)

@@ -42,7 +42,6 @@ class Residency:
         # first): what vLLM keeps in memory. The others load on their next request.
         self.restore_limit = min(max_resident, restore_limit or max_resident)
         self.retry_after_s = retry_after_s
-        self._metrics = metrics
         self._states = States()
         self._loader = Loader(client, metrics, self._states, retry_after_s=retry_after_s)
         self._leases = Leases(
@@ -83,7 +82,6 @@ class Residency:
     # --- engines and registry ------------------------------------------------------------------------
     async def on_probe(self, engine: Engine, result: ProbeResult) -> None:
         """A probe listener (`EnginePool.add_listener`): believe vLLM's listing, restore what it lost."""
-        self._metrics.engine_up.labels(engine.name).set(1)
         await self._reconciler.on_probe(engine, result)
 
     def on_state_lost(self, engine: Engine, reason: str) -> None:
