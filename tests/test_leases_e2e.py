@@ -1,7 +1,7 @@
 """Leases against the real vLLM: an adapter with a request in flight is never evicted, and every lease is
 released exactly once, on every way a request can end.
 
-A lease is one request's hold on one adapter in one engine (`gateway/residency.py`); `/admin/engines`
+A lease is one request's hold on one adapter in one engine (`gateway/residency/leases.py`); `/admin/engines`
 shows, per adapter, the leases acquired and released so far. After each way of ending below, the
 gateway's in-flight list is empty again and acquired == released, with the count of acquisitions the
 path should take (one per request, two when the request was retried, one for `n > 1`):
