@@ -25,10 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adapters.artifacts import atomic_output
 from adapters.llama import BLOCKS, LINEAR_MODULES, linear_shapes
 
 DEMO_VERSION = 2
@@ -133,19 +132,12 @@ def write_random_adapter(base_dir: Path, out_dir: Path, spec: RandomAdapterSpec,
         "inference_mode": True,
     }
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_output(out_dir, overwrite=True) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
         (tmp / "README.md").write_text(
             f"# {spec.name}\n\nRandom LoRA demo adapter (seed {spec.seed}) for `{base_name}`.\n"
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -25,13 +25,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from adapters.artifacts import swap_into_place
+from adapters.artifacts import atomic_output
 
 TINY_NAME = "tiny-llama"
 
@@ -92,15 +90,10 @@ def build_tiny(cache_dir: Path, *, force: bool = False) -> Path:
     target = tiny_model_dir(cache_dir)
     if is_built(cache_dir) and not force:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}-", dir=target.parent))
-    try:
+    with atomic_output(target, overwrite=True) as tmp:
         _write_tokenizer(tmp)
         _write_model(tmp)
         (tmp / "BUILD_ID").write_text(build_id() + "\n")
-        swap_into_place(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
