@@ -24,11 +24,17 @@ from pathlib import Path
 _FINGERPRINT_PATTERNS = ("config.json", "adapter_config.json", "*.safetensors", "*.bin")
 
 
+def default_cache_dir() -> Path:
+    """The cache folder unless one is configured: $XDG_CACHE_HOME/lora-gateway (~/.cache/lora-gateway).
+    `gateway/settings.py` defaults `cache_dir` to it."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora-gateway"
+
+
 def cache_dir() -> Path:
-    """The gateway's cache folder: $LORA_GATEWAY_CACHE_DIR, else $XDG_CACHE_HOME/lora-gateway."""
+    """The gateway's cache folder outside the gateway: $LORA_GATEWAY_CACHE_DIR, else the default."""
     if os.environ.get("LORA_GATEWAY_CACHE_DIR"):
         return Path(os.environ["LORA_GATEWAY_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora-gateway"
+    return default_cache_dir()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

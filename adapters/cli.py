@@ -117,11 +117,11 @@ def build_demo(
     ] = None,
 ) -> None:
     """Build the embedded tiny base and train the demo adapters (cached; idempotent)."""
-    from adapters.artifacts import cache_dir as default_cache_dir
+    from adapters.artifacts import cache_dir as configured_cache_dir
     from adapters.demo import build_demo_adapters, demo_scores
     from adapters.tiny import TINY_NAME, build_tiny
 
-    cache_dir = cache_dir or default_cache_dir()
+    cache_dir = cache_dir or configured_cache_dir()
     base_dir = build_tiny(cache_dir)
     folders = build_demo_adapters(cache_dir, base_dir, TINY_NAME)
     for name, folder in folders.items():

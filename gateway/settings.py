@@ -27,6 +27,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from adapters.artifacts import default_cache_dir
 from adapters.validate import VLLM_MAX_LORA_RANKS
 
 ENV_PREFIX = "LORA_GATEWAY_"
@@ -34,11 +35,6 @@ ENV_PREFIX = "LORA_GATEWAY_"
 # engine.max_cpu_loras in memory and reads the rest from disk when a batch needs them, inside its own
 # step loop); a gateway that unloads instead must wait for busy adapters to drain (docs/adapters.md).
 DEFAULT_MAX_RESIDENT = 64
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "lora-gateway"
 
 
 def default_data_dir() -> Path:
