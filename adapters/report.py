@@ -74,21 +74,14 @@ def finish_adapter_folder(
 
 
 def register_adapter(url: str, name: str, folder: Path, token: str | None, timeout: float = 60.0) -> Any:
-    """POST {"name", "source": absolute folder} to `<url>/admin/adapters`; return the JSON answer."""
-    import httpx
+    """POST {"name", "source": absolute folder} to `<url>/admin/adapters` (the gateway's admin client);
+    return the JSON answer."""
+    from gateway.admin_client import AdminError, call
 
-    endpoint = url.rstrip("/")
-    if not endpoint.endswith("/admin/adapters"):
-        endpoint += "/admin/adapters"
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    base = url.rstrip("/").removesuffix("/admin/adapters")
     body = {"name": name, "source": str(Path(folder).resolve())}
     try:
-        response = httpx.post(endpoint, json=body, headers=headers, timeout=timeout)
-    except httpx.HTTPError as exc:
-        raise RegisterError(f"could not reach {endpoint}: {exc}") from exc
-    if response.status_code >= 400:
-        raise RegisterError(f"{endpoint} answered {response.status_code}: {response.text[:500]}")
-    try:
-        return response.json()
-    except ValueError:
-        return response.text
+        return call(base, token, "POST", "/admin/adapters", body=body, timeout=timeout)
+    except AdminError as exc:
+        details = ", ".join(f"{k}: {v}" for k, v in (("code", exc.code), ("param", exc.param)) if v)
+        raise RegisterError(exc.message + (f" ({details})" if details else "")) from exc

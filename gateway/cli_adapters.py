@@ -22,12 +22,11 @@ import time
 from typing import Annotated, Any
 from urllib.parse import quote
 
-import httpx
 import typer
 
+from gateway.admin_client import AdminError, call
+
 DEFAULT_URL = "http://127.0.0.1:8000"
-# Registration may download from the Hub and hash large files: allow a long read.
-TIMEOUT = httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=5.0)
 
 adapters_app = typer.Typer(
     help="Adapters of a running gateway: register, list, show, remove, pin, alias.", no_args_is_help=True
@@ -41,35 +40,8 @@ TokenOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the admin API's JSON answer.")]
 
 
-class AdminError(Exception):
-    def __init__(self, message: str, code: str | None = None, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message, self.code, self.param = message, code, param
-
-
-def call(url: str, token: str | None, method: str, path: str, *, body: Any = None, params: Any = None) -> Any:
-    """One admin API call; returns the decoded JSON, raises `AdminError` for any failure."""
-    headers = {"authorization": f"Bearer {token}"} if token else {}
-    try:
-        r = httpx.request(
-            method, url.rstrip("/") + path, json=body, params=params, headers=headers, timeout=TIMEOUT
-        )
-    except httpx.HTTPError as exc:
-        raise AdminError(f"Cannot reach the gateway at {url}: {exc}", "gateway_unreachable") from exc
-    try:
-        data = r.json()
-    except ValueError:
-        data = None
-    if r.is_success and data is not None:
-        return data
-    error = data.get("error") if isinstance(data, dict) else None
-    if isinstance(error, dict):
-        raise AdminError(str(error.get("message")), error.get("code"), error.get("param"))
-    raise AdminError(f"HTTP {r.status_code} from {url}: {r.text[:200]}", str(r.status_code))
-
-
 def run(url: str, token: str | None, method: str, path: str, **kw: Any) -> Any:
-    """`call`, turning an error into a message on stderr and exit status 1."""
+    """`gateway.admin_client.call`, turning an error into a message on stderr and exit status 1."""
     try:
         return call(url, token, method, path, **kw)
     except AdminError as exc:

@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from gateway.admin_client import AdminError, call
 from loadtest.harness.level import adapter_counters, closed_level, counted, fmt_ms, stream_workload
 from loadtest.harness.machine import load_average, machine_info
 from loadtest.harness.scenario import (
@@ -132,8 +133,8 @@ def wait_engines_ready(url: str, n: int, timeout_s: float = 120.0) -> list[dict[
     deadline = time.monotonic() + timeout_s
     while True:
         data: list[dict[str, Any]] = []
-        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-            data = httpx.get(url + "/admin/engines", timeout=10, trust_env=False).json()["data"]
+        with contextlib.suppress(AdminError, KeyError):
+            data = engines(url)
             if len(data) == n and all(e.get("state") == "ready" for e in data):
                 return data
         if time.monotonic() > deadline:
@@ -141,9 +142,13 @@ def wait_engines_ready(url: str, n: int, timeout_s: float = 120.0) -> list[dict[
         time.sleep(0.25)
 
 
+def engines(url: str) -> list[dict[str, Any]]:
+    """The gateway's ``/admin/engines`` list (no admin token: the scenarios' gateways set none)."""
+    return call(url, None, "GET", "/admin/engines", timeout=10, trust_env=False)["data"]
+
+
 def resident_by_engine(url: str) -> dict[str, list[str]]:
-    data = httpx.get(url + "/admin/engines", timeout=10, trust_env=False).json()["data"]
-    return {e["name"]: sorted(e.get("resident_models") or []) for e in data}
+    return {e["name"]: sorted(e.get("resident_models") or []) for e in engines(url)}
 
 
 def measure(
