@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from gateway.api import admin, health, openai
+from gateway.engines.client import EngineClient
 from gateway.engines.pool import EnginePool
 from gateway.errors import install_error_handlers
 from gateway.metrics import Metrics
@@ -50,9 +51,12 @@ async def build_registry(settings: Settings) -> Registry:
     return registry
 
 
-async def build_state(settings: Settings) -> GatewayState:
+ClientFactory = Callable[[Settings], EngineClient]
+
+
+async def build_state(settings: Settings, engine_client: ClientFactory = UpstreamClient) -> GatewayState:
     metrics = Metrics()
-    client = UpstreamClient(settings)
+    client = engine_client(settings)
     registry = await build_registry(settings)
     pool = EnginePool(settings, client, metrics)
     residency = Residency(
@@ -104,10 +108,13 @@ async def collect_garbage(state: GatewayState, interval_s: float = 300.0) -> Non
             log.info("removed %d unreferenced adapter blob(s)", len(removed))
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, engine_client: ClientFactory = UpstreamClient) -> FastAPI:
+    """The gateway's ASGI app. `engine_client(settings)` builds, inside the running loop, what every engine
+    call goes through (gateway/engines/client.py): aiohttp in production, an in-memory vLLM in fast tests."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = await build_state(settings)
+        state = await build_state(settings, engine_client)
         app.state.gateway = state
         await state.pool.start()
         log.info(

@@ -11,7 +11,8 @@
    replica instead of being loaded on (and evicting from) every replica in turn.
 
 What is resident where is read from residency (`Residency.view(engine)`), never written here.
-Load = requests in flight through this gateway + vLLM's own waiting queue (read at each probe).
+Load = requests in flight through this gateway (each holds a `Slot` from `take`) + vLLM's own waiting
+queue (read at each probe).
 `round_robin` ignores all that; it is the baseline the load tests compare against.
 No replica available: 503 with Retry-After, which the OpenAI SDKs retry.
 """
@@ -30,6 +31,23 @@ from gateway.residency.state import EngineResidency, ResidencyView
 
 def _rendezvous(key: str, engine: Engine) -> int:
     return int.from_bytes(hashlib.blake2b(f"{key}|{engine.name}".encode(), digest_size=8).digest(), "big")
+
+
+class Slot:
+    """One request's place on one engine: counted in the engine's `active` (its load) until released;
+    `release()` is idempotent."""
+
+    __slots__ = ("engine", "_released")
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._released = False
+        engine.status.active += 1
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.engine.status.active -= 1
 
 
 class Router:
@@ -58,6 +76,10 @@ class Router:
     @property
     def engines(self) -> list[Engine]:
         return list(self._engines())
+
+    def take(self, target: Target, exclude: Collection[Engine] = ()) -> Slot:
+        """A slot on the engine `pick` chooses: the request counts in that engine's load until released."""
+        return Slot(self.pick(target, exclude))
 
     def pick(self, target: Target, exclude: Collection[Engine] = ()) -> Engine:
         engines = self.engines

@@ -6,20 +6,20 @@ import time
 from dataclasses import dataclass, field
 
 from gateway.engines.base import Engine
+from gateway.engines.client import EngineClient
 from gateway.engines.pool import EnginePool
 from gateway.metrics import Metrics
 from gateway.registry.service import Registry
 from gateway.residency import Residency
 from gateway.routing import Router
 from gateway.settings import Settings
-from gateway.upstream import UpstreamClient
 
 
 @dataclass
 class GatewayState:
     settings: Settings
     metrics: Metrics
-    client: UpstreamClient
+    client: EngineClient
     registry: Registry
     pool: EnginePool
     residency: Residency

@@ -25,11 +25,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-import aiohttp
-
-from gateway.errors import GatewayError
+from gateway.engines.client import EngineClient
+from gateway.errors import EngineUnreachableError, GatewayError
 from gateway.metrics import Metrics
-from gateway.upstream import UpstreamClient
 
 log = logging.getLogger("lora_gateway.engine")
 
@@ -78,7 +76,7 @@ class Engine:
         self,
         name: str,
         base_url: str,
-        client: UpstreamClient,
+        client: EngineClient,
         *,
         probe_interval_s: float,
         unhealthy_after: int = 3,
@@ -195,7 +193,7 @@ class Engine:
             data = await self.client.get_json(self.url("/v1/models"), timeout=timeout)
         except GatewayError as exc:
             self.status.last_error = exc.message
-            self._refused = isinstance(exc.__cause__, aiohttp.ClientConnectorError)
+            self._refused = isinstance(exc, EngineUnreachableError) and exc.refused
             return None
         except ValueError as exc:  # not JSON: not a vLLM server (yet)
             self.status.last_error = f"bad /v1/models answer: {exc}"

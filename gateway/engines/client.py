@@ -17,8 +17,11 @@ from typing import Any, Protocol
 class EngineResponse(Protocol):
     """An engine's answer: status and headers are in; the body is read whole or chunk by chunk."""
 
-    status_code: int
-    headers: Mapping[str, str]
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
 
     async def read(self) -> bytes: ...
 

@@ -22,9 +22,9 @@ import sys
 import time
 
 from gateway.engines.base import Engine, EngineState
+from gateway.engines.client import EngineClient
 from gateway.metrics import Metrics
 from gateway.settings import EngineSettings
-from gateway.upstream import UpstreamClient
 
 log = logging.getLogger("lora_gateway.engine")
 vllm_log = logging.getLogger("lora_gateway.vllm")
@@ -81,7 +81,7 @@ class ManagedEngine(Engine):
         settings: EngineSettings,
         model: str,
         served_name: str,
-        client: UpstreamClient,
+        client: EngineClient,
         metrics: Metrics | None = None,
     ) -> None:
         super().__init__(

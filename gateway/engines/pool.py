@@ -20,16 +20,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 from gateway.engines.attached import AttachedEngine
 from gateway.engines.base import Engine, ProbeListener, StateLostListener
+from gateway.engines.client import EngineClient
 from gateway.engines.managed import ManagedEngine
 from gateway.metrics import Metrics
 from gateway.settings import Settings
-from gateway.upstream import UpstreamClient
 
 log = logging.getLogger("lora_gateway.engine")
 
 
 class EnginePool:
-    def __init__(self, settings: Settings, client: UpstreamClient, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: Settings, client: EngineClient, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.client = client
         self.metrics = metrics

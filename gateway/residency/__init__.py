@@ -14,13 +14,13 @@ never touch it; routing, the admin API and garbage collection read it through `v
 from __future__ import annotations
 
 from gateway.engines.base import Engine, ProbeResult
+from gateway.engines.client import EngineClient
 from gateway.metrics import Metrics
 from gateway.registry.catalog import AdapterRef
 from gateway.residency.leases import Lease, Leases
 from gateway.residency.loading import Loader
 from gateway.residency.reconcile import Reconciler
 from gateway.residency.state import ResidencyView, States
-from gateway.upstream import UpstreamClient
 
 __all__ = ["Lease", "Residency", "ResidencyView"]
 
@@ -28,7 +28,7 @@ __all__ = ["Lease", "Residency", "ResidencyView"]
 class Residency:
     def __init__(
         self,
-        client: UpstreamClient,
+        client: EngineClient,
         metrics: Metrics,
         *,
         max_resident: int,

@@ -11,19 +11,17 @@ import logging
 import time
 
 from gateway.engines.base import Engine
+from gateway.engines.client import EngineClient
 from gateway.errors import EngineUnavailableError, GatewayError, UpstreamError
 from gateway.metrics import Metrics
 from gateway.registry.catalog import AdapterRef
 from gateway.residency.state import States
-from gateway.upstream import UpstreamClient
 
 log = logging.getLogger("lora_gateway.residency")
 
 
 class Loader:
-    def __init__(
-        self, client: UpstreamClient, metrics: Metrics, states: States, *, retry_after_s: int
-    ) -> None:
+    def __init__(self, client: EngineClient, metrics: Metrics, states: States, *, retry_after_s: int) -> None:
         self._client = client
         self._metrics = metrics
         self._states = states
