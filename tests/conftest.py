@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,15 +28,10 @@ import yaml
 from fastapi import FastAPI
 
 from gateway.settings import Settings
+from loadtest.servers.serving import free_port, serve_server_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 420
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -163,11 +157,6 @@ def client(gateway_url: str) -> Iterator[openai.OpenAI]:
         yield c
 
 
-class _ThreadServer(uvicorn.Server):
-    def install_signal_handlers(self) -> None:  # not in the main thread
-        pass
-
-
 @contextlib.contextmanager
 def serve_app_server(
     settings: Settings,
@@ -177,35 +166,23 @@ def serve_app_server(
     extend: Callable[[FastAPI], None] | None = None,
     engine_client: Any = None,
 ) -> Iterator[tuple[str, uvicorn.Server]]:
-    """Run a gateway built from `settings` in a thread on a free loopback port; yield its URL and server.
+    """Run a gateway built from `settings` in a thread on a free loopback port (`serve_server_in_thread`);
+    yield its URL and server.
     `extend(app)` may add to the app first (a test's stand-in route); `engine_client` replaces the
     aiohttp client towards the engines (tests/fake_engine.py)."""
     from gateway.app import create_app
 
-    port = free_port()
     app = create_app(settings) if engine_client is None else create_app(settings, lambda _: engine_client)
     if extend is not None:
         extend(app)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    server = _ThreadServer(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("in-process gateway did not start")
-            time.sleep(0.02)
+    deadline = time.monotonic() + ready_timeout
+    with serve_server_in_thread(app, start_timeout_s=ready_timeout, stop_timeout_s=60) as (url, server):
         if wait_ready:
             while httpx.get(url + "/health", timeout=5).status_code != 200:
                 if time.monotonic() > deadline:
                     raise RuntimeError("in-process gateway never saw its engine ready")
                 time.sleep(0.1)
         yield url, server
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -24,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from loadtest.servers.serving import free_port
 
 MISSING = (
     "PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or in /usr/lib/postgresql/*/bin. "
@@ -56,12 +57,6 @@ def _as_server_user() -> tuple[list[str], int | None, int | None]:
     return ["runuser", "-u", "postgres", "--"], user.pw_uid, user.pw_gid
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(cmd: list[str], what: str, cwd: Path, log: Path | None = None) -> None:
     """`cmd` in `cwd` (the server's user may not be allowed into ours), failing the test on an error."""
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
@@ -75,7 +70,7 @@ def postgres_url() -> Iterator[str]:
     bindir = _bindir()
     prefix, uid, gid = _as_server_user()
     base = Path(tempfile.mkdtemp(prefix="lora-gateway-pg-"))
-    data, log, port = base / "data", base / "server.log", _free_port()
+    data, log, port = base / "data", base / "server.log", free_port()
     if uid is not None and gid is not None:
         os.chown(base, uid, gid)
     started = False

@@ -2,7 +2,8 @@
 
 The thread form follows httpx's own test suite (``serve_in_thread``): a real uvicorn server on a
 socket bound to a free loopback port, so requests take the real HTTP path. A subprocess gives
-the server its own interpreter (its own GIL), which benchmarks want.
+the server its own interpreter (its own GIL), which benchmarks want. The tests use the same
+``free_port`` and threads (``tests/conftest.py``'s in-process gateways).
 """
 
 from __future__ import annotations
@@ -25,6 +26,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 @contextlib.contextmanager
 def serve_in_thread(app: Any, host: str = "127.0.0.1", log_level: str = "warning") -> Iterator[str]:
     """Serve the ASGI ``app`` with uvicorn in a daemon thread; yields ``http://host:port``."""
+    with serve_server_in_thread(app, host, log_level) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def serve_server_in_thread(
+    app: Any,
+    host: str = "127.0.0.1",
+    log_level: str = "warning",
+    *,
+    start_timeout_s: float = 10.0,
+    stop_timeout_s: float = 10.0,
+) -> Iterator[tuple[str, Any]]:
+    """``serve_in_thread``, yielding the ``uvicorn.Server`` too (set its ``should_exit`` to stop it
+    as SIGTERM would); on leaving, waits up to ``stop_timeout_s`` for its shutdown."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -36,15 +52,15 @@ def serve_in_thread(app: Any, host: str = "127.0.0.1", log_level: str = "warning
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + start_timeout_s
         while not server.started:
             if time.monotonic() > deadline or not thread.is_alive():
                 raise RuntimeError("the server did not start")
             time.sleep(0.01)
-        yield f"http://{host}:{port}"
+        yield f"http://{host}:{port}", server
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
+        thread.join(timeout=stop_timeout_s)
         sock.close()
 
 
