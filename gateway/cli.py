@@ -14,6 +14,7 @@ Heavy imports (uvicorn, torch, transformers) happen inside the commands, so `--h
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -103,7 +104,7 @@ def serve(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=settings.engine.stop_timeout_s,
+        timeout_graceful_shutdown=math.ceil(settings.engine.stop_timeout_s),
     )
 
 

@@ -46,7 +46,8 @@ class AliasRequest(BaseModel):
 
 
 def _state(request: Request) -> GatewayState:
-    return request.app.state.gateway
+    state: GatewayState = request.app.state.gateway
+    return state
 
 
 @router.post("/adapters", status_code=201)

@@ -110,9 +110,9 @@ class EnginePool:
             await engine.start()
             log.info("engine %s joined (%s)", engine.name, url)
         for url in sorted(current.keys() - urls):
-            engine = current[url]
-            self.engines.remove(engine)
-            await engine.stop()
+            gone = current[url]
+            self.engines.remove(gone)
+            await gone.stop()
             log.info("engine %s left (%s no longer resolves)", engine.name, url)
 
 

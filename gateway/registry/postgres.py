@@ -106,15 +106,17 @@ class PostgresStore:
     ) -> None:
         self.where = describe_url(url)  # for messages: no user name, no password
         self._clock = clock
-        connect = {"autocommit": True, "row_factory": dict_row, "connect_timeout": max(2, round(timeout_s))}
-        try:
-            with psycopg.connect(url, **connect) as conn:  # alone first: a clear error if unreachable
+        connect_timeout = max(2, round(timeout_s))
+        try:  # alone first: a clear error if unreachable
+            with psycopg.connect(
+                url, autocommit=True, row_factory=dict_row, connect_timeout=connect_timeout
+            ) as conn:
                 self._migrate(conn)
         except psycopg.Error as exc:  # unreachable, no such database, refused login, no privilege
             raise RegistryError(f"Cannot open the registry at {self.where}: {exc}", "storage_error") from exc
         self._pool: ConnectionPool[Conn] = ConnectionPool(
             url,
-            kwargs=connect,
+            kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": connect_timeout},
             min_size=1,
             max_size=pool_size,
             timeout=timeout_s,
@@ -176,7 +178,7 @@ class PostgresStore:
                     conn.execute("UPDATE schema_version SET version = %s", (version,))
 
     def schema_version(self) -> int:
-        return self._one("SELECT version FROM schema_version")[0]["version"]
+        return int(self._one("SELECT version FROM schema_version")[0]["version"])
 
     def change_token(self) -> str:
         """Changes with every committed write, by any gateway (see `store.py`'s module doc)."""

@@ -267,7 +267,7 @@ class SqliteStore:
 
     def schema_version(self) -> int:
         with self._tx(write=False) as c:
-            return c.execute("SELECT version FROM schema_version").fetchone()[0]
+            return int(c.execute("SELECT version FROM schema_version").fetchone()[0])
 
     def change_token(self) -> str:
         """Changes with every committed write, by this or any other connection (see the module doc)."""
