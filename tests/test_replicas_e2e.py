@@ -19,12 +19,12 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.demo import RandomAdapterSpec, write_random_adapter
 from gateway.settings import Settings
 from loadtest.harness.verify import References, learn_all, request_key
 from tests.conftest import free_port, serve_app
+from tests.registry_helpers import metric
 
 pytestmark = pytest.mark.engine
 
@@ -188,12 +188,3 @@ def test_killing_a_replica_fails_no_request(replicas: dict) -> None:
 async def learn(todo: list, refs: References) -> None:
     async with httpx.AsyncClient(timeout=120) as http:
         await learn_all(http, todo, refs)
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
