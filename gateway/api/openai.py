@@ -8,21 +8,16 @@ read the body (size-capped: 413) -> JSON (400) -> validate (400, `param` names t
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
+from gateway.api.body import parse_json, read_body
 from gateway.api.schemas import ChatCompletionRequest, CompletionParams, CompletionRequest
 from gateway.auth import api_key, check_model_allowed, may_use
-from gateway.errors import (
-    InvalidRequestError,
-    ModelNotFoundError,
-    PayloadTooLargeError,
-    validation_error,
-)
+from gateway.errors import ModelNotFoundError, validation_error
 from gateway.serving import Call
 from gateway.state import GatewayState
 
@@ -78,32 +73,6 @@ def _model_card(model_id: str, created: int, *, root: str, parent: str | None = 
         "parent": parent,
         "permission": [],
     }
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(f"Request body is {declared} bytes; the limit is {limit} bytes.")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"Request body is over the limit of {limit} bytes.")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def parse_json(body: bytes) -> dict[str, Any]:
-    if not body.strip():
-        raise InvalidRequestError("The request body is empty; expected a JSON object.", code="invalid_json")
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"The request body is not valid JSON: {exc}", code="invalid_json") from exc
-    if not isinstance(payload, dict):
-        raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
-    return payload
 
 
 def validate(payload: dict[str, Any], schema: type[CompletionParams]) -> CompletionParams:
