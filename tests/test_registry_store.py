@@ -22,15 +22,14 @@ import pytest
 from adapters.validate import AdapterValidationError
 from gateway.registry.blobs import BlobStore
 from gateway.registry.service import Registry, RegistryLimits
+from gateway.registry.sqlite import SCHEMA_VERSION, SqliteStore
 from gateway.registry.store import (
     READY,
     RETIRED,
-    SCHEMA_VERSION,
     AdapterVersion,
     RegistryError,
     RegistryNotFoundError,
     RegistryStore,
-    SqliteStore,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,7 +223,7 @@ def test_two_connections_see_each_other(db: Path) -> None:
 CRASHING_CHILD = textwrap.dedent(
     """
     import os, sys
-    from gateway.registry.store import SqliteStore
+    from gateway.registry.sqlite import SqliteStore
 
     class CrashMidway(SqliteStore):
         def _insert_version(self, c, record):

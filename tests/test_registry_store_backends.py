@@ -26,18 +26,14 @@ import tests.test_registry_store as sqlite_suite
 from gateway.registry import postgres
 from gateway.registry.open import open_store
 from gateway.registry.postgres import PostgresStore
-from gateway.registry.store import (
-    MIGRATIONS as SQLITE_MIGRATIONS,
-)
+from gateway.registry.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
+from gateway.registry.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
+from gateway.registry.sqlite import SqliteStore
 from gateway.registry.store import (
     RETIRED,
     RegistryError,
     RegistryNotFoundError,
     RegistryStore,
-    SqliteStore,
-)
-from gateway.registry.store import (
-    SCHEMA_VERSION as SQLITE_SCHEMA_VERSION,
 )
 from tests.pg import new_database
 from tests.test_registry_store import add, digest, resolve
@@ -181,7 +177,7 @@ CRASHING_CHILD = textwrap.dedent(
     """
     import os, sys
     from gateway.registry.postgres import PostgresStore
-    from gateway.registry.store import SqliteStore
+    from gateway.registry.sqlite import SqliteStore
 
     kind = {"SqliteStore": SqliteStore, "PostgresStore": PostgresStore}[sys.argv[1]]
 

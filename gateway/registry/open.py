@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gateway.registry.store import RegistryStore, SqliteStore
+from gateway.registry.sqlite import SqliteStore
+from gateway.registry.store import RegistryStore
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
