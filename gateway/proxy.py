@@ -1,9 +1,10 @@
 """Forwarding one validated inference request to an engine and its answer back to the client.
 
 Non-streaming: one upstream call, the JSON answer passed on (its `model` set back to what the client
-asked for). Streaming: the engine's SSE bytes are passed on as they arrive, never buffered whole; when
-the client goes away the upstream response is closed, so vLLM aborts the generation. An error after
-the first byte is sent as one `data: {"error": ...}` event, then the stream ends.
+asked for); a client that leaves before the answer is ready drops the upstream call, so vLLM aborts.
+Streaming: the engine's SSE bytes are passed on as they arrive, never buffered whole; when the client
+goes away the upstream response is closed, so vLLM aborts the generation. An error after the first
+byte is sent as one `data: {"error": ...}` event, then the stream ends.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 from fastapi.responses import Response, StreamingResponse
@@ -20,6 +21,7 @@ from gateway.engines.client import EngineClient, EngineResponse
 from gateway.errors import GatewayError, from_upstream, sse_error_event
 
 Finish = Callable[[int, str | None, dict[str, Any] | None], None]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]  # ASGI's receive
 
 
 def model_rewrite(engine_model: str, requested: str) -> tuple[bytes, bytes]:
@@ -106,13 +108,41 @@ async def forward_json(
     headers: dict[str, str],
     rewrite: tuple[bytes, bytes] | None,
     finish: Finish,
+    receive: Receive | None = None,
 ) -> Response:
     """Non-streaming: the engine's JSON bytes, `model` put back by an exact byte replacement.
 
     vLLM writes compact JSON, so `"model":"<engine name>"` appears exactly as built in `SseRewriter`.
+    While vLLM generates, `receive` (the client's ASGI channel, its body already read) is watched: a
+    client that leaves cancels the exchange, the upstream connection is dropped, vLLM aborts the
+    generation, and the request is recorded as 499 (nobody reads the answer).
     """
-    response = await client.send("POST", url, content=content, headers=headers)
-    payload = await response.read()
+    exchange = asyncio.current_task()
+    left = False
+
+    async def watch(receive: Receive, exchange: asyncio.Task[Any]) -> None:
+        nonlocal left
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        left = True
+        exchange.cancel()
+
+    watcher = None if receive is None or exchange is None else asyncio.create_task(watch(receive, exchange))
+    response: EngineResponse | None = None
+    try:
+        response = await client.send("POST", url, content=content, headers=headers)
+        payload = await response.read()
+    except asyncio.CancelledError:
+        if not left or exchange is None:
+            raise
+        exchange.uncancel()  # our own cancel: the client left, nothing is wrong
+        if response is not None:
+            response.close()
+        finish(499, "client_disconnected", None)
+        return Response(status_code=499)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
     if response.status_code >= 400:
         raise from_upstream(response.status_code, payload)
     if rewrite is not None:

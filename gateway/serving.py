@@ -29,7 +29,7 @@ from gateway.api.schemas import CompletionParams
 from gateway.engines.base import Engine
 from gateway.errors import GatewayError, UpstreamError, UpstreamResponseError
 from gateway.metrics import UNKNOWN, model_label
-from gateway.proxy import SseRewriter, forward_json, forward_stream, model_rewrite
+from gateway.proxy import Receive, SseRewriter, forward_json, forward_stream, model_rewrite
 from gateway.registry.catalog import Target
 from gateway.residency import Lease
 from gateway.routing import Slot
@@ -81,6 +81,7 @@ class Call:
         payload: dict[str, Any],
         body: bytes,
         request_id: str | None,
+        receive: Receive | None = None,
     ) -> Response:
         """Place the request on an engine, forward it, and retry once while nothing reached the client.
         `body` is sent as it came unless the engine needs another model name or the usage event."""
@@ -98,7 +99,8 @@ class Call:
         while True:
             engine = await self._place(target, excluded)
             try:
-                return await self._forward(engine.url(self.route), body, headers, parsed, target, drop_usage)
+                url = engine.url(self.route)
+                return await self._forward(url, body, headers, parsed, target, drop_usage, receive)
             except UpstreamResponseError as exc:
                 # vLLM no longer has the adapter (restarted, or unloaded by someone else since our last
                 # probe): forget it, so the retry loads it again.
@@ -135,6 +137,7 @@ class Call:
         parsed: CompletionParams,
         target: Target,
         drop_usage: bool,
+        receive: Receive | None,
     ) -> Response:
         state, requested = self.state, parsed.model
         if parsed.stream:
@@ -148,7 +151,7 @@ class Call:
                 on_first_chunk=state.metrics.child(state.metrics.ttft, self.label).observe,
             )
         rewrite = model_rewrite(target.engine_model, requested) if target.engine_model != requested else None
-        return await forward_json(state.client, url, body, headers, rewrite, self.finish)
+        return await forward_json(state.client, url, body, headers, rewrite, self.finish, receive)
 
     def let_go(self) -> None:
         """Give back what this request holds on its engine (before a retry, or when it ends)."""

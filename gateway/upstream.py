@@ -7,7 +7,9 @@ the difference between ~1,000 and several thousand requests per second per gatew
 Created in the app's lifespan (it needs the running loop), closed at shutdown. Explicit timeouts
 suited to long streams: `read_s` bounds the silence between two chunks, not the whole response.
 
-    every pooled connection busy for `timeouts.pool_s`     -> EngineUnavailableError 503 + Retry-After
+    every pooled connection busy for `timeouts.pool_s`     -> EngineUnavailableError 503 `overloaded` +
+                                                              Retry-After (no cool-down: the engine is fine)
+    probes and health checks: a small pool of their own, so a full request pool never fails them
     aiohttp.ClientConnectorError, ConnectionTimeoutError   -> UpstreamError 502 (engine unreachable)
     aiohttp.SocketTimeoutError / ServerTimeoutError, TimeoutError -> UpstreamTimeoutError 504
     other aiohttp.ClientError (disconnects, bad payloads)   -> UpstreamError 502
@@ -33,6 +35,7 @@ from gateway.errors import (
 from gateway.settings import Settings
 
 TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+PROBE_CONNECTIONS = 16  # the probes' own pool, all engines together (2 per engine)
 
 
 def map_transport_error(exc: BaseException, what: str = "engine") -> GatewayError:
@@ -117,9 +120,19 @@ class UpstreamClient:
             skip_auto_headers=("User-Agent",),
             trace_configs=[pool_trace],
         )
+        # Probes and health checks on a small pool of their own: a pool full of requests must not make a
+        # healthy engine look dead (its probes would wait behind the requests, time out, and take it out).
+        self.probes = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=PROBE_CONNECTIONS, limit_per_host=2, keepalive_timeout=30),
+            timeout=aiohttp.ClientTimeout(total=t.admin_s, sock_connect=t.connect_s),
+            auto_decompress=False,
+            trust_env=False,
+            skip_auto_headers=("User-Agent",),
+        )
 
     async def aclose(self) -> None:
         await self.session.close()
+        await self.probes.close()
 
     async def send(
         self,
@@ -143,6 +156,7 @@ class UpstreamClient:
                 raise EngineUnavailableError(
                     f"All {self.max_connections} connections to the {what} are busy; try again.",
                     retry_after_s=self.retry_after_s,
+                    code="overloaded",
                 ) from exc
             raise map_transport_error(exc, what) from exc
         return UpstreamResponse(response, what)
@@ -163,14 +177,23 @@ class UpstreamClient:
             raise from_upstream(response.status, body)
         return body
 
+    async def _probe(self, url: str, timeout: float) -> tuple[int, bytes]:
+        """GET on the probes' own pool: status and body."""
+        try:
+            async with self.probes.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                return response.status, await response.read()
+        except TRANSPORT_ERRORS as exc:
+            raise map_transport_error(exc) from exc
+
     async def get_json(self, url: str, *, timeout: float) -> Any:
-        response = await self.send("GET", url, timeout=timeout)
-        body = await response.read()
-        if response.status_code >= 400:
-            raise from_upstream(response.status_code, body)
+        status, body = await self._probe(url, timeout)
+        if status >= 400:
+            raise from_upstream(status, body)
         return json.loads(body)
 
+    async def get_text(self, url: str, *, timeout: float) -> tuple[int, str]:
+        status, body = await self._probe(url, timeout)
+        return status, body.decode("utf-8", "replace")
+
     async def get_status(self, url: str, *, timeout: float) -> int:
-        response = await self.send("GET", url, timeout=timeout)
-        await response.read()
-        return response.status_code
+        return (await self._probe(url, timeout))[0]

@@ -9,11 +9,13 @@ One `FakeVllm` per engine URL; it speaks the routes the gateway calls: `GET /hea
 (the base and the loaded adapters, as vLLM lists them), `GET /metrics`, `POST /v1/load_lora_adapter` and
 `/v1/unload_lora_adapter`, and `POST /v1/chat/completions` and `/v1/completions` (an answer that names
 the model that produced it, streamed as one SSE event per word). Faults on demand: refuse connections,
-drop a stream after some events, forget an adapter behind the gateway's back.
+drop a stream after some events, hang (count the calls the gateway drops), forget an adapter behind the
+gateway's back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +37,8 @@ class FakeVllm:
     refuse: bool = False  # a closed port: every call fails to connect
     drop_after_events: int | None = None  # a stream breaks after this many events
     requests: list[dict[str, Any]] = field(default_factory=list)  # inference bodies, as received
+    hang: bool = False  # completions never answer (until the gateway drops the call)
+    dropped: int = 0  # completion calls the gateway dropped (cancelled) while they hung
 
     def answer(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         if path == "/health":
@@ -120,6 +124,12 @@ class FakeEngineClient:
             return FakeResponse(200, text.encode(), None, vllm)
         body = json.loads(content) if content else None
         status, result = vllm.answer(method, path, body)
+        if vllm.hang and path.endswith("completions"):
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                vllm.dropped += 1  # what vLLM sees as a client gone: it aborts the request
+                raise
         if status != 200 or path == "/v1/models":
             return FakeResponse(status, json.dumps(result).encode(), None, vllm)
         return self._completion(vllm, path, result)
@@ -167,6 +177,10 @@ class FakeEngineClient:
         if status >= 400:
             raise from_upstream(status, json.dumps(result).encode())
         return result
+
+    async def get_text(self, url: str, *, timeout: float) -> tuple[int, str]:
+        response = await self.send("GET", url, timeout=timeout)
+        return response.status_code, (await response.read()).decode()
 
     async def get_status(self, url: str, *, timeout: float) -> int:
         vllm, path = self._engine(url)

@@ -109,9 +109,10 @@ def test_engine_not_ready_is_503_with_retry_after(cache_dir: Path, tmp_path: Pat
 def test_every_engine_connection_busy_is_503_with_retry_after(
     vllm_url: str, cache_dir: Path, tmp_path: Path, tiny_cache: dict[str, Path]
 ) -> None:
-    """`max_connections` towards the engine all in use for `timeouts.pool_s`: the engine is busy, 503 with
-    Retry-After (an OpenAI SDK retries it), not 502 "unreachable". One stream whose client reads nothing
-    holds the one connection of this gateway's pool to the real vLLM."""
+    """`max_connections` towards the engine all in use for `timeouts.pool_s`: the engine is busy, 503
+    `overloaded` with Retry-After (an OpenAI SDK retries it), not 502 "unreachable", and no cool-down: the
+    engine stays in rotation and its probes, on a pool of their own, still reach it. One stream whose
+    client reads nothing holds the one connection of this gateway's pool to the real vLLM."""
     settings = attached_settings(
         vllm_url,
         cache_dir,
@@ -119,7 +120,6 @@ def test_every_engine_connection_busy_is_503_with_retry_after(
         max_connections=1,
         timeouts={"pool_s": 0.5, "connect_s": 0.5},  # aiohttp's bound on the wait is their sum
         retry_after_s=4,
-        engine={"health_interval_s": 300},  # the probe shares the pool: one at start only
     )
     held = held_stream(tiny_cache) | {"model": "tiny-llama"}
     with (
@@ -130,9 +130,13 @@ def test_every_engine_connection_busy_is_503_with_retry_after(
         assert stream.status_code == 200
         body = {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": 2}
         r = httpx.post(url + CHAT, json=body, timeout=60)
-        assert_openai_error(r, 503, "engine_unavailable")
+        assert_openai_error(r, 503, "overloaded")
         assert r.headers["retry-after"] == "4"
         assert "busy" in r.json()["error"]["message"]
+        health = httpx.get(url + "/health", timeout=30)
+        assert health.status_code == 200, "probes do not queue behind requests"
+        [info] = httpx.get(url + "/admin/engines").json()["data"]
+        assert info["state"] == "ready" and not info["cooling_down"]
 
 
 def test_upstream_read_timeout_is_504(tmp_path: Path, cache_dir: Path) -> None:

@@ -7,6 +7,9 @@ developer most of the signal without starting one.
 from __future__ import annotations
 
 import contextlib
+import json
+import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -145,4 +148,28 @@ def test_a_stream_broken_after_its_first_events_ends_with_one_error_event(make_g
     assert len(events) == 3 and '"error"' in events[-1] and "[DONE]" not in events[-1]
     assert all(response.closed for response in gw.client.responses), "the upstream response is closed"
     assert metric(gw.url, "lora_gateway_request_errors_total", model="demo-b", code="upstream_error") == 1
+    gw.settled()
+
+
+def test_a_non_streaming_client_that_leaves_drops_the_engine_call(make_gateway: MakeGateway) -> None:
+    """Nothing is sent to a non-streaming client before the engine has answered; if it leaves meanwhile, the
+    gateway drops the engine call (vLLM aborts; measured against the real one in
+    tests/test_streaming_disconnect.py), records 499 and lets go of the lease."""
+    gw = make_gateway()
+    vllm = gw.client.engines[A]
+    vllm.hang = True
+    host, port = gw.url.removeprefix("http://").split(":")
+    data = json.dumps({"model": "demo-a", "prompt": "hi", "max_tokens": 5}).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        head = f"POST /v1/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+        sock.sendall(head.encode() + f"content-length: {len(data)}\r\n\r\n".encode() + data)
+        deadline = time.monotonic() + 10
+        while not vllm.requests:
+            assert time.monotonic() < deadline, "the request never reached the engine"
+            time.sleep(0.01)
+    deadline = time.monotonic() + 10
+    while metric(gw.url, "lora_gateway_requests_total", model="demo-a", status="499") != 1:
+        assert time.monotonic() < deadline, "the request was never recorded as the client's departure"
+        time.sleep(0.01)
+    assert vllm.dropped == 1
     gw.settled()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import time
 from pathlib import Path
 
@@ -81,6 +82,39 @@ def test_client_disconnect_aborts_generation_in_vllm(gateway_url: str, vllm_url:
     assert after - before < requested, (
         f"the generation ran to its end after the client left ({at_leave - before:.0f} tokens before)"
     )
+    assert after - at_leave < 0.25 * requested, (
+        f"vLLM generated {after - at_leave:.0f} tokens after the client left, {at_leave - before:.0f} before"
+    )
+
+
+def test_a_non_streaming_client_that_leaves_aborts_generation_in_vllm(
+    gateway_url: str, vllm_url: str, context: int
+) -> None:
+    """Nothing reaches a non-streaming client before vLLM has finished; one that leaves meanwhile (a client
+    timeout) makes the gateway drop its call, and vLLM aborts. Timed by vLLM's own gauge, as above."""
+    requested = N * (context - 64)
+    body = {"model": "demo-b", "prompt": "hello", "max_tokens": context - 64, "n": N, "temperature": 1.0,
+            "seed": 2, "ignore_eos": True}  # fmt: skip
+    host, port = gateway_url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    before = settled_tokens(vllm_url)
+    with socket.create_connection((host, int(port))) as sock:
+        head = f"POST /v1/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+        sock.sendall(head.encode() + f"content-length: {len(data)}\r\n\r\n".encode() + data)
+        deadline = time.monotonic() + 30
+        while running_requests(vllm_url) < 1:
+            assert time.monotonic() < deadline, "vLLM never ran the request"
+            time.sleep(0.01)
+    left = time.monotonic()
+    at_leave = generated_tokens(vllm_url)
+    while running_requests(vllm_url) > 0:
+        assert time.monotonic() - left < 5, "vLLM still runs the request 5 s after the client left"
+        time.sleep(0.01)
+    print(
+        f"\nvLLM stopped running the request {1000 * (time.monotonic() - left):.0f} ms after the client left"
+    )
+    after = settled_tokens(vllm_url)
+    assert after - before < requested, "the generation ran to its end after the client left"
     assert after - at_leave < 0.25 * requested, (
         f"vLLM generated {after - at_leave:.0f} tokens after the client left, {at_leave - before:.0f} before"
     )

@@ -206,11 +206,10 @@ class Engine:
     async def _read_queue(self, timeout: float) -> None:
         """vLLM's scheduler queue, from its Prometheus metrics (best effort: absent on other servers)."""
         try:
-            response = await self.client.send("GET", self.url("/metrics"), timeout=timeout)
-            text = (await response.read()).decode("utf-8", "replace")
+            status, text = await self.client.get_text(self.url("/metrics"), timeout=timeout)
         except GatewayError:
             return
-        if response.status_code != 200:
+        if status != 200:
             return
         self.status.waiting = _metric_sum(text, "vllm:num_requests_waiting")
         self.status.running = _metric_sum(text, "vllm:num_requests_running")

@@ -52,8 +52,13 @@ class EngineClient(Protocol):
         """A small admin call (load/unload an adapter); our error for a non-2xx answer."""
         ...
 
+    # Probes (`/v1/models`, `/metrics`, `/health`): never queued behind requests (their own pool).
     async def get_json(self, url: str, *, timeout: float) -> Any:
         """GET a JSON document (a probe's `/v1/models`); our error for a non-2xx answer."""
+        ...
+
+    async def get_text(self, url: str, *, timeout: float) -> tuple[int, str]:
+        """GET a text document (vLLM's `/metrics`): status and text."""
         ...
 
     async def get_status(self, url: str, *, timeout: float) -> int: ...
