@@ -205,6 +205,23 @@ class Settings(BaseSettings):
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
     max_body_bytes: int = Field(8 * 1024 * 1024, description="Largest accepted request body (413 above).")
+    max_admin_body_bytes: int = Field(
+        64 * 1024,
+        ge=1,
+        description="Largest accepted admin request body (413 above); read only once the caller is admitted.",
+    )
+    max_choices: int = Field(
+        128,
+        ge=1,
+        description="Most completions one request may ask for: its prompts (a completions `prompt` list) "
+        "times `n` (400 above, `param` names `n`, or `prompt` when n is 1).",
+    )
+    max_output_tokens: int = Field(
+        32768,
+        ge=1,
+        description="Largest `max_tokens` (and chat `max_completion_tokens`) accepted (400 above, `param` "
+        "names the field). A request that sets neither is bounded by the engine's context length.",
+    )
     retry_after_s: int = Field(5, description="Retry-After sent with 503 while the engine is not ready.")
     routing: Literal["affinity", "round_robin"] = Field(
         "affinity", description="How a request picks a replica (see gateway/routing.py)."

@@ -83,7 +83,8 @@ def test_body_over_the_limit_is_413(gateway_url: str) -> None:
 
 
 def test_engine_error_is_passed_through_in_openai_shape(gateway_url: str) -> None:
-    body = {"model": "demo-a", "messages": MESSAGES, "max_tokens": 100000}
+    # over the tiny model's context (1024), under the gateway's own cap (max_output_tokens, 32768)
+    body = {"model": "demo-a", "messages": MESSAGES, "max_tokens": 5000}
     error = assert_openai_error(httpx.post(gateway_url + CHAT, json=body), 400, "400", "max_tokens")
     assert error["type"] == "invalid_request_error"
     assert "max_tokens" in error["message"]

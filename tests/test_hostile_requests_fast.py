@@ -7,6 +7,7 @@ error, never a 500, and the gateway goes on.
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -98,3 +99,89 @@ def test_nesting_deeper_than_the_limit_is_400_and_at_the_limit_is_served(make_ga
     over = [{"role": "user", "content": content(MAX_JSON_DEPTH - 2)}]
     error = error_of(gw.post(CHAT, {"model": "demo-a", "messages": over}), 400, "invalid_json")
     assert str(MAX_JSON_DEPTH) in error["message"]
+
+
+# --- 3. unbounded work, admin bodies ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        (COMPLETIONS, {"prompt": ["p"] * 5}, "prompt"),
+        (COMPLETIONS, {"prompt": ["p", "q"], "n": 3}, "n"),
+        (COMPLETIONS, {"prompt": [[1, 2], [3], [4], [5], [6]]}, "prompt"),
+        (CHAT, {"messages": MESSAGES, "n": 5}, "n"),
+        (COMPLETIONS, {"prompt": "p", "max_tokens": 101}, "max_tokens"),
+        (CHAT, {"messages": MESSAGES, "max_tokens": 101}, "max_tokens"),
+        (CHAT, {"messages": MESSAGES, "max_completion_tokens": 101}, "max_completion_tokens"),
+    ],
+)
+def test_requests_over_the_work_caps_are_400_naming_the_field(
+    make_gateway: MakeGateway, path: str, body: dict[str, Any], param: str
+) -> None:
+    gw = make_gateway(max_choices=4, max_output_tokens=100)
+    error = error_of(gw.post(path, {"model": "demo-a", **body}), 400, "invalid_value", param)
+    assert "at most" in error["message"]
+    assert not gw.vllm.requests, "nothing reached the engine"
+
+
+def test_requests_at_the_work_caps_are_served(make_gateway: MakeGateway) -> None:
+    gw = make_gateway(max_choices=4, max_output_tokens=100)
+    for path, body in [
+        (COMPLETIONS, {"prompt": ["p", "q"], "n": 2, "max_tokens": 100}),
+        (COMPLETIONS, {"prompt": [1, 2, 3, 4, 5, 6], "n": 4}),  # one prompt of token ids
+        (CHAT, {"messages": MESSAGES, "n": 4, "max_completion_tokens": 100}),
+    ]:
+        assert gw.post(path, {"model": "demo-a", **body}).status_code == 200
+    assert len(gw.vllm.requests) == 3
+
+
+def test_default_caps(make_gateway: MakeGateway) -> None:
+    gw = make_gateway()
+    r = gw.post(COMPLETIONS, {"model": "demo-a", "prompt": ["p"] * 129})
+    error_of(r, 400, "invalid_value", "prompt")
+    r = gw.post(CHAT, {"model": "demo-a", "messages": MESSAGES, "max_tokens": 32769})
+    error_of(r, 400, "invalid_value", "max_tokens")
+    assert gw.post(COMPLETIONS, {"model": "demo-a", "prompt": ["p"] * 128}).status_code == 200
+
+
+def raw_status(url: str, head: str, timeout: float = 5.0) -> int:
+    """Send only a request's head (its body promised by Content-Length, never sent): the status line the
+    gateway answers with, or a timeout if it waits for the body."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n")
+        status_line = sock.makefile("rb").readline().decode()
+    return int(status_line.split()[1])
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("POST", "/admin/adapters"), ("PUT", "/admin/adapters/demo-a/alias")]
+)
+def test_admin_refuses_before_reading_the_body(make_gateway: MakeGateway, method: str, path: str) -> None:
+    gw = make_gateway(auth={"admin_token": ADMIN})
+    head = f"{method} {path} HTTP/1.1\nhost: x\ncontent-type: application/json\ncontent-length: 1000000\n"
+    assert raw_status(gw.url, head) == 401, "unauthenticated: refused without waiting for the body"
+    authed = head + f"authorization: Bearer {ADMIN}\n"
+    assert raw_status(gw.url, authed) == 413, "over max_admin_body_bytes: refused from its Content-Length"
+
+
+def test_admin_bodies_are_capped_and_parsed_like_inference_bodies(make_gateway: MakeGateway) -> None:
+    gw = make_gateway(auth={"admin_token": ADMIN}, max_admin_body_bytes=1000)
+    auth = {"authorization": f"Bearer {ADMIN}"}
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b'{"name": "x", "source": "'
+        yield b"y" * 2000
+        yield b'"}'
+
+    r = httpx.post(gw.url + "/admin/adapters", content=chunks(), headers=auth, timeout=10)
+    error_of(r, 413, "payload_too_large")
+    deep = b'{"name": "x", "source": ' + b"[" * 70 + b"]" * 70 + b"}"
+    error = error_of(gw.post("/admin/adapters", content=deep, headers=dict(auth)), 400, "invalid_json")
+    assert "nest" in error["message"]
+    error_of(gw.post("/admin/adapters", {"source": "/nowhere"}, headers=auth), 400, "invalid_value", "name")
+    r = httpx.put(gw.url + "/admin/adapters/demo-a/alias", json={"version": 0}, headers=auth, timeout=10)
+    error_of(r, 400, "invalid_value", "version")
+    r = httpx.put(gw.url + "/admin/adapters/demo-a/alias", json={"version": 1}, headers=auth, timeout=10)
+    assert r.status_code == 200, r.text

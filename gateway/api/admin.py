@@ -10,18 +10,23 @@ GET    /admin/engines                     state, resident adapters, in-flight co
 
 A refusal (validation, source, no such adapter or version) is raised by the registry as an
 `AdapterRefusedError` and leaves as the status `gateway/errors.py` gives its code.
+
+Bodies are read by the routes themselves (gateway/api/body.py: `max_admin_body_bytes`, 413; JSON nested
+64 levels at most), after `require_admin` has admitted the caller: FastAPI reads a declared body before it
+runs a router's dependencies, so an unauthenticated client could otherwise make it read and parse any body.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gateway.api.body import parse_json, read_body
 from gateway.auth import require_admin
-from gateway.errors import NotFoundError
+from gateway.errors import NotFoundError, validation_error
 from gateway.registry.service import describe_adapter, describe_version
 from gateway.state import GatewayState
 
@@ -45,13 +50,32 @@ class AliasRequest(BaseModel):
     version: int = Field(ge=1)
 
 
+Body = TypeVar("Body", bound=BaseModel)
+
+
 def _state(request: Request) -> GatewayState:
     state: GatewayState = request.app.state.gateway
     return state
 
 
-@router.post("/adapters", status_code=201)
-async def register(body: RegisterRequest, request: Request) -> JSONResponse:
+async def _body(request: Request, schema: type[Body]) -> Body:
+    """The request's body as `schema`, read now that the caller is admitted: capped, parsed, validated."""
+    payload = parse_json(await read_body(request, _state(request).settings.max_admin_body_bytes))
+    try:
+        return schema.model_validate(payload)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from exc
+
+
+def _documented(schema: type[BaseModel]) -> dict[str, Any]:
+    """The body `_body` reads, for the OpenAPI schema (FastAPI does not see it)."""
+    content = {"application/json": {"schema": schema.model_json_schema()}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+@router.post("/adapters", status_code=201, openapi_extra=_documented(RegisterRequest))
+async def register(request: Request) -> JSONResponse:
+    body = await _body(request, RegisterRequest)
     state = _state(request)
     version = await state.registry.register(
         body.name,
@@ -106,8 +130,9 @@ async def unpin(name: str, request: Request) -> dict[str, Any]:
     return await _pin(request, name, False)
 
 
-@router.put("/adapters/{name}/alias")
-async def set_alias(name: str, body: AliasRequest, request: Request) -> dict[str, Any]:
+@router.put("/adapters/{name}/alias", openapi_extra=_documented(AliasRequest))
+async def set_alias(name: str, request: Request) -> dict[str, Any]:
+    body = await _body(request, AliasRequest)
     adapter = await _state(request).registry.set_alias(name, body.version)
     return describe_adapter(adapter)
 

@@ -1,6 +1,7 @@
 """OpenAI-compatible inference routes: chat completions, completions, models. HTTP only:
 
-read the body (size-capped: 413) -> JSON (400) -> validate (400, `param` names the field)
+read the body (size-capped: 413) -> JSON (400) -> validate (400, `param` names the field), and the
+   work asked for is capped (prompts x n, max_tokens: 400 naming the field)
 -> check the API key (401/403) -> resolve `model` in the registry (404)
 -> gateway/serving.py: place on an engine (503 when none is ready), lease the adapter there,
    forward (gateway/proxy.py), retry once while nothing reached the client, release on every path
@@ -17,8 +18,9 @@ from pydantic import ValidationError
 from gateway.api.body import parse_json, read_body
 from gateway.api.schemas import ChatCompletionRequest, CompletionParams, CompletionRequest
 from gateway.auth import api_key, check_model_allowed, may_use
-from gateway.errors import ModelNotFoundError, validation_error
+from gateway.errors import InvalidRequestError, ModelNotFoundError, validation_error
 from gateway.serving import Call
+from gateway.settings import Settings
 from gateway.state import GatewayState
 
 router = APIRouter()
@@ -82,6 +84,29 @@ def validate(payload: dict[str, Any], schema: type[CompletionParams]) -> Complet
         raise validation_error(exc.errors()) from exc
 
 
+def check_limits(parsed: CompletionParams, settings: Settings) -> None:
+    """The work one request may ask for: `max_output_tokens` per completion, `max_choices` completions
+    (prompts x n, each one a sequence vLLM generates). 400 naming the field."""
+    cap = settings.max_output_tokens
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = getattr(parsed, field, None)
+        if value is not None and value > cap:
+            raise InvalidRequestError(
+                f"Invalid value for '{field}': {value}; this gateway allows at most {cap}.",
+                param=field,
+                code="invalid_value",
+            )
+    prompts = parsed.prompt_count()
+    if prompts * parsed.n > settings.max_choices:
+        asked = f"{prompts} prompts x n={parsed.n}" if prompts > 1 else f"n={parsed.n}"
+        raise InvalidRequestError(
+            f"The request asks for {asked} = {prompts * parsed.n} completions; this gateway allows at most "
+            f"{settings.max_choices} per request.",
+            param="n" if parsed.n > 1 else "prompt",
+            code="invalid_value",
+        )
+
+
 async def _complete(request: Request, route: str, schema: type[CompletionParams]) -> Response:
     state: GatewayState = request.app.state.gateway
     async with Call(state, route) as call:
@@ -90,6 +115,7 @@ async def _complete(request: Request, route: str, schema: type[CompletionParams]
         payload = parse_json(body)
         target = call.resolve(payload)
         parsed = validate(payload, schema)
+        check_limits(parsed, state.settings)
         if target is None:
             raise ModelNotFoundError(parsed.model)
         check_model_allowed(key, target.label)

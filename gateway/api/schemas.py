@@ -24,6 +24,10 @@ class CompletionParams(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stream_options: dict[str, Any] | None = None
 
+    def prompt_count(self) -> int:
+        """Prompts in this request: vLLM runs each `n` times."""
+        return 1
+
     @field_validator("stream", mode="before")
     @classmethod
     def _strict_bool(cls, value: Any) -> Any:
@@ -46,6 +50,11 @@ class ChatCompletionRequest(CompletionParams):
 
 class CompletionRequest(CompletionParams):
     prompt: str | list[str] | list[int] | list[list[int]]
+
+    def prompt_count(self) -> int:
+        """A string or a list of token ids is one prompt; a list of them is one each."""
+        prompt = self.prompt
+        return 1 if isinstance(prompt, str) or isinstance(prompt[0], int) else len(prompt)
 
     @field_validator("prompt")
     @classmethod
