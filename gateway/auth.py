@@ -1,7 +1,13 @@
 """Who may call what.
 
 Admin routes: `Authorization: Bearer <auth.admin_token>` (compared in constant time) when a token is set;
-with no token set they answer loopback clients only (403 for anyone else).
+with no token set they answer local clients only (403 for anyone else). Local is decided from the socket
+peer alone: a loopback address, and no proxy header (`Forwarded`, `X-Forwarded-For`, `X-Real-IP`) on
+the request. A reverse proxy on the same host connects from loopback for every client, and uvicorn's
+proxy-header support rewrites the peer from `X-Forwarded-For` (from any peer it is told to trust, which
+`FORWARDED_ALLOW_IPS=*` makes every peer); a relayed request is never taken for a local one. `serve`
+runs uvicorn without proxy headers, and refuses to listen on a non-loopback host with no admin token
+unless `auth.insecure_admin` says so (`admin_exposure_problem`).
 
 Inference routes: open when no API keys are configured. Otherwise a valid key is required (401), and a
 key may call only the models its globs match (403); the base model is matched by its own name.
@@ -26,7 +32,19 @@ def bearer(request: Request) -> str | None:
 
 
 def is_loopback(request: Request) -> bool:
-    host = request.client.host if request.client else ""
+    """The socket peer is a loopback address (as the ASGI server reports it)."""
+    return is_loopback_host(request.client.host if request.client else "")
+
+
+#: Headers a reverse proxy adds: a request carrying one was relayed, its socket peer is the proxy.
+PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+
+
+def is_relayed(request: Request) -> bool:
+    return any(name in request.headers for name in PROXY_HEADERS)
+
+
+def is_loopback_host(host: str) -> bool:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -40,6 +58,12 @@ def require_admin(request: Request) -> None:
     settings: Settings = request.app.state.gateway.settings
     expected = settings.auth.admin_token
     if expected is None:
+        if is_relayed(request):
+            raise PermissionDeniedError(
+                "Admin routes answer local clients only when no admin token is configured, and this "
+                "request was relayed by a proxy (it carries a forwarding header).",
+                code="admin_loopback_only",
+            )
         if not is_loopback(request):
             raise PermissionDeniedError(
                 "Admin routes answer loopback clients only when no admin token is configured.",
@@ -74,3 +98,17 @@ def may_use(key: ApiKey | None, model: str) -> bool:
 def check_model_allowed(key: ApiKey | None, name: str) -> None:
     if not may_use(key, name):
         raise PermissionDeniedError(f"This API key may not use the model `{name}`.", param="model")
+
+
+def admin_exposure_problem(settings: Settings) -> str | None:
+    """Why `serve` should not start with these settings: listening beyond loopback with tokenless admin
+    routes (any proxy on the host would make every client local). None when fine."""
+    if settings.auth.admin_token is not None or settings.auth.insecure_admin:
+        return None
+    if is_loopback_host(settings.host):
+        return None
+    return (
+        f"refusing to listen on {settings.host} with no admin token: set auth.admin_token "
+        "(LORA_GATEWAY_AUTH__ADMIN_TOKEN), or pass --insecure-admin (auth.insecure_admin) to serve "
+        "tokenless admin routes to loopback peers anyway"
+    )

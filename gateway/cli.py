@@ -69,11 +69,19 @@ def serve(
         list[str] | None, typer.Option(help="Extra vLLM argument, repeatable (--vllm-arg=--dtype=float32).")
     ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+    insecure_admin: Annotated[
+        bool | None,
+        typer.Option(
+            "--insecure-admin",
+            help="Listen on a non-loopback host with no admin token (auth.insecure_admin).",
+        ),
+    ] = None,
 ) -> None:
     """Start the gateway (and, in managed mode, the vLLM engine it supervises)."""
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.auth import admin_exposure_problem
     from gateway.settings import load_settings
 
     engine: dict[str, Any] = {
@@ -95,7 +103,11 @@ def serve(
         cache_dir=cache_dir,
         log_level=log_level,
         engine=engine,
+        auth={"insecure_admin": insecure_admin},
     )
+    if problem := admin_exposure_problem(settings):
+        typer.echo(f"lora-gateway serve: {problem}", err=True)
+        raise typer.Exit(2)
     _setup_logging(settings.log_level)
     if settings.engine.mode == "managed" and settings.engine.model is None:
         _ensure_embedded(settings.cache_dir, settings.base_model_name(), demo=settings.adapters_dir is None)
@@ -105,6 +117,9 @@ def serve(
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=math.ceil(settings.engine.stop_timeout_s),
+        # The client address is the socket peer, never X-Forwarded-For: the admin routes' loopback rule
+        # depends on it (gateway/auth.py).
+        proxy_headers=False,
     )
 
 

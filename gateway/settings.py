@@ -145,6 +145,11 @@ class AuthSettings(BaseModel):
     api_keys: list[ApiKey] = Field(
         default_factory=list, description="Inference keys. Empty: inference routes are open."
     )
+    insecure_admin: bool = Field(
+        False,
+        description="Let `serve` listen on a non-loopback host with no admin_token (refused otherwise): "
+        "admin routes then answer loopback peers without a token, which a proxy on the host can relay to.",
+    )
 
 
 class RegistrySettings(BaseModel):

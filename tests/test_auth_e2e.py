@@ -1,7 +1,8 @@
 """Who may call what, over real HTTP: the admin token, loopback-only admin without one, API keys with globs.
 
-A client behind a reverse proxy on the same host is told apart from a local one by `X-Forwarded-For`,
-which uvicorn honours from loopback peers only; the pure decision is also checked on a Starlette request.
+A client behind a reverse proxy on the same host is never taken for a local one: a relayed request
+(`X-Forwarded-For` and the like) is refused without a token (more cases in
+tests/test_hostile_requests_fast.py); the pure decision is also checked on a Starlette request.
 """
 
 from __future__ import annotations

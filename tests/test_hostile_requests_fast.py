@@ -185,3 +185,59 @@ def test_admin_bodies_are_capped_and_parsed_like_inference_bodies(make_gateway: 
     error_of(r, 400, "invalid_value", "version")
     r = httpx.put(gw.url + "/admin/adapters/demo-a/alias", json={"version": 1}, headers=auth, timeout=10)
     assert r.status_code == 200, r.text
+
+
+# --- 5. who is local --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"x-forwarded-for": "127.0.0.1"},  # uvicorn trusts it from a loopback peer and rewrites the client
+        {"x-forwarded-for": "203.0.113.9"},
+        {"x-real-ip": "203.0.113.9"},  # nginx's habit; uvicorn ignores it, the peer is the proxy
+        {"forwarded": "for=203.0.113.9"},
+    ],
+    ids=["xff-loopback", "xff-remote", "x-real-ip", "forwarded"],
+)
+def test_without_a_token_a_relayed_request_is_never_local(
+    make_gateway: MakeGateway, headers: dict[str, str]
+) -> None:
+    """The gateway served as the tests serve it (uvicorn's proxy headers on, trusting loopback) and reached
+    through a proxy on the same host: every such request comes from a loopback socket."""
+    gw = make_gateway()
+    assert httpx.get(gw.url + "/admin/engines", timeout=10).status_code == 200, "a local client"
+    r = httpx.get(gw.url + "/admin/engines", headers=headers, timeout=10)
+    error_of(r, 403, "admin_loopback_only")
+
+
+def run_serve(monkeypatch: pytest.MonkeyPatch, *args: str, env: dict[str, str] | None = None) -> Any:
+    """`lora-gateway serve ARGS` up to the point where uvicorn would start: (result, uvicorn.run's kwargs)."""
+    from typer.testing import CliRunner
+
+    from gateway.cli import app
+
+    for name in ("LORA_GATEWAY_CONFIG", "LORA_GATEWAY_HOST", "LORA_GATEWAY_AUTH__ADMIN_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (env or {}).items():
+        monkeypatch.setenv(name, value)
+    started: list[dict[str, Any]] = []
+    monkeypatch.setattr("gateway.app.create_app", lambda settings: settings)
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: started.append(kw | {"settings": app}))
+    result = CliRunner().invoke(app, ["serve", "--engine-url", "http://127.0.0.1:9", *args])
+    return result, started
+
+
+def test_serve_refuses_a_network_host_without_an_admin_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    result, started = run_serve(monkeypatch, "--host", "0.0.0.0")
+    assert result.exit_code == 2 and not started, result.output
+    assert "admin token" in result.output and "--insecure-admin" in result.output
+    for args, env in [
+        (("--host", "0.0.0.0", "--insecure-admin"), None),
+        (("--host", "0.0.0.0"), {"LORA_GATEWAY_AUTH__ADMIN_TOKEN": ADMIN}),
+        (("--host", "::1"), None),
+        ((), None),  # 127.0.0.1
+    ]:
+        result, started = run_serve(monkeypatch, *args, env=env)
+        assert result.exit_code == 0 and len(started) == 1, (args, result.output)
+        assert started[0]["proxy_headers"] is False, "the client address is the socket peer"
