@@ -35,6 +35,9 @@ from gateway.residency import Lease
 from gateway.routing import Slot
 from gateway.state import GatewayState
 
+# Ways a request can end while vLLM may still be generating for it (it aborts at its next step).
+ABORTED = frozenset({"client_disconnected", "upstream_timeout", "upstream_error"})
+
 
 class Call:
     """One request on its way through the gateway: where it goes and what it holds there."""
@@ -153,10 +156,14 @@ class Call:
         rewrite = model_rewrite(target.engine_model, requested) if target.engine_model != requested else None
         return await forward_json(state.client, url, body, headers, rewrite, self.finish, receive)
 
-    def let_go(self) -> None:
-        """Give back what this request holds on its engine (before a retry, or when it ends)."""
+    def let_go(self, *, aborted: bool = False) -> None:
+        """Give back what this request holds on its engine (before a retry, or when it ends). `aborted`:
+        it ended while vLLM may still run it, so the adapter stays held until vLLM has stopped."""
         if self.lease is not None:
-            self.lease.release()
+            if aborted:
+                self.lease.release_when_vllm_stops()
+            else:
+                self.lease.release()
             self.lease = None
         if self.slot is not None:
             self.slot.release()
@@ -167,7 +174,7 @@ class Call:
         if self.finished:
             return
         self.finished = True
-        self.let_go()
+        self.let_go(aborted=error in ABORTED)
         metrics, route, label = self.state.metrics, self.route, self.label
         metrics.child(metrics.in_flight, label).dec()
         metrics.child(metrics.requests, route, label, str(status)).inc()

@@ -224,3 +224,33 @@ def test_an_adapter_with_a_request_in_flight_is_never_evicted(leased: dict) -> N
         assert held <= set(info["resident_adapters"])
     settle(url)
     assert complete(url, "z").status_code == 200  # idle now: one of them makes room
+
+
+def test_an_aborted_requests_adapter_stays_held_while_vllm_runs_it(leased: dict) -> None:
+    """The client leaves a stream: the gateway drops the connection at once, but vLLM stops the request at
+    a later step. Until vLLM's own metrics stop showing the adapter running, the gateway keeps counting it
+    in flight, so no eviction can unload it under vLLM (which crashed vLLM 0.32 under load). Each look reads
+    the gateway first, then vLLM: vLLM running it after the gateway let it go would be the bug."""
+    url, vllm, key = leased["url"], leased["vllm"], leased["names"]["x"]
+    settle(url)
+    with httpx.stream("POST", url + "/v1/completions", json=held_stream_body(leased), timeout=60) as r:
+        assert r.status_code == 200
+        deadline = time.monotonic() + 30
+        while key not in vllm_running_adapters(vllm):
+            assert time.monotonic() < deadline, "vLLM never ran the request"
+    # The client has left. Look until the gateway lets go.
+    looks, running_after_leave, violations = 0, 0, []
+    deadline = time.monotonic() + 30
+    while True:
+        held = key in engine(url)["in_flight"]
+        running = key in vllm_running_adapters(vllm)
+        looks += 1
+        running_after_leave += running
+        if running and not held:
+            violations.append(f"look {looks}: vLLM runs {key}, the gateway no longer holds it")
+        if not held and not running:
+            break
+        assert time.monotonic() < deadline, "the lease was never released"
+    assert not violations, violations
+    print(f"\nvLLM still ran the aborted request in {running_after_leave} of {looks} looks; the lease waited")
+    settle(url)

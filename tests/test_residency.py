@@ -20,6 +20,7 @@ from gateway.errors import EngineUnavailableError
 from gateway.metrics import UNKNOWN, Metrics
 from gateway.registry.catalog import AdapterRef
 from gateway.residency import Residency
+from gateway.residency.loading import running_adapters
 
 A = AdapterRef("a", "lora-a", Path("/store/a"))
 B = AdapterRef("b", "lora-b", Path("/store/b"))
@@ -36,6 +37,16 @@ class FakeVllm:
         self.overlaps: list[str] = []
         self.unload_gate = asyncio.Event()
         self.unload_gate.set()
+        self.running: set[str] = set()  # what vLLM's scheduler runs (its /metrics says so)
+        self.unloaded_while_running: list[str] = []
+
+    async def get_text(self, url: str, *, timeout: float) -> tuple[int, str]:
+        running = ",".join(sorted(self.running))
+        return 200, (
+            f'vllm:lora_requests_info{{max_lora="2",running_lora_adapters="",waiting_lora_adapters=""}} 1.0\n'
+            f'vllm:lora_requests_info{{max_lora="2",running_lora_adapters="{running}",'
+            f'waiting_lora_adapters=""}} 2.0\n'
+        )
 
     async def post_json(self, url: str, payload: Any) -> bytes:
         name, op = payload["lora_name"], url.rsplit("/", 1)[-1]
@@ -45,6 +56,8 @@ class FakeVllm:
         try:
             self.calls.append((op, name))
             if op == "unload_lora_adapter":
+                if name in self.running:
+                    self.unloaded_while_running.append(name)
                 await self.unload_gate.wait()
                 self.loaded.discard(name)
             else:
@@ -351,3 +364,43 @@ async def test_requests_waiting_for_a_draining_adapter_go_on_when_the_load_gives
     assert not view.draining and view.in_flight == {"lora-a": 2}
     a1.release()
     a2.release()
+
+
+@in_loop
+async def test_an_aborted_requests_adapter_stays_held_until_vllm_stops_running_it() -> None:
+    """A client left (or a timeout): the gateway dropped the connection, but vLLM stops the request only at
+    a later step. Until its metrics no longer show the adapter running, nothing may evict it."""
+    vllm, residency, engine, _ = setup(max_resident=1, wait_timeout_s=30)
+    lease = await residency.acquire(engine, A)
+    vllm.running = {"lora-a"}
+    lease.release_when_vllm_stops()
+    want_b = asyncio.create_task(residency.acquire(engine, B))
+    await asyncio.sleep(2)  # vLLM keeps running a's request for a while
+    view = residency.view(engine)
+    assert view.in_flight == {"lora-a": 1} and not want_b.done(), "a is still held: b waits for the slot"
+    vllm.running = set()  # vLLM aborted it
+    (await asyncio.wait_for(want_b, 5)).release()
+    assert not vllm.unloaded_while_running and loads(vllm) == ["lora-a", "lora-b"]
+    assert residency.leases(engine)["lora-a"] == {"acquired": 1, "released": 1}
+
+
+@in_loop
+async def test_an_aborted_lease_is_released_at_once_when_vllm_does_not_run_it() -> None:
+    vllm, residency, engine, _ = setup(max_resident=2)
+    lease = await residency.acquire(engine, A)
+    lease.release_when_vllm_stops()  # vllm.running is empty
+    await settle()
+    assert residency.view(engine).in_flight == {}
+
+
+def test_running_adapters_reads_the_newest_lora_info_sample() -> None:
+    info = "vllm:lora_requests_info"
+    text = (
+        f"# TYPE {info} gauge\n"
+        f'{info}{{max_lora="2",running_lora_adapters="lora-a,lora-b",waiting_lora_adapters="lora-c"}} '
+        "1.7964e+09\n"
+        f'{info}{{max_lora="2",running_lora_adapters="lora-b",waiting_lora_adapters=""}} 1.7965e+09\n'
+        "vllm:num_requests_running 1.0\n"
+    )
+    assert running_adapters(text) == {"lora-b"}
+    assert running_adapters("vllm:num_requests_running 0.0\n") is None

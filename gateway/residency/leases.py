@@ -40,6 +40,11 @@ from gateway.residency.state import EngineResidency, States
 
 log = logging.getLogger("lora_gateway.residency")
 
+# An aborted request's lease is held until vLLM's metrics no longer show its adapter running or queued
+# (vLLM aborts at its next step, ~0.1-0.3 s on this CPU), polled this often, for at most this long.
+ABORT_POLL_S = 0.05
+ABORT_SETTLE_S = 10.0
+
 
 def _now() -> float:
     """The event loop's clock (time.monotonic() in production) for waits, deadlines and drains: a test's
@@ -63,6 +68,14 @@ class Lease:
             self._released = True
             self._leases.release(self.engine, self.engine_name)
 
+    def release_when_vllm_stops(self) -> None:
+        """The request ended early (client gone, a timeout, a broken stream): the gateway dropped its
+        connection, but vLLM aborts it only at its next step. The hold stays until vLLM no longer runs the
+        adapter (or `ABORT_SETTLE_S`), so nothing evicts an adapter vLLM is still using."""
+        if not self._released:
+            self._released = True
+            self._leases.release_when_vllm_stops(self.engine, self.engine_name)
+
 
 class Leases:
     def __init__(
@@ -85,6 +98,7 @@ class Leases:
         self.drain_after_s = drain_after_s
         self.retry_after_s = retry_after_s
         self._on_idle = on_idle  # the last lease of an adapter was released (a retiring one goes now)
+        self._settling: set[asyncio.Task[None]] = set()  # leases waiting for vLLM to stop an aborted request
 
     async def acquire(self, engine: Engine, ref: AdapterRef) -> Lease:
         state, key = self._states.of(engine), ref.engine_name
@@ -129,6 +143,20 @@ class Leases:
             del in_flight[key]
             state.notify()
             self._on_idle(engine, key)
+
+    def release_when_vllm_stops(self, engine: Engine, key: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._release_when_vllm_stops(engine, key))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _release_when_vllm_stops(self, engine: Engine, key: str) -> None:
+        try:
+            for _ in range(round(ABORT_SETTLE_S / ABORT_POLL_S)):  # vLLM is polled: it has no event for this
+                if not await self._loader.still_running(engine, key):
+                    break
+                await asyncio.sleep(ABORT_POLL_S)
+        finally:
+            self.release(engine, key)
 
     def counts(self, engine: Engine) -> dict[str, dict[str, int]]:
         """Per adapter (engine name): leases acquired and released on this engine so far."""

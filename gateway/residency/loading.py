@@ -8,6 +8,7 @@ both stamp `touched`, so that a probe's listing asked for before the call cannot
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 from gateway.engines.base import Engine
@@ -20,12 +21,39 @@ from gateway.residency.state import States
 log = logging.getLogger("lora_gateway.residency")
 
 
+_LORA_INFO = re.compile(r"^vllm:lora_requests_info\{([^}]*)\} (\S+)$", re.M)
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def running_adapters(metrics_text: str) -> set[str] | None:
+    """The adapters vLLM's scheduler ran or queued in its latest step, from its Prometheus text: the
+    `vllm:lora_requests_info` sample with the newest value (each label set's value is the time it was
+    last set). None when vLLM does not say (no such metric)."""
+    newest: tuple[float, set[str]] | None = None
+    for labels, value in _LORA_INFO.findall(metrics_text):
+        at = float(value)
+        if newest is None or at > newest[0]:
+            found = dict(_LABEL.findall(labels))
+            names = found.get("running_lora_adapters", "") + "," + found.get("waiting_lora_adapters", "")
+            newest = (at, {n for n in names.split(",") if n})
+    return None if newest is None else newest[1]
+
+
 class Loader:
     def __init__(self, client: EngineClient, metrics: Metrics, states: States, *, retry_after_s: int) -> None:
         self._client = client
         self._metrics = metrics
         self._states = states
         self._retry_after_s = retry_after_s
+
+    async def still_running(self, engine: Engine, key: str) -> bool:
+        """Does vLLM still run or queue a request for `key`? False when it cannot say (then nothing waits)."""
+        try:
+            status, text = await self._client.get_text(engine.url("/metrics"), timeout=2.0)
+        except GatewayError:
+            return False
+        running = running_adapters(text) if status == 200 else None
+        return running is not None and key in running
 
     async def load(self, engine: Engine, ref: AdapterRef) -> None:
         if not engine.ready:
