@@ -119,4 +119,5 @@ async def _complete(request: Request, route: str, schema: type[CompletionParams]
         if target is None:
             raise ModelNotFoundError(parsed.model)
         check_model_allowed(key, target.label)
-        return await call.send(target, parsed, payload, body, request.headers.get("x-request-id"))
+        request_id = request.headers.get("x-request-id")
+        return await call.send(target, parsed, payload, body, request_id, request.receive)
