@@ -13,8 +13,8 @@ Packages:
 
 Each scenario package has its ``run``, ``report`` and ``cli``. ``cli`` here is the typer app: ``run``,
 ``fast-upstream`` and ``benchmark`` (every scenario in turn), and the scenarios' commands.
-``train_bench`` and ``train_bench_report`` are aliases only: the GPU training benchmark is
-``adapters.bench`` (``lora-gateway train-bench``), as it needs torch.
+The GPU training benchmark is not here: it is ``adapters.bench`` (``lora-gateway train-bench``), as it
+measures ``adapters.train`` and needs torch.
 
 Importing the package is cheap: heavy imports (matplotlib, uvicorn, aiohttp) happen in functions.
 """
