@@ -10,7 +10,7 @@ One `FakeVllm` per engine URL; it speaks the routes the gateway calls: `GET /hea
 `/v1/unload_lora_adapter`, and `POST /v1/chat/completions` and `/v1/completions` (an answer that names
 the model that produced it, streamed as one SSE event per word). Faults on demand: refuse connections,
 drop a stream after some events, hang (count the calls the gateway drops), forget an adapter behind the
-gateway's back.
+gateway's back, list garbage.
 """
 
 from __future__ import annotations
@@ -39,11 +39,16 @@ class FakeVllm:
     requests: list[dict[str, Any]] = field(default_factory=list)  # inference bodies, as received
     hang: bool = False  # completions never answer (until the gateway drops the call)
     dropped: int = 0  # completion calls the gateway dropped (cancelled) while they hung
+    listing: Any = None  # set: `/v1/models` answers this as its `data` (a malformed listing), not the truth
+    probes: int = 0  # `/v1/models` calls
 
     def answer(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         if path == "/health":
             return 200, {}
         if path == "/v1/models":
+            self.probes += 1
+            if self.listing is not None:
+                return 200, {"object": "list", "data": self.listing}
             data = [{"id": self.base, "object": "model", "parent": None}]
             data += [{"id": a, "object": "model", "parent": self.base} for a in sorted(self.adapters)]
             return 200, {"object": "list", "data": data}

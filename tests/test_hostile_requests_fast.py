@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -241,3 +242,42 @@ def test_serve_refuses_a_network_host_without_an_admin_token(monkeypatch: pytest
         result, started = run_serve(monkeypatch, *args, env=env)
         assert result.exit_code == 0 and len(started) == 1, (args, result.output)
         assert started[0]["proxy_headers"] is False, "the client address is the socket peer"
+
+
+# --- 8. an engine that lists garbage ----------------------------------------------------------------
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    "listing",
+    [
+        [{"id": ["unhashable"], "object": "model", "parent": "base"}],
+        [{"object": "model", "parent": "base"}],  # no id
+        [{"id": 7, "object": "model", "parent": "base"}],  # not a name
+        5,  # not a list
+    ],
+    ids=["unhashable-id", "no-id", "int-id", "data-not-a-list"],
+)
+def test_a_malformed_model_listing_is_a_failed_probe_and_the_monitor_goes_on(
+    make_gateway: MakeGateway, listing: Any
+) -> None:
+    gw = make_gateway()
+
+    def state() -> dict[str, Any]:
+        [info] = httpx.get(gw.url + "/admin/engines", timeout=10).json()["data"]
+        return info  # type: ignore[no-any-return]
+
+    gw.vllm.listing = listing
+    wait_for(lambda: state()["state"] == "unavailable", "unhealthy_after bad answers take the engine out")
+    assert "bad /v1/models answer" in state()["last_error"]
+    probes = gw.vllm.probes
+    wait_for(lambda: gw.vllm.probes > probes + 2, "the monitor keeps probing")
+    gw.vllm.listing = None
+    wait_for(lambda: state()["state"] == "ready", "a good answer brings it back")
+    assert gw.post(CHAT, {"model": "demo-a", "messages": MESSAGES}).status_code == 200

@@ -198,8 +198,12 @@ class Engine:
         except ValueError as exc:  # not JSON: not a vLLM server (yet)
             self.status.last_error = f"bad /v1/models answer: {exc}"
             return None
-        models = data.get("data", []) if isinstance(data, dict) else []
-        adapters = {m["id"] for m in models if isinstance(m, dict) and m.get("parent")}
+        adapters = _listed_adapters(data)
+        if adapters is None:  # answered, but not a listing we can trust: as bad as no answer
+            shown = repr(data)[:200]
+            self.status.last_error = f"bad /v1/models answer: not a list of models with string ids: {shown}"
+            log.warning("engine %s: %s", self.name, self.status.last_error)
+            return None
         await self._read_queue(timeout)
         return ProbeResult(adapters, started)
 
@@ -216,7 +220,12 @@ class Engine:
 
     async def probe_once(self) -> bool:
         """Probe, update the state, tell the listeners. True when the engine answered."""
-        result = await self.probe()
+        try:
+            result = await self.probe()
+        except Exception as exc:  # a bug reading an answer must not stop the monitor: a failed probe
+            log.exception("engine %s: probe failed unexpectedly", self.name)
+            self.status.last_error = f"probe failed: {exc!r}"
+            result = None
         if result is None:
             self.status.failed_probes += 1
             if self.status.state == EngineState.READY:
@@ -259,6 +268,21 @@ class Engine:
             "cooling_down": time.monotonic() < s.cooldown_until,
             "failed_probes": s.failed_probes,
         }
+
+
+def _listed_adapters(data: object) -> set[str] | None:
+    """The adapters in a `/v1/models` answer (entries with a `parent`), or None when it is malformed:
+    `data` not a list, or an entry that is not an object with a string `id`."""
+    models = data.get("data", []) if isinstance(data, dict) else None
+    if not isinstance(models, list):
+        return None
+    adapters: set[str] = set()
+    for model in models:
+        if not isinstance(model, dict) or not isinstance(model.get("id"), str):
+            return None
+        if model.get("parent"):
+            adapters.add(model["id"])
+    return adapters
 
 
 def _metric_sum(text: str, name: str) -> float:
