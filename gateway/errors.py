@@ -20,6 +20,7 @@ here, once (`REFUSAL_CLASSES`; any other code is a 400).
 
 Body: `{"error": {"message", "type", "param", "code"}}`; `code` is always a string or null (vLLM sends
 an int, OpenAI a string). Mid-stream errors are sent as one `data: {"error": ...}` SSE event.
+`ErrorResponse` is that body as a model, for the OpenAPI document (gateway/api/responses.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.validate import AdapterRefusedError
@@ -169,6 +171,23 @@ def refusal_error(exc: AdapterRefusedError) -> GatewayError:
     if issubclass(cls, EngineUnavailableError):
         return cls(exc.message, code=exc.code)
     return cls(exc.message, code=exc.code, param=exc.param)
+
+
+class ErrorObject(BaseModel):
+    """OpenAI's error object, as `error_body` writes it (the OpenAPI document's error responses)."""
+
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, permission_error, ...")
+    param: str | None = Field(description="The request field at fault, dotted (`messages.0.role`).")
+    code: str | None = Field(description="A stable code (`model_not_found`, `payload_too_large`, ...).")
+
+
+class ErrorResponse(BaseModel):
+    """Every error the gateway answers: `{"error": {...}}`, perhaps with more keys beside it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: ErrorObject
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: Any = None) -> dict[str, Any]:

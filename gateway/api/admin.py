@@ -20,17 +20,30 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Security
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.api.body import parse_json, read_body
+from gateway.api.responses import (
+    ADMIN_TOKEN,
+    AdapterList,
+    AdapterOut,
+    EngineList,
+    Registered,
+    Removed,
+    errors,
+    ok,
+)
 from gateway.auth import require_admin
 from gateway.errors import NotFoundError, validation_error
 from gateway.registry.service import describe_adapter, describe_version
 from gateway.state import GatewayState
 
-router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+# `ADMIN_TOKEN` only declares the credential in the OpenAPI document; `require_admin` checks it.
+router = APIRouter(
+    prefix="/admin", dependencies=[Depends(require_admin), Security(ADMIN_TOKEN)], responses=errors(401, 403)
+)
 
 
 class RegisterRequest(BaseModel):
@@ -73,7 +86,13 @@ def _documented(schema: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": content}}
 
 
-@router.post("/adapters", status_code=201, openapi_extra=_documented(RegisterRequest))
+@router.post(
+    "/adapters",
+    response_model=None,
+    status_code=201,
+    openapi_extra=_documented(RegisterRequest),
+    responses={**ok(Registered, "Registered: the new version.", status=201), **errors(400, 404, 413, 503)},
+)
 async def register(request: Request) -> JSONResponse:
     body = await _body(request, RegisterRequest)
     state = _state(request)
@@ -92,7 +111,9 @@ async def register(request: Request) -> JSONResponse:
     )
 
 
-@router.get("/adapters")
+@router.get(
+    "/adapters", response_model=None, responses=ok(AdapterList, "Every adapter, retired versions included.")
+)
 async def list_adapters(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [describe_adapter(a) for a in _state(request).registry.all()]}
 
@@ -104,12 +125,20 @@ def _adapter_or_404(state: GatewayState, name: str) -> dict[str, Any]:
     return describe_adapter(adapter)
 
 
-@router.get("/adapters/{name}")
+@router.get(
+    "/adapters/{name}",
+    response_model=None,
+    responses={**ok(AdapterOut, "The adapter and its versions."), **errors(404)},
+)
 async def show_adapter(name: str, request: Request) -> dict[str, Any]:
     return _adapter_or_404(_state(request), name)
 
 
-@router.delete("/adapters/{name}")
+@router.delete(
+    "/adapters/{name}",
+    response_model=None,
+    responses={**ok(Removed, "The versions retired."), **errors(400, 404)},
+)
 async def remove_adapter(name: str, request: Request, version: int | None = None) -> dict[str, Any]:
     removed = await _state(request).registry.remove(name, version)
     return {"removed": [describe_version(v) for v in removed]}
@@ -120,30 +149,51 @@ async def _pin(request: Request, name: str, pinned: bool) -> dict[str, Any]:
     return describe_adapter(adapter)
 
 
-@router.post("/adapters/{name}/pin")
+@router.post(
+    "/adapters/{name}/pin",
+    response_model=None,
+    responses={**ok(AdapterOut, "The adapter, pinned."), **errors(404)},
+)
 async def pin(name: str, request: Request) -> dict[str, Any]:
     return await _pin(request, name, True)
 
 
-@router.post("/adapters/{name}/unpin")
+@router.post(
+    "/adapters/{name}/unpin",
+    response_model=None,
+    responses={**ok(AdapterOut, "The adapter, unpinned."), **errors(404)},
+)
 async def unpin(name: str, request: Request) -> dict[str, Any]:
     return await _pin(request, name, False)
 
 
-@router.put("/adapters/{name}/alias", openapi_extra=_documented(AliasRequest))
+@router.put(
+    "/adapters/{name}/alias",
+    response_model=None,
+    openapi_extra=_documented(AliasRequest),
+    responses={**ok(AdapterOut, "The adapter, its alias set."), **errors(400, 404, 413)},
+)
 async def set_alias(name: str, request: Request) -> dict[str, Any]:
     body = await _body(request, AliasRequest)
     adapter = await _state(request).registry.set_alias(name, body.version)
     return describe_adapter(adapter)
 
 
-@router.delete("/adapters/{name}/alias")
+@router.delete(
+    "/adapters/{name}/alias",
+    response_model=None,
+    responses={**ok(AdapterOut, "The adapter, its alias cleared."), **errors(404)},
+)
 async def clear_alias(name: str, request: Request) -> dict[str, Any]:
     adapter = await _state(request).registry.set_alias(name, None)
     return describe_adapter(adapter)
 
 
-@router.get("/engines")
+@router.get(
+    "/engines",
+    response_model=None,
+    responses=ok(EngineList, "Each engine: state, resident adapters, in-flight counts."),
+)
 async def engines(request: Request) -> dict[str, Any]:
     state = _state(request)
     names = {ref.engine_name: ref.name + f"@{ref.version}" for ref in state.registry.versions()}

@@ -7,11 +7,13 @@ with or without `/health` traffic.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from gateway.api.responses import Health, HealthUnavailable, errors, ok
 from gateway.engines.base import Engine
 from gateway.errors import EngineUnavailableError, GatewayError
 from gateway.state import GatewayState
@@ -19,7 +21,10 @@ from gateway.state import GatewayState
 router = APIRouter()
 
 
-@router.get("/health")
+_UNAVAILABLE: dict[int | str, dict[str, Any]] = {503: {**errors(503)[503], "model": HealthUnavailable}}
+
+
+@router.get("/health", responses={**ok(Health, "An engine answers now."), **_UNAVAILABLE, **errors()})
 async def health(request: Request) -> JSONResponse:
     state: GatewayState = request.app.state.gateway
     results = await asyncio.gather(*(_engine_answers(state, e) for e in state.engines))
@@ -43,7 +48,17 @@ async def _engine_answers(state: GatewayState, engine: Engine) -> bool:
         return False
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,  # no media type of its own: the errors stay application/json
+    responses={
+        200: {
+            "description": "Prometheus text format.",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
+        **errors(),
+    },
+)
 async def metrics(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

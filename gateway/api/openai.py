@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Security
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from gateway.api.body import parse_json, read_body
+from gateway.api.responses import API_KEY, ChatCompletion, Completion, ModelList, errors, ok
 from gateway.api.schemas import ChatCompletionRequest, CompletionParams, CompletionRequest
 from gateway.auth import api_key, check_model_allowed, may_use
 from gateway.errors import InvalidRequestError, ModelNotFoundError, validation_error
@@ -40,12 +41,50 @@ async def completions(request: Request) -> Response:
 router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
 router.add_route("/v1/completions", completions, methods=["POST"])
 # The same two, declared again for the OpenAPI schema (/docs, /openapi.json) only: the Starlette routes
-# above come first in the routing table, so these never serve a request.
-for _path, _endpoint in (("/v1/chat/completions", chat_completions), ("/v1/completions", completions)):
-    router.add_api_route(_path, _endpoint, methods=["POST"], response_model=None)
+# above come first in the routing table, so these never serve a request. Their signatures give the
+# document the request bodies; `responses` gives it every status `_complete` can answer.
+_INFERENCE_ERRORS = errors(400, 401, 403, 404, 413, 502, 503, 504)
 
 
-@router.get("/v1/models")
+async def _chat_completions_schema(body: ChatCompletionRequest) -> None:
+    """Create a chat completion with the base model or an adapter (`model`: `name` or `name@version`).
+    With `"stream": true` the answer is server-sent events."""
+    raise AssertionError("documentation only: the Starlette route serves /v1/chat/completions")
+
+
+async def _completions_schema(body: CompletionRequest) -> None:
+    """Create a text completion with the base model or an adapter (`model`: `name` or `name@version`).
+    With `"stream": true` the answer is server-sent events."""
+    raise AssertionError("documentation only: the Starlette route serves /v1/completions")
+
+
+router.add_api_route(
+    "/v1/chat/completions",
+    _chat_completions_schema,
+    methods=["POST"],
+    operation_id="create_chat_completion",
+    summary="Chat completion",
+    response_model=None,
+    dependencies=[Security(API_KEY)],
+    responses={**ok(ChatCompletion, "The completion, or its stream.", stream=True), **_INFERENCE_ERRORS},
+)
+router.add_api_route(
+    "/v1/completions",
+    _completions_schema,
+    methods=["POST"],
+    operation_id="create_completion",
+    summary="Text completion",
+    response_model=None,
+    dependencies=[Security(API_KEY)],
+    responses={**ok(Completion, "The completion, or its stream.", stream=True), **_INFERENCE_ERRORS},
+)
+
+
+@router.get(
+    "/v1/models",
+    dependencies=[Security(API_KEY)],
+    responses={**ok(ModelList, "The models this key may call."), **errors(401)},
+)
 async def list_models(request: Request) -> JSONResponse:
     """The base model, each adapter by name (its current version), and each version as `name@N`."""
     state: GatewayState = request.app.state.gateway
