@@ -11,14 +11,15 @@
     lora-gateway loadtest compare --base /models/llama --adapters /a/sql,/a/chat --out out/compare
     lora-gateway loadtest thrash --base tiny --random-adapters 16 --resident 8 --out out/thrash
     lora-gateway loadtest routing --replicas 2 --random-adapters 8 --resident 2 --out out/routing
+    lora-gateway loadtest chaos --clients 24 --duration 60 --replicas 1 --out out/chaos
     lora-gateway loadtest benchmark --out docs/benchmarks      # everything in docs/benchmarks.md
     lora-gateway loadtest fast-upstream --port 8001
 
 ``run`` (the harness alone, against any endpoint), ``fast-upstream`` and ``benchmark`` (every scenario
 in turn) are here; each scenario's command is in its package (``overhead.cli``, ``compare.cli``,
-``thrash.cli``, ``routing.cli``), their shared options in ``harness.options``. Mounted by the gateway
-CLI with ``app.add_typer(loadtest_app, name="loadtest")``; also runnable as ``python -m loadtest.cli``.
-Importing this module is cheap: the work is imported inside commands.
+``thrash.cli``, ``routing.cli``, ``chaos.cli``), their shared options in ``harness.options``. Mounted by
+the gateway CLI with ``app.add_typer(loadtest_app, name="loadtest")``; also runnable as
+``python -m loadtest.cli``. Importing this module is cheap: the work is imported inside commands.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Annotated, Any
 
 import typer
 
+from loadtest.chaos.cli import chaos
 from loadtest.compare.cli import compare, run_compare_command
 from loadtest.harness.options import base_and_adapters, floats, ms
 from loadtest.overhead.cli import overhead
@@ -263,6 +265,7 @@ app.command("fast-upstream")(fast_upstream)
 app.command()(compare)
 app.command()(thrash)
 app.command()(routing)
+app.command()(chaos)
 app.command()(benchmark)
 
 if __name__ == "__main__":
