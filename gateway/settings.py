@@ -67,6 +67,12 @@ class EngineSettings(BaseModel):
     )
     host: str = Field("127.0.0.1", description="Address a managed vLLM binds to (loopback by default).")
     port: int = Field(8001, description="Port a managed vLLM listens on.")
+    api_key: SecretStr | None = Field(
+        None,
+        description="The key vLLM requires on its /v1 routes (its --api-key; VLLM_API_KEY), sent as "
+        "`Authorization: Bearer` on every engine call. Managed: unset = a new random key at each start of "
+        "vLLM. Attached: the key the vLLM was started with (unset: only the gateway may reach it).",
+    )
     max_loras: int = Field(2, ge=1, description="vLLM --max-loras: adapters in one batch.")
     max_lora_rank: int = Field(16, description="vLLM --max-lora-rank.")
     max_cpu_loras: int = Field(4, ge=1, description="vLLM --max-cpu-loras: adapters cached in CPU memory.")

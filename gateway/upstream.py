@@ -13,6 +13,10 @@ suited to long streams: `read_s` bounds the silence between two chunks, not the 
     aiohttp.ClientConnectorError, ConnectionTimeoutError   -> UpstreamError 502 (engine unreachable)
     aiohttp.SocketTimeoutError / ServerTimeoutError, TimeoutError -> UpstreamTimeoutError 504
     other aiohttp.ClientError (disconnects, bad payloads)   -> UpstreamError 502
+
+Every call to an engine the gateway was given a key for (`authorize`: a managed vLLM's key, or
+`engine.api_key`) carries `Authorization: Bearer <key>`: requests, adapter loads and unloads, probes.
+The key is known per engine origin (scheme://host:port) and goes nowhere else.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -129,6 +134,7 @@ class UpstreamClient:
             trust_env=False,
             skip_auto_headers=("User-Agent",),
         )
+        self._auth: dict[str, dict[str, str]] = {}  # engine origin -> its Authorization header
 
     async def aclose(self) -> None:
         await self.session.close()
@@ -146,7 +152,11 @@ class UpstreamClient:
     ) -> UpstreamResponse:
         """Send and return once the status and headers are in; the body is read by the caller."""
         trace: dict[str, bool] = {}
-        kwargs: dict[str, Any] = {"data": content, "headers": headers, "trace_request_ctx": trace}
+        kwargs: dict[str, Any] = {
+            "data": content,
+            "headers": self._headers(url, headers),
+            "trace_request_ctx": trace,
+        }
         if timeout is not None:
             kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout)
         try:
@@ -161,13 +171,29 @@ class UpstreamClient:
             raise map_transport_error(exc, what) from exc
         return UpstreamResponse(response, what)
 
+    def authorize(self, base_url: str, api_key: str | None) -> None:
+        """From now on send `Authorization: Bearer <api_key>` on every call to `base_url` (None: none)."""
+        if api_key:
+            self._auth[_origin(base_url)] = {"authorization": f"Bearer {api_key}"}
+        else:
+            self._auth.pop(_origin(base_url), None)
+
+    def _headers(self, url: str, headers: Mapping[str, str] | None) -> Mapping[str, str] | None:
+        """`headers` with the engine's key, replacing any other Authorization."""
+        auth = self._auth.get(_origin(url))
+        if auth is None:
+            return headers
+        if not headers:
+            return auth
+        return {k: v for k, v in headers.items() if k.lower() != "authorization"} | auth
+
     async def post_json(self, url: str, payload: Any) -> bytes:
         """A small admin call (load/unload adapter); raises our error for a non-2xx answer."""
         try:
             async with self.session.post(
                 url,
                 data=json.dumps(payload).encode(),
-                headers={"content-type": "application/json"},
+                headers=self._headers(url, {"content-type": "application/json"}),
                 timeout=self.admin_timeout,
             ) as response:
                 body = await response.read()
@@ -180,7 +206,9 @@ class UpstreamClient:
     async def _probe(self, url: str, timeout: float) -> tuple[int, bytes]:
         """GET on the probes' own pool: status and body."""
         try:
-            async with self.probes.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+            async with self.probes.get(
+                url, headers=self._headers(url, None), timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as response:
                 return response.status, await response.read()
         except TRANSPORT_ERRORS as exc:
             raise map_transport_error(exc) from exc
@@ -197,3 +225,8 @@ class UpstreamClient:
 
     async def get_status(self, url: str, *, timeout: float) -> int:
         return (await self._probe(url, timeout))[0]
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"

@@ -5,12 +5,15 @@
 - `gateway_url` / `vllm_url`: its URLs; `client`: the official OpenAI SDK pointed at the gateway.
 - `serve_app(settings)`: another gateway, in-process on a free loopback port (attached mode reuses
   the session's vLLM, so it starts in a moment).
+- `ENGINE_KEY` / `ENGINE_AUTH`: the session vLLM's key (`engine.api_key`); a test calling vLLM's /v1
+  routes itself sends `ENGINE_AUTH`, and `attached_settings` gives the key to the gateways it builds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -32,6 +35,8 @@ from loadtest.servers.serving import free_port, serve_server_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 420
+ENGINE_KEY = secrets.token_urlsafe(16)  # the session vLLM answers 401 on /v1 without it
+ENGINE_AUTH = {"authorization": f"Bearer {ENGINE_KEY}"}
 
 
 @pytest.fixture(scope="session")
@@ -94,7 +99,13 @@ def gateway_proc(
         "port": port,
         "cache_dir": str(cache_dir),
         "data_dir": str(session_tmp / "data"),
-        "engine": {"port": vllm_port, "max_loras": 2, "max_cpu_loras": 4, "health_interval_s": 1.0},
+        "engine": {
+            "port": vllm_port,
+            "max_loras": 2,
+            "max_cpu_loras": 4,
+            "health_interval_s": 1.0,
+            "api_key": ENGINE_KEY,
+        },
         "registry": {"allowed_roots": [str(session_src)]},
     }
     config_path = session_tmp / "gateway.yaml"
@@ -207,7 +218,13 @@ def serve_app(
 
 
 def attached_settings(vllm_url: str, cache_dir: Path, tmp_path: Path, **overrides: object) -> Settings:
-    engine = {"mode": "attached", "url": vllm_url, "health_interval_s": 0.5, "max_cpu_loras": 4}
+    engine = {
+        "mode": "attached",
+        "url": vllm_url,
+        "health_interval_s": 0.5,
+        "max_cpu_loras": 4,
+        "api_key": ENGINE_KEY,
+    }
     engine.update(overrides.pop("engine", {}))  # type: ignore[arg-type]
     return Settings(
         cache_dir=cache_dir,

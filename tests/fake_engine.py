@@ -105,6 +105,7 @@ class FakeEngineClient:
     def __init__(self, engines: dict[str, FakeVllm]) -> None:
         self.engines = engines  # base URL ("http://host:port") -> its fake vLLM
         self.responses: list[FakeResponse] = []
+        self.keys: dict[str, str | None] = {}  # base URL -> the key the gateway gave it (`authorize`)
 
     def _engine(self, url: str) -> tuple[FakeVllm, str]:
         parts = urlsplit(url)
@@ -167,6 +168,9 @@ class FakeEngineClient:
             response = FakeResponse(200, b"", events, vllm)
         self.responses.append(response)
         return response
+
+    def authorize(self, base_url: str, api_key: str | None) -> None:
+        self.keys[base_url] = api_key  # an in-memory engine checks none: the real client's tests do
 
     async def post_json(self, url: str, payload: Any) -> bytes:
         vllm, path = self._engine(url)

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from adapters.demo import RandomAdapterSpec, write_random_adapter
 from adapters.llama import LINEAR_MODULES
 from gateway.settings import Settings
-from tests.conftest import attached_settings
+from tests.conftest import ENGINE_AUTH, attached_settings
 
 BASE = "tiny-llama"
 PROMPT = "show users older than 30"
@@ -92,7 +92,7 @@ def metric(url: str, name: str, **labels: str) -> float:
 
 def vllm_adapters(vllm_url: str) -> set[str]:
     """The LoRA adapters vLLM itself lists now."""
-    data = httpx.get(vllm_url + "/v1/models", timeout=10).json()["data"]
+    data = httpx.get(vllm_url + "/v1/models", headers=ENGINE_AUTH, timeout=10).json()["data"]
     return {m["id"] for m in data if m.get("parent")}
 
 

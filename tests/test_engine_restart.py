@@ -11,7 +11,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import GatewayProcess
+from tests.conftest import ENGINE_AUTH, GatewayProcess
 
 pytestmark = pytest.mark.engine
 
@@ -22,7 +22,7 @@ def vllm_processes(gateway: GatewayProcess) -> list[psutil.Process]:
 
 
 def listed(gateway: GatewayProcess) -> set[str]:
-    data = httpx.get(gateway.vllm_url + "/v1/models", timeout=10).json()["data"]
+    data = httpx.get(gateway.vllm_url + "/v1/models", headers=ENGINE_AUTH, timeout=10).json()["data"]
     return {m["id"] for m in data if m.get("parent")}
 
 

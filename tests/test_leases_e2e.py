@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import GatewayProcess, serve_app
+from tests.conftest import ENGINE_AUTH, GatewayProcess, serve_app
 from tests.registry_helpers import (
     PROMPT,
     assert_stopped,
@@ -190,7 +190,10 @@ def test_a_retry_releases_the_first_lease(leased: dict) -> None:
     complete(url, "z").raise_for_status()  # resident now
     settle(url)
     # vLLM loses the adapter behind the gateway's back; the gateway still believes it resident.
-    httpx.post(vllm + "/v1/unload_lora_adapter", json={"lora_name": key}, timeout=30).raise_for_status()
+    unload = httpx.post(
+        vllm + "/v1/unload_lora_adapter", json={"lora_name": key}, headers=ENGINE_AUTH, timeout=30
+    )
+    unload.raise_for_status()
     retries = metric(url, "lora_gateway_retries_total", reason="adapter_lost")
     takes_leases(leased, "z", 2, lambda: complete(url, "z").raise_for_status())
     assert metric(url, "lora_gateway_retries_total", reason="adapter_lost") == retries + 1

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from gateway.engines.managed import vllm_command, vllm_env
+import asyncio
+import logging
+import os
+import sys
+
+import pytest
+
+from gateway.engines.managed import ManagedEngine, vllm_command, vllm_env
 from gateway.settings import EngineSettings
 
 
@@ -39,3 +46,61 @@ def test_env_tells_the_engine_plugin_which_lora_ops_to_use() -> None:
     assert vllm_env(EngineSettings())["LORA_GATEWAY_LORA_OPS"] == "grouped"
     env = vllm_env(EngineSettings(lora_ops="off", env={"LORA_GATEWAY_LORA_OPS": "fix"}))
     assert env["LORA_GATEWAY_LORA_OPS"] == "off", "engine.lora_ops is the one switch"
+
+
+def test_env_keeps_the_gateways_secrets_from_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "LORA_GATEWAY_AUTH__ADMIN_TOKEN": "admin-secret",
+        "LORA_GATEWAY_AUTH__API_KEYS": '[{"key": "sk-secret"}]',
+        "LORA_GATEWAY_REGISTRY__URL": "postgresql://gw:pw@db/registry",
+        "LORA_GATEWAY_ADMIN_TOKEN": "cli-secret",
+        "PGPASSWORD": "pg-secret",
+        "VLLM_API_KEY": "inherited-key",
+        "HF_TOKEN": "hf_for_gated_models",
+    }.items():
+        monkeypatch.setenv(name, value)
+    env = vllm_env(EngineSettings(lora_ops="fix"), api_key="engine-key")
+    assert not [k for k in env if k.startswith(("LORA_GATEWAY_", "PG")) and k != "LORA_GATEWAY_LORA_OPS"]
+    assert env["LORA_GATEWAY_LORA_OPS"] == "fix", "the engine plugin's one switch stays"
+    values = " ".join(env.values())
+    for secret in ("admin-secret", "sk-secret", "cli-secret", "pg-secret"):
+        assert secret not in values
+    assert env["VLLM_API_KEY"] == "engine-key", "vLLM's --api-key is the gateway's, not an inherited one"
+    assert env["HF_TOKEN"] == "hf_for_gated_models" and env["PATH"] == os.environ["PATH"]
+    assert "VLLM_API_KEY" not in vllm_env(EngineSettings())
+
+
+def test_the_key_stays_off_the_command_line() -> None:
+    cmd = vllm_command(EngineSettings(api_key="engine-key"), "/models/base", "base")
+    assert "engine-key" not in " ".join(cmd) and "--api-key" not in cmd
+
+
+def test_each_start_gets_a_new_key_in_vllms_env_and_the_clients(caplog: pytest.LogCaptureFixture) -> None:
+    """engine.api_key unset: every spawn draws a new key, gives it to the client for this engine's URL
+    and to the child as VLLM_API_KEY, and logs it nowhere (a stand-in child prints what it got)."""
+
+    class Keys:
+        def __init__(self) -> None:
+            self.given: list[tuple[str, str | None]] = []
+
+        def authorize(self, base_url: str, api_key: str | None) -> None:
+            self.given.append((base_url, api_key))
+
+    async def main() -> list[str]:
+        keys = Keys()
+        engine = ManagedEngine("engine0", EngineSettings(port=8123), "/models/base", "base", keys)  # type: ignore[arg-type]
+        engine.command = [sys.executable, "-c", "import os; print('child got', os.environ['VLLM_API_KEY'])"]
+        for _ in range(2):
+            await engine._spawn()
+            assert engine.process is not None
+            await engine.process.wait()
+            await engine._reap()
+        return [key or "" for _, key in keys.given] if {u for u, _ in keys.given} == {engine.base_url} else []
+
+    with caplog.at_level(logging.INFO):
+        first, second = asyncio.run(main())
+    assert len(first) >= 32 and first != second, "a new key at each start"
+    children = [r.getMessage() for r in caplog.records if r.name == "lora_gateway.vllm"]
+    assert [m.rsplit(" ", 1)[1] for m in children] == [first, second]
+    others = [r.getMessage() for r in caplog.records if r.name != "lora_gateway.vllm"]
+    assert not [m for m in others if first in m or second in m], "the key is never logged"

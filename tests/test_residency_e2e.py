@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import serve_app
+from tests.conftest import ENGINE_AUTH, serve_app
 from tests.registry_helpers import (
     PROMPT,
     assert_stopped,
@@ -122,7 +122,9 @@ async def watch_engines(
     while time.monotonic() < deadline:
         [first] = (await http.get("/admin/engines")).json()["data"]
         listed = {
-            m["id"] for m in (await http.get(vllm_url + "/v1/models")).json()["data"] if m.get("parent")
+            m["id"]
+            for m in (await http.get(vllm_url + "/v1/models", headers=ENGINE_AUTH)).json()["data"]
+            if m.get("parent")
         }
         [second] = (await http.get("/admin/engines")).json()["data"]
         resident = set(first["resident_adapters"])

@@ -81,10 +81,13 @@ class Engine:
         probe_interval_s: float,
         unhealthy_after: int = 3,
         metrics: Metrics | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.client = client
+        if api_key:  # vLLM's --api-key: the client sends it on every call to this engine
+            client.authorize(self.base_url, api_key)
         self.probe_interval_s = probe_interval_s
         self.unhealthy_after = unhealthy_after
         self.probe_timeout_s = 5.0

@@ -6,6 +6,7 @@
 milliseconds. Whatever implements it raises only `GatewayError`s (gateway/errors.py): a refused
 connection is `EngineUnreachableError(refused=True)`, an engine's own 4xx/5xx passes through
 `from_upstream`, so no caller inspects a transport library's exceptions.
+The engine's key (vLLM's `--api-key`) is the client's to attach: callers pass URLs, never credentials.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ class EngineClient(Protocol):
         what: str = "engine",
     ) -> EngineResponse:
         """Return once the status and headers are in; the caller reads the body."""
+        ...
+
+    def authorize(self, base_url: str, api_key: str | None) -> None:
+        """Send `Authorization: Bearer <api_key>` on every call to the engine at `base_url` from now on
+        (requests, loads and unloads, probes); None: send none."""
         ...
 
     async def post_json(self, url: str, payload: Any) -> bytes:

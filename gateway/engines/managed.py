@@ -8,6 +8,12 @@
     stop: SIGTERM to the process group (vLLM has child processes), SIGKILL after `stop_timeout_s`.
 
 The child also gets PR_SET_PDEATHSIG, so a gateway killed with SIGKILL does not leave vLLM behind.
+
+vLLM requires a key on its /v1 routes (`VLLM_API_KEY`, its `--api-key`): `engine.api_key`, or a new random
+one at each start, which the gateway's client then sends on every call to it. In the environment, not on
+the command line, so neither `ps` nor our "starting" log line shows it. The child's environment is the
+gateway's without the gateway's own settings and secrets (every `LORA_GATEWAY_*`: admin token, API keys,
+registry URL; libpq's `PG*`: the registry's password), plus what vLLM needs (`vllm_env`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -24,7 +31,7 @@ import time
 from gateway.engines.base import Engine, EngineState
 from gateway.engines.client import EngineClient
 from gateway.metrics import Metrics
-from gateway.settings import EngineSettings
+from gateway.settings import ENV_PREFIX, EngineSettings
 
 log = logging.getLogger("lora_gateway.engine")
 vllm_log = logging.getLogger("lora_gateway.vllm")
@@ -56,12 +63,21 @@ def vllm_command(engine: EngineSettings, model: str, served_name: str) -> list[s
     return cmd + list(engine.extra_args)
 
 
-def vllm_env(engine: EngineSettings) -> dict[str, str]:
-    env = dict(os.environ)
+def gateway_only(name: str) -> bool:
+    """An environment variable that is the gateway's alone: its settings and secrets (LORA_GATEWAY_*,
+    among them the admin token, API keys, registry URL) and the registry's libpq credentials (PG*)."""
+    return name.startswith((ENV_PREFIX, "PG"))
+
+
+def vllm_env(engine: EngineSettings, api_key: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not gateway_only(k)}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU builds; ignored on GPUs
-    env.update(engine.env)
+    env.update(engine.env)  # the operator's explicit choice for vLLM
     env["LORA_GATEWAY_LORA_OPS"] = engine.lora_ops  # read by the engine plugin (engine_plugin/__init__.py)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # the gateway loads and unloads adapters at run time
+    env.pop("VLLM_API_KEY", None)
+    if api_key:
+        env["VLLM_API_KEY"] = api_key  # vLLM's --api-key: /v1/* answers 401 without it
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
@@ -122,13 +138,16 @@ class ManagedEngine(Engine):
             backoff = min(backoff * 2, self.settings.max_restart_backoff_s)
 
     async def _spawn(self) -> None:
+        configured = self.settings.api_key
+        key = configured.get_secret_value() if configured else secrets.token_urlsafe(32)
+        self.client.authorize(self.base_url, key)
         log.info("engine %s: starting %s", self.name, " ".join(self.command))
         self.process = await asyncio.create_subprocess_exec(
             *self.command,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            env=vllm_env(self.settings),
+            env=vllm_env(self.settings, key),
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )

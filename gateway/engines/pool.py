@@ -57,6 +57,7 @@ class EnginePool:
             probe_interval_s=e.health_interval_s,
             unhealthy_after=e.unhealthy_after,
             metrics=self.metrics,
+            api_key=e.api_key.get_secret_value() if e.api_key else None,
         )
         for listener in self._listeners:
             engine.add_listener(listener)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import secrets
 import shutil
 import sys
 import tempfile
@@ -332,6 +333,7 @@ def _vllm_part(
         "max_loras": 2,
         "max_cpu_loras": 4,
         "health_interval_s": 2.0,
+        "api_key": (engine_key := secrets.token_urlsafe(16)),  # direct calls to vLLM need its key
     }
     settings = {"engine": engine, "adapters_dir": str(empty)}
     log("starting a managed gateway over the embedded tiny model (vLLM on the CPU takes ~30-60 s)")
@@ -350,6 +352,7 @@ def _vllm_part(
             ignore_eos=True,
             extra_body={"return_token_ids": True},  # a chunk per token: the gap is the inter-token gap
             on_level=on_level,
+            api_key=engine_key,  # vLLM's; the gateway (no auth.api_keys) ignores it and sends its own
             **common,
         )
     write_overhead_report(cfg.out / "vllm", payload)
