@@ -38,12 +38,26 @@ COMPOSE = DEPLOY / "compose" / "docker-compose.yaml"
 DASHBOARD = DEPLOY / "grafana" / "lora-gateway-dashboard.json"
 K8S_VERSION = "1.30"  # the oldest Kubernetes the manifests target
 # Created by the operator, never committed (docs/deploy.md); optional ones are marked optional: true.
-OPERATOR_SECRETS = {"lora-gateway-admin", "lora-gateway-api-keys", "lora-gateway-hf", "lora-gateway-postgres"}
+OPERATOR_SECRETS = {
+    "lora-gateway-admin",
+    "lora-gateway-api-keys",
+    "lora-gateway-engine-key",
+    "lora-gateway-hf",
+    "lora-gateway-postgres",
+}
 SECRET_SAMPLES = {"LORA_GATEWAY_AUTH__API_KEYS": '[{"key": "sk-test", "models": ["*"]}]'}
 VLLM_METRICS = {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"}
 VLLM_LABELS = {"model_name", "engine"}
 BUILDS = ("dev", "prod", "prod+postgres")
-NAMESPACED = {"ConfigMap", "Secret", "Service", "Deployment", "StatefulSet", "PersistentVolumeClaim"}
+NAMESPACED = {
+    "ConfigMap",
+    "Secret",
+    "Service",
+    "Deployment",
+    "StatefulSet",
+    "PersistentVolumeClaim",
+    "NetworkPolicy",
+}
 
 
 # --- building -------------------------------------------------------------------------------------------
@@ -334,12 +348,59 @@ def test_gateway_and_vllm_agree(
     assert settings.engine.resolve_dns and not settings.engine.urls
     assert_engine_agrees(settings, argv, vllm_env, host=service["metadata"]["name"])
     assert vllm["readinessProbe"]["httpGet"]["path"] == "/health"
+    # vLLM requires a key on /v1 (adapter loads included) and the gateway sends it: one Secret for both,
+    # in vLLM's environment (VLLM_API_KEY), not on its command line.
+    assert settings.engine.api_key is not None
+    assert secret_ref(gw, "LORA_GATEWAY_ENGINE__API_KEY") == secret_ref(vllm, "VLLM_API_KEY")
+    assert "--api-key" not in argv
 
     # The adapter store: one ReadWriteMany claim, at <data_dir>/adapters in both pods.
     store = str(settings.data_dir / "adapters")
     claim = claim_at(deployment, gw, store)
     assert claim == claim_at(sts, vllm, store)
     assert "ReadWriteMany" in find(docs, "PersistentVolumeClaim", claim)["spec"]["accessModes"]
+
+
+def secret_ref(c: dict[str, Any], name: str) -> tuple[str, str]:
+    """(Secret, key) that container `c`'s env var `name` comes from; it must be required."""
+    var = next((v for v in c.get("env", []) if v["name"] == name), None)
+    assert var is not None, f"{c['name']}: no env {name}"
+    ref = var.get("valueFrom", {}).get("secretKeyRef")
+    assert ref and not ref.get("optional"), f"{c['name']}: {name} must come from a required Secret"
+    return ref["name"], ref["key"]
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"unchecked selector {selector}"
+    return bool(selector.get("matchLabels")) and selector["matchLabels"].items() <= labels.items()
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_only_gateways_reach_vllm(builds: dict[str, list[dict[str, Any]]], build: str) -> None:
+    """vLLM's port loads adapters: a NetworkPolicy admits the gateway's pods to it, and nothing else."""
+    docs = builds[build]
+    vllm_pod = find(docs, "StatefulSet", "vllm")["spec"]["template"]
+    gateway_pod = find(docs, "Deployment", "lora-gateway")["spec"]["template"]
+    vllm_labels, gateway_labels = vllm_pod["metadata"]["labels"], gateway_pod["metadata"]["labels"]
+    policies = [
+        d for d in docs if d["kind"] == "NetworkPolicy" and selects(d["spec"]["podSelector"], vllm_labels)
+    ]
+    assert policies, "no NetworkPolicy selects the vLLM pods: anything in the cluster can call them"
+    ports = {
+        p["name"]: p["containerPort"] for p in container({"spec": {"template": vllm_pod}}, "vllm")["ports"]
+    }
+    for policy in policies:  # policies add up: every one that selects vLLM must admit only gateways
+        spec = policy["spec"]
+        assert "Ingress" in spec["policyTypes"]
+        for rule in spec.get("ingress", []):
+            assert rule.get("from"), "an ingress rule without `from` admits every peer"
+            for peer in rule["from"]:
+                assert set(peer) == {"podSelector"}, f"only pods of this namespace, not {peer}"
+                assert selects(peer["podSelector"], gateway_labels), peer
+                assert not selects(peer["podSelector"], vllm_labels), peer
+            assert rule.get("ports") and {p["port"] for p in rule["ports"]} <= set(ports) | set(
+                ports.values()
+            )
 
 
 def claim_at(workload: dict[str, Any], c: dict[str, Any], path: str) -> str:
@@ -407,9 +468,14 @@ def volume_mounts(service: dict[str, Any]) -> dict[str, str]:
 
 def test_compose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     raw = yaml.safe_load(COMPOSE.read_text())
-    with pytest.raises(ValueError, match="LORA_GATEWAY_ADMIN_TOKEN"):
-        interpolate(raw, {})  # no admin token: compose refuses to start
-    compose = interpolate(raw, {"LORA_GATEWAY_ADMIN_TOKEN": "test-admin-token"})
+    secrets = {
+        "LORA_GATEWAY_ADMIN_TOKEN": "test-admin-token",
+        "LORA_GATEWAY_ENGINE_API_KEY": "test-engine-key",
+    }
+    for missing in secrets:  # no admin token, no engine key: compose refuses to start
+        with pytest.raises(ValueError, match=missing):
+            interpolate(raw, {k: v for k, v in secrets.items() if k != missing})
+    compose = interpolate(raw, secrets)
     services = compose["services"]
     assert set(services) == {"gateway", "vllm", "prometheus", "grafana"}
     here = COMPOSE.parent
@@ -432,6 +498,10 @@ def test_compose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert f"127.0.0.1:{settings.port}:{settings.port}" in gateway["ports"]
     assert settings.adapters_dir is not None and str(settings.adapters_dir) in volume_mounts(gateway)
     assert_engine_agrees(settings, vllm["entrypoint"] + vllm["command"], vllm["environment"], host="vllm")
+    # vLLM requires the key the gateway sends, and publishes no port: only this project's services reach it.
+    assert settings.engine.api_key is not None
+    assert vllm["environment"]["VLLM_API_KEY"] == settings.engine.api_key.get_secret_value()
+    assert "--api-key" not in vllm["command"] and "ports" not in vllm
     store = str(settings.data_dir / "adapters")
     assert volume_mounts(gateway)[store] == volume_mounts(vllm)[store]
     devices = vllm["deploy"]["resources"]["reservations"]["devices"]
