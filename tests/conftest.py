@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -35,7 +34,9 @@ from loadtest.servers.serving import free_port, serve_server_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 420
-ENGINE_KEY = secrets.token_urlsafe(16)  # the session vLLM answers 401 on /v1 without it
+# The session vLLM answers 401 on /v1 without it. A constant: pytest imports this file as `conftest` and
+# tests import it again as `tests.conftest`, so a random value would differ between the two.
+ENGINE_KEY = "session-engine-key"
 ENGINE_AUTH = {"authorization": f"Bearer {ENGINE_KEY}"}
 
 
