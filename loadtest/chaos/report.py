@@ -76,18 +76,24 @@ def markdown(p: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def per_second(outcomes: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Requests ended in each second of the run, per outcome kind (what chaos.png draws)."""
+    end = int(max((o["end"] for o in outcomes), default=0)) + 1
+    out = {kind: [0] * end for kind, _ in KINDS}
+    for o in outcomes:
+        out[o["kind"]][min(int(o["end"]), end - 1)] += 1
+    return {k: v for k, v in out.items() if any(v)}
+
+
 def plot(p: dict[str, Any], path: Path) -> None:
     plt = pyplot()
-    outcomes = p["outcomes"]
-    end = int(max((o["end"] for o in outcomes), default=0)) + 1
+    counts_by_kind = p["per_second"]
+    end = max((len(v) for v in counts_by_kind.values()), default=1)
     fig, ax = plt.subplots(figsize=(10, 4))
     bottom = [0] * end
     for kind, colour in KINDS:
-        counts = [0] * end
-        for o in outcomes:
-            if o["kind"] == kind:
-                counts[min(int(o["end"]), end - 1)] += 1
-        if any(counts):
+        counts = counts_by_kind.get(kind)
+        if counts:
             ax.bar(range(end), counts, bottom=bottom, width=1.0, align="edge", color=colour, label=kind)
             bottom = [a + b for a, b in zip(bottom, counts, strict=True)]
     k = p["kill"]

@@ -27,10 +27,12 @@ from typing import Any
 import httpx
 
 from loadtest.chaos.clients import chaos_plan, learn_references, run_clients, summarize
+from loadtest.chaos.report import per_second
 from loadtest.harness.machine import machine_info
 from loadtest.harness.verify import References
 
 Log = Callable[[str], None]
+COLUMNS = ("start", "end", "kind", "status", "code", "stream", "started", "client", "model")
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +221,9 @@ def run_chaos(cfg: ChaosConfig, log: Log = print) -> dict[str, Any]:
         "kill": {k: phase[k] for k in ("kill_at", "victim", "back_at", "ended_at")},
         "engines_after": [{k: e.get(k) for k in ("name", "state", "restarts", "pid")} for e in final_engines],
         "timeline": phase["timeline"],
-        "outcomes": [o.to_dict() for o in outcomes],
+        "per_second": per_second([o.to_dict() for o in outcomes]),
+        "outcome_columns": list(COLUMNS),  # the requests not answered right, one row each, in this order
+        "outcomes": [[o.to_dict()[c] for c in COLUMNS] for o in outcomes if o.kind != "right"],
     }
     write_report(cfg.out, payload)
     return payload
