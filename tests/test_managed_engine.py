@@ -1,4 +1,4 @@
-"""How the managed vLLM is launched (the process itself runs in the end-to-end tests)."""
+"""How the managed vLLM is launched; the last test checks the session's running one (`engine`)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import logging
 import os
 import sys
 
+import httpx
+import psutil
 import pytest
 
 from gateway.engines.managed import ManagedEngine, vllm_command, vllm_env
 from gateway.settings import EngineSettings
+from tests.conftest import ENGINE_AUTH, ENGINE_KEY, GatewayProcess
 
 
 def test_command_has_lora_flags_loopback_and_extra_args() -> None:
@@ -104,3 +107,26 @@ def test_each_start_gets_a_new_key_in_vllms_env_and_the_clients(caplog: pytest.L
     assert [m.rsplit(" ", 1)[1] for m in children] == [first, second]
     others = [r.getMessage() for r in caplog.records if r.name != "lora_gateway.vllm"]
     assert not [m for m in others if first in m or second in m], "the key is never logged"
+
+
+@pytest.mark.engine
+def test_vllm_refuses_calls_without_the_key_while_the_gateway_works(gateway: GatewayProcess) -> None:
+    """The session's managed vLLM runs with its key (VLLM_API_KEY, not on its command line): straight to
+    it, /v1 without the key is 401, loads included; through the gateway, which sends it, all works."""
+    [vllm] = [
+        p
+        for p in psutil.Process(gateway.proc.pid).children()
+        if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())
+    ]
+    assert ENGINE_KEY not in " ".join(vllm.cmdline())
+    assert not [k for k in vllm.environ() if k.startswith("LORA_GATEWAY_") and k != "LORA_GATEWAY_LORA_OPS"]
+    load = {"lora_name": "intruder", "lora_path": "/tmp/any-weights"}
+    for headers in ({}, {"authorization": "Bearer wrong-key"}):
+        r = httpx.post(gateway.vllm_url + "/v1/load_lora_adapter", json=load, headers=headers, timeout=30)
+        assert r.status_code == 401, r.text
+        assert httpx.get(gateway.vllm_url + "/v1/models", headers=headers, timeout=30).status_code == 401
+    listed = httpx.get(gateway.vllm_url + "/v1/models", headers=ENGINE_AUTH, timeout=30).json()["data"]
+    assert "intruder" not in {m["id"] for m in listed}
+    body = {"model": "demo-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    r = httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200 and r.json()["model"] == "demo-a", r.text
