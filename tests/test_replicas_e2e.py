@@ -27,6 +27,7 @@ from tests.conftest import free_port, serve_app
 from tests.registry_helpers import metric
 
 pytestmark = pytest.mark.engine
+KEY = "replicas-test-key"
 
 
 def write_adapters(folder: Path, base: Path, prefix: str, seeds: range) -> list[str]:
@@ -50,7 +51,7 @@ def replicas(
         cache_dir=cache_dir,
         data_dir=root / "data-a",
         adapters_dir=root / "affinity",
-        engine={"replicas": 2, "port": port, "max_cpu_loras": 2, "health_interval_s": 0.5},
+        engine={"replicas": 2, "port": port, "max_cpu_loras": 2, "health_interval_s": 0.5, "api_key": KEY},
         registry={"max_resident": 2},
     )
     with serve_app(managed, ready_timeout=420) as url:
@@ -106,7 +107,13 @@ def test_affinity_loads_a_third_of_round_robin_or_less(replicas: dict, cache_dir
         cache_dir=cache_dir,
         data_dir=replicas["root"] / "data-rr",
         adapters_dir=replicas["root"] / "rr",
-        engine={"mode": "attached", "urls": replicas["vllm"], "max_cpu_loras": 2, "health_interval_s": 0.5},
+        engine={
+            "mode": "attached",
+            "urls": replicas["vllm"],
+            "max_cpu_loras": 2,
+            "health_interval_s": 0.5,
+            "api_key": KEY,  # the managed replicas' key: they answer 401 on /v1 without it
+        },
         registry={"max_resident": 2},
         routing="round_robin",
     )
