@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import json
 import random
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -228,42 +227,57 @@ async def run_clients(
     return out
 
 
+def _clients_process(url: str, plan: Plan, refs: References, clients: int, t0: float, stop: Any, ready: Any,
+                     results: Any) -> None:  # fmt: skip
+    outcomes: list[Outcome] = []
+
+    def stopped() -> bool:
+        if outcomes and not ready.is_set():
+            ready.set()
+        return bool(stop.is_set())
+
+    try:
+        asyncio.run(run_clients(url, plan, refs, clients=clients, stop=stopped, t0=t0, outcomes=outcomes))
+        results.put(outcomes)
+    except BaseException as exc:  # noqa: BLE001 - raised again in the parent's stop()
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
 class BackgroundClients:
-    """``run_clients`` in a thread of its own (for tests that drive a kill from the main thread)."""
+    """``run_clients`` in a process of its own, for tests that drive a kill from their own thread: in the
+    test's process the clients would hold its GIL, and the test's own reads and its kill would come late.
+    Times share ``t0`` (``time.monotonic`` is one clock for every process); ``outcomes`` come back at
+    ``stop()``."""
 
     def __init__(self, url: str, plan: Plan, refs: References, clients: int = 24) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
         self.outcomes: list[Outcome] = []
         self.t0 = time.monotonic()
-        self._stop = threading.Event()
-        self._error: BaseException | None = None
+        self._stop, self._ready, self._results = ctx.Event(), ctx.Event(), ctx.Queue()
+        self._started = False
+        args = (url, list(plan), refs, clients, self.t0, self._stop, self._ready, self._results)
+        self._proc = ctx.Process(target=_clients_process, args=args, name="chaos-clients", daemon=True)
 
-        def main() -> None:
-            try:
-                asyncio.run(
-                    run_clients(
-                        url,
-                        plan,
-                        refs,
-                        clients=clients,
-                        stop=self._stop.is_set,
-                        t0=self.t0,
-                        outcomes=self.outcomes,
-                    )  # fmt: skip
-                )
-            except BaseException as exc:  # noqa: BLE001 - raised again in stop()
-                self._error = exc
-
-        self._thread = threading.Thread(target=main, name="chaos-clients", daemon=True)
+    def start(self, timeout: float = 120) -> None:
+        """Start the clients; return once the first request has ended."""
+        self._proc.start()
+        self._started = True
+        assert self._ready.wait(timeout), "the chaos clients never finished a request"
 
     def now(self) -> float:
         return time.monotonic() - self.t0
 
     def stop(self, timeout: float = 180) -> list[Outcome]:
+        if self._stop.is_set() or not self._started:
+            return self.outcomes
         self._stop.set()
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), "chaos clients did not finish their last requests"
-        if self._error is not None:
-            raise self._error
+        result = self._results.get(timeout=timeout)
+        self._proc.join(30)
+        if isinstance(result, str):
+            raise RuntimeError(f"chaos clients failed: {result}")
+        self.outcomes = result
         return self.outcomes
 
 
@@ -271,8 +285,9 @@ class BackgroundClients:
 def background_clients(
     url: str, plan: Plan, refs: References, clients: int = 24
 ) -> Iterator[BackgroundClients]:
+    """Clients running (in a process of their own) for the block; their outcomes are there after it."""
     bg = BackgroundClients(url, plan, refs, clients)
-    bg._thread.start()
+    bg.start()
     try:
         yield bg
     finally:
