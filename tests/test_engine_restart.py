@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -42,27 +43,30 @@ def resident(gateway: GatewayProcess, timeout: float = 10) -> set[str]:
         time.sleep(0.1)
 
 
-def test_killed_vllm_is_restarted_with_adapters_restored(gateway: GatewayProcess) -> None:
+def test_killed_vllm_is_restarted_with_adapters_restored(
+    gateway: GatewayProcess, tiny_cache: dict[str, Path]
+) -> None:
     resident(gateway)  # equal before, as after
     [vllm] = vllm_processes(gateway)
     assert "--enable-lora" in vllm.cmdline() and "127.0.0.1" in vllm.cmdline()
     # A stream in flight when vLLM dies ends with one error event in OpenAI's shape (its status line went
-    # out long ago), not a silent cut: the README promises `data: {"error": ...}`.
+    # out already), not a silent cut: the README promises `data: {"error": ...}`. The kill comes as soon as
+    # the status line is in, and the stream asks for far more than the tiny model can generate meanwhile
+    # (16 sequences of nearly the whole context), however late a loaded machine delivers the events.
+    context = json.loads((tiny_cache["base"] / "config.json").read_text())["max_position_embeddings"]
     stream_body = {
         "model": "demo-a",
         "messages": [{"role": "user", "content": "hi"}],
-        "max_tokens": 900,
-        "n": 4,
+        "max_tokens": context - 64,
+        "n": 16,
         "temperature": 1.0,
         "ignore_eos": True,
         "stream": True,
     }
     with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=stream_body, timeout=60) as r:
         assert r.status_code == 200
-        lines = r.iter_lines()
-        assert next(line for line in lines if line.startswith("data: {")).count('"choices"') == 1
         os.killpg(vllm.pid, signal.SIGKILL)
-        rest = [line for line in lines if line.startswith("data: ")]
+        rest = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert rest, "the stream ended without a word"
     last = json.loads(rest[-1].removeprefix("data: "))
     assert set(last) == {"error"} and set(last["error"]) == {"message", "type", "param", "code"}, rest[-1]

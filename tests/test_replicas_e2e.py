@@ -126,6 +126,7 @@ def test_affinity_loads_a_third_of_round_robin_or_less(replicas: dict, cache_dir
 
 
 MIXED = ("tiny-llama", "aff1", "aff2")
+LONG_N, LONG_TOKENS = 8, 900
 
 
 def greedy_chat(model: str, max_tokens: int = 8) -> dict:
@@ -167,7 +168,8 @@ def test_killing_a_replica_fails_no_request(replicas: dict) -> None:
             if not verdict.ok and not verdict.near_tie:
                 wrong.append(f"{model}: answered as {verdict.as_model}")
 
-    long = greedy_chat("aff3", max_tokens=600)
+    # Far more than a loaded box generates before the kill: 8 sampled sequences of 900 tokens.
+    long = greedy_chat("aff3", max_tokens=LONG_TOKENS) | {"n": LONG_N, "temperature": 1.0, "seed": 5}
     with ThreadPoolExecutor(1) as pool:
         threads = [threading.Thread(target=client, args=(m,)) for m in (*MIXED, "tiny-llama")]
         for t in threads:
@@ -186,7 +188,7 @@ def test_killing_a_replica_fails_no_request(replicas: dict) -> None:
             for t in threads:
                 t.join(timeout=120)
     assert r.status_code == 200, r.text
-    assert r.json()["model"] == "aff3" and r.json()["usage"]["completion_tokens"] == 600
+    assert r.json()["model"] == "aff3" and r.json()["usage"]["completion_tokens"] == LONG_N * LONG_TOKENS
     assert metric(url, "lora_gateway_retries_total", reason="engine_failed") >= retries + 1
     assert not failures, failures[:5]
     assert checked > 20 and not wrong, f"{len(wrong)} of {checked} answers from another model: {wrong[:5]}"
