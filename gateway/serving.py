@@ -39,6 +39,22 @@ from gateway.state import GatewayState
 ABORTED = frozenset({"client_disconnected", "upstream_timeout", "upstream_error"})
 
 
+def _engine_failed(exc: GatewayError) -> bool:
+    """Did placing the request fail because its engine failed (not because the request or the slots did)?"""
+    if exc.code == "engine_unavailable":  # the engine stopped being ready under us
+        return True
+    cause = exc.__cause__
+    return (
+        exc.code == "adapter_load_failed"
+        and isinstance(cause, UpstreamError)
+        and cause.code
+        in (
+            "engine_unreachable",
+            "upstream_error",
+        )
+    )
+
+
 class Call:
     """One request on its way through the gateway: where it goes and what it holds there."""
 
@@ -100,7 +116,20 @@ class Call:
         excluded: list[Engine] = []
         retried = False  # one retry at most, and only while nothing has reached the client
         while True:
-            engine = await self._place(target, excluded)
+            try:
+                engine = await self._place(target, excluded)
+            except GatewayError as exc:
+                # The replica died while its adapter was being loaded (the load found it refusing, or no
+                # longer ready): like a refused request, it leaves the rotation and another one takes it.
+                if self.slot is None or retried or len(state.engines) < 2 or not _engine_failed(exc):
+                    raise
+                failed = self.slot.engine
+                failed.cool_down(state.settings.engine_cooldown_s, exc.message)
+                excluded.append(failed)
+                state.metrics.retries.labels("engine_failed").inc()
+                retried = True
+                self.let_go()
+                continue
             try:
                 url = engine.url(self.route)
                 return await self._forward(url, body, headers, parsed, target, drop_usage, receive)

@@ -173,3 +173,17 @@ def test_a_non_streaming_client_that_leaves_drops_the_engine_call(make_gateway: 
         time.sleep(0.01)
     assert vllm.dropped == 1
     gw.settled()
+
+
+def test_a_replica_that_dies_while_its_adapter_loads_hands_the_request_to_another(
+    make_gateway: MakeGateway,
+) -> None:
+    """The adapter's load on the chosen replica finds it refusing (it died since its last probe): the
+    request has sent nothing yet, so another replica takes it, as for a refused request."""
+    gw = make_gateway((A, B), engine={"health_interval_s": 300}, routing="round_robin")  # A is picked first
+    gw.client.engines[A].refuse = True
+    r = gw.chat("demo-a")
+    assert r.status_code == 200 and r.json()["model"] == "demo-a"
+    assert metric(gw.url, "lora_gateway_retries_total", reason="engine_failed") == 1
+    assert gw.client.engines[B].requests and not gw.client.engines[A].requests
+    gw.settled()

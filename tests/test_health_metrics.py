@@ -22,7 +22,9 @@ def test_health_is_200_when_the_engine_answers(gateway_url: str) -> None:
 
 
 def test_metrics_count_requests_errors_latency_per_route_and_model(gateway_url: str) -> None:
-    body = {"model": "demo-b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    # greedy and never cut short by EOS: exactly 3 completion tokens
+    body = {"model": "demo-b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+            "temperature": 0, "ignore_eos": True}  # fmt: skip
     before = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in samples(gateway_url)}
     assert httpx.post(gateway_url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
     bad = {"model": "demo-b", "messages": []}

@@ -72,7 +72,13 @@ def ok(
     response: dict[str, Any] = {"model": model, "description": description}
     if stream:
         events = '`data: {chunk}` events, ending with `data: [DONE]` (or one `data: {"error": ...}` event).'
-        response["content"] = {"text/event-stream": {"schema": {"type": "string", "description": events}}}
+        # For text/event-stream, OpenAPI's schema describes one event (its `data`, `event`, `id` fields).
+        event = {
+            "type": "object",
+            "properties": {"data": {"type": "string", "description": events}, "event": {"type": "string"}},
+            "required": ["data"],
+        }
+        response["content"] = {"text/event-stream": {"schema": event}}
     return {status: response}
 
 
