@@ -170,16 +170,24 @@ def test_killing_a_replica_fails_no_request(replicas: dict) -> None:
 
     # Far more than a loaded box generates before the kill: 8 sampled sequences of 900 tokens.
     long = greedy_chat("aff3", max_tokens=LONG_TOKENS) | {"n": LONG_N, "temperature": 1.0, "seed": 5}
+    # The long request first: once it holds aff3's lease on the victim, the other clients' loads cannot
+    # evict aff3 there (they start after it, so none of them sends it elsewhere first).
+    threads = [threading.Thread(target=client, args=(m,)) for m in (*MIXED, "tiny-llama")]
     with ThreadPoolExecutor(1) as pool:
-        threads = [threading.Thread(target=client, args=(m,)) for m in (*MIXED, "tiny-llama")]
+        in_flight = pool.submit(httpx.post, url + "/v1/chat/completions", json=long, timeout=300)
+        deadline = time.monotonic() + 60
+        while next(e for e in engines(url) if e["name"] == victim["name"])["in_flight"].get(aff3) != 1:
+            assert time.monotonic() < deadline and not in_flight.done(), (
+                f"aff3 never went to its replica: {in_flight.result().text[:300] if in_flight.done() else ''}"
+            )
+            time.sleep(0.005)
         for t in threads:
             t.start()
         try:
-            in_flight = pool.submit(httpx.post, url + "/v1/chat/completions", json=long, timeout=300)
-            deadline = time.monotonic() + 60
-            while next(e for e in engines(url) if e["name"] == victim["name"])["in_flight"].get(aff3) != 1:
-                assert time.monotonic() < deadline and not in_flight.done(), "aff3 never went to its replica"
-                time.sleep(0.005)
+            deadline = time.monotonic() + 30
+            while checked < 4 and not failures:  # the mixed traffic flows before the kill
+                assert time.monotonic() < deadline, "the clients got no answers"
+                time.sleep(0.01)
             os.killpg(psutil.Process(victim["pid"]).pid, signal.SIGKILL)
             r = in_flight.result(timeout=300)
             done.wait(5)  # requests keep flowing on the survivor while the victim is down
