@@ -41,8 +41,10 @@ class FakeVllm:
     dropped: int = 0  # completion calls the gateway dropped (cancelled) while they hung
     listing: Any = None  # set: `/v1/models` answers this as its `data` (a malformed listing), not the truth
     probes: int = 0  # `/v1/models` calls
+    calls: list[tuple[str, str, Any]] = field(default_factory=list)  # every call made: (method, path, body)
 
     def answer(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        self.calls.append((method, path, body))
         if path == "/health":
             return 200, {}
         if path == "/v1/models":

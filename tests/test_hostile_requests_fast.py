@@ -7,7 +7,9 @@ error, never a 500, and the gateway goes on.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -281,3 +283,103 @@ def test_a_malformed_model_listing_is_a_failed_probe_and_the_monitor_goes_on(
     gw.vllm.listing = None
     wait_for(lambda: state()["state"] == "ready", "a good answer brings it back")
     assert gw.post(CHAT, {"model": "demo-a", "messages": MESSAGES}).status_code == 200
+
+
+# --- no way around the gateway to vLLM -----------------------------------------------------------
+
+# vLLM's own routes beyond the two inference ones: adapter loading, tokenizer, pooling, engine control.
+VLLM_ROUTES = [
+    ("POST", "/v1/load_lora_adapter"),
+    ("POST", "/v1/unload_lora_adapter"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
+    ("POST", "/v1/embeddings"),
+    ("POST", "/pooling"),
+    ("POST", "/v1/responses"),
+    ("POST", "/invocations"),
+    ("POST", "/collective_rpc"),
+    ("POST", "/reset_prefix_cache"),
+    ("POST", "/sleep"),
+    ("POST", "/wake_up"),
+    ("POST", "/start_profile"),
+    ("GET", "/server_info"),
+    ("GET", "/load"),
+    ("GET", "/version"),
+    ("POST", "/v1/completions/../load_lora_adapter"),
+    ("POST", "/v1//load_lora_adapter"),
+]
+KEY = "sk-team-a"
+
+
+@pytest.mark.parametrize("method,path", VLLM_ROUTES, ids=[p for _, p in VLLM_ROUTES])
+def test_the_gateway_never_passes_a_vllm_route_through(
+    make_gateway: MakeGateway, method: str, path: str
+) -> None:
+    """A client with a valid key (and one with the admin token) asks the gateway's port for vLLM's own
+    routes: an OpenAI 404 (or 405), and nothing of theirs reaches the engine: the only calls it sees are the
+    gateway's own (probes, and loading the pinned adapters from the gateway's blob store)."""
+    gw = make_gateway(auth={"admin_token": ADMIN, "api_keys": [{"key": KEY}]})
+    wait_for(lambda: any(c[1] == "/v1/models" for c in gw.vllm.calls), "the first probe")
+    body = {"lora_name": "evil", "lora_path": "/etc", "prompt": "x", "model": "demo-a"}
+    for token in (KEY, ADMIN):
+        r = httpx.request(method, gw.url + path, json=body, headers={"authorization": f"Bearer {token}"})
+        assert r.status_code in (404, 405), r.text
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    own = {("GET", "/v1/models"), ("GET", "/health"), ("GET", "/metrics"), ("POST", "/v1/load_lora_adapter")}
+    calls = gw.vllm.calls
+    assert {(m, p) for m, p, _ in calls} <= own, calls
+    assert not any("evil" in str(b) or "/etc" in str(b) for _, _, b in calls), calls
+    assert "evil" not in gw.vllm.adapters
+
+
+class _CountingServer(http.server.ThreadingHTTPServer):
+    hits = 0
+
+
+class _Count(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        assert isinstance(self.server, _CountingServer)
+        self.server.hits += 1
+        self.send_response(200)
+        self.end_headers()
+
+    do_HEAD = do_POST = do_GET
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def listener() -> Iterator[_CountingServer]:
+    """A real HTTP server on loopback that counts every request made to it."""
+    server = _CountingServer(("127.0.0.1", 0), _Count)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_url_source_is_refused_and_never_fetched(
+    make_gateway: MakeGateway, listener: _CountingServer
+) -> None:
+    """SSRF: registration takes `hf://` or a folder under the allowed roots. A URL naming any other scheme
+    (here a listener on loopback, as an attacker would name a metadata service) is 400 `invalid_source`
+    before anything is looked up, and nothing ever connects to it."""
+    gw = make_gateway(auth={"admin_token": ADMIN})
+    host, port = listener.server_address[:2]
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    for source in (
+        f"http://{host}:{port}/adapter",
+        f"https://{host}:{port}/adapter",
+        f"HTTP://{host}:{port}/adapter",
+        f"s3://{host}:{port}/bucket/adapter",
+        f"ftp://{host}:{port}/adapter",
+    ):
+        r = gw.post("/admin/adapters", {"name": "evil", "source": source}, headers=admin)
+        error_of(r, 400, "invalid_source", "source")
+    error_of(gw.post("/admin/adapters", {"name": "evil", "source": "file:///etc"}, headers=admin), 403,
+             "source_not_allowed", "source")  # fmt: skip
+    assert listener.hits == 0
+    listed = httpx.get(gw.url + "/admin/adapters", headers=admin).json()["data"]
+    assert all(a["name"] != "evil" for a in listed), "nothing was half-registered"

@@ -150,6 +150,10 @@ def test_local_errors(roots: tuple[Path, Path]) -> None:
         (lambda: resolve_local("team/sql", []), "source_not_allowed"),
         (lambda: resolve_local("", [allowed]), "invalid_source"),
         (lambda: resolve_source("team/sql", revision="main", allowed_roots=[allowed]), "invalid_source"),
+        # URLs of any scheme but hf:// and file:// are refused before any lookup (nothing is fetched by URL)
+        (lambda: resolve_source("http://169.254.169.254/latest", allowed_roots=[allowed]), "invalid_source"),
+        (lambda: resolve_source("s3://bucket/team/sql", allowed_roots=[allowed]), "invalid_source"),
+        (lambda: resolve_source("file:///etc", allowed_roots=[allowed]), "source_not_allowed"),
     ]
     for call, expected in cases:
         with pytest.raises(SourceError) as info:

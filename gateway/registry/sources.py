@@ -14,6 +14,10 @@ is returned so the registry records exactly what it serves:
   linking into `blobs/` (which may link on into the cache-wide `<cache>/blobs/`; any link leaving the
   cache is refused). A full or unique abbreviated sha is accepted as is.
 
+Any other URL (`http://`, `https://`, `s3://`, ...) is refused with `invalid_source` before anything is
+looked up: this module fetches nothing by URL, so a registration cannot make the gateway call an address
+an attacker chose (SSRF), and such a string is never read as a relative path either.
+
 Errors are `SourceError` (an `AdapterRefusedError`) with codes `invalid_source`,
 `source_not_allowed`, `source_not_found`, `revision_not_found`, `source_unavailable` (Hub unreachable
 and nothing cached). Blocking (hub calls, file walks): call through a thread.
@@ -37,6 +41,7 @@ _REPO_RE = re.compile(rf"{_REPO_PART}/{_REPO_PART}")
 _REVISION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,255}")
 _SHA_RE = re.compile(r"[0-9a-f]{40}")
 _SHORT_SHA_RE = re.compile(r"[0-9a-f]{7,39}")
+_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 log = logging.getLogger("lora_gateway.registry.sources")
 
@@ -65,7 +70,16 @@ def resolve_source(
     hf_token: str | bool | None = None,
     hf_api: Any = None,
 ) -> ResolvedSource:
-    """Dispatch on the scheme: `hf://...` goes to the Hub (or its cache), anything else is a local path."""
+    """Dispatch on the scheme: `hf://...` goes to the Hub (or its cache), `file://` or no scheme is a local
+    path, any other URL is refused."""
+    scheme = _URL_RE.match(source)
+    if scheme and scheme.group(0).lower() not in (HF_SCHEME, "file://"):
+        raise SourceError(
+            f"{scheme.group(0)} sources are not fetched: register hf://org/repo or a folder under the "
+            "allowed roots.",
+            "invalid_source",
+            "source",
+        )
     if source.startswith(HF_SCHEME):
         return resolve_hf(
             source, revision, cache_dir=hf_cache_dir, offline=hf_offline, token=hf_token, api=hf_api
