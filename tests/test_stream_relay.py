@@ -1,10 +1,17 @@
 """How the gateway relays streams, against a real upstream over loopback (the project's fast
 upstream standing in for vLLM): a stream that ends by itself is a 200, a client that leaves is a 499
-whose upstream connection is closed, and nothing stays counted in flight either way."""
+whose upstream connection is closed (within 100 ms for a non-streaming client, against an engine that
+never answers), and nothing stays counted in flight either way."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import socket
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -68,3 +75,89 @@ def test_a_client_leaving_mid_stream_is_a_499_and_frees_its_slot(tmp_path: Path,
         assert c[("lora_gateway_request_errors_total", "client_disconnected")] == 1
         assert c[("lora_gateway_requests_in_flight", "")] == 0
         assert ("lora_gateway_requests_total", "200") not in c
+
+
+class _Hanging(asyncio.Protocol):
+    """An engine that answers probes and never answers a completion; it notes when the gateway hangs up."""
+
+    def __init__(self, seen: dict[str, float]) -> None:
+        self.seen = seen
+        self.data = b""
+        self.completion = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        head, sep, _ = self.data.partition(b"\r\n\r\n")
+        if not sep:
+            return
+        if head.startswith(b"POST /v1/completions"):
+            self.completion = True
+            self.seen["request"] = time.monotonic()
+            return
+        body = b'{"object":"list","data":[{"id":"tiny-llama","object":"model","parent":null}]}'
+        self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n")
+        self.transport.write(b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        self.data = b""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.completion:
+            self.seen["closed"] = time.monotonic()
+
+
+@contextlib.contextmanager
+def hanging_engine() -> Iterator[tuple[str, dict[str, float]]]:
+    seen: dict[str, float] = {}
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(loop.create_server(lambda: _Hanging(seen), "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}", seen
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        server.close()
+        loop.close()
+
+
+def test_a_non_streaming_client_leaving_drops_the_engine_call_within_100_ms(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    """Nothing reaches a non-streaming client before the engine has answered. One that leaves meanwhile
+    (a client timeout) makes the gateway hang up on the engine (vLLM then aborts the request; measured
+    against the real vLLM in tests/test_streaming_disconnect.py) within 100 ms of the client's close."""
+    with (
+        hanging_engine() as (engine_url, seen),
+        serve_app(
+            attached_settings(engine_url, cache_dir, tmp_path, engine={"health_interval_s": 30})
+        ) as url,
+    ):
+        host, port = url.removeprefix("http://").split(":")
+        data = json.dumps({"model": "tiny-llama", "prompt": "hi", "max_tokens": 900}).encode()
+        for _ in range(5):
+            seen.clear()
+            with socket.create_connection((host, int(port))) as sock:
+                head = f"POST /v1/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+                sock.sendall(head.encode() + f"content-length: {len(data)}\r\n\r\n".encode() + data)
+                deadline = time.monotonic() + 10
+                while "request" not in seen:
+                    assert time.monotonic() < deadline, "the engine never got the request"
+                    time.sleep(0.005)
+                time.sleep(0.05)
+            left = time.monotonic()
+            while "closed" not in seen:
+                assert time.monotonic() - left < 5, "the gateway kept its engine call after the client left"
+                time.sleep(0.001)
+            took = seen["closed"] - left
+            assert took < 0.1, f"the engine call was dropped {1000 * took:.0f} ms after the client left"
+        for _ in range(100):
+            if counts(url).get(("lora_gateway_requests_total", "499")) == 5:
+                break
+            time.sleep(0.05)
+        assert counts(url).get(("lora_gateway_requests_total", "499")) == 5, counts(url)
+        assert counts(url)[("lora_gateway_requests_in_flight", "")] == 0
