@@ -20,6 +20,12 @@ from adapters.llama import LINEAR_MODULES
 from gateway.settings import Settings
 from tests.conftest import ENGINE_AUTH, attached_settings
 
+# One client for every look at a gateway or vLLM: `httpx.get` builds a client, and with it an SSL context
+# (~20 ms of CPU holding the GIL, which an in-process gateway shares), on every call. While vLLM
+# generates on both cores, such a look took as long as the whole generation (seen in CI), so a poll
+# for a short-lived state saw it never.
+HTTP = httpx.Client(timeout=30)
+
 BASE = "tiny-llama"
 PROMPT = "show users older than 30"
 
@@ -83,7 +89,7 @@ def text(url: str, model: str, **kw: Any) -> str:
 def metric(url: str, name: str, **labels: str) -> float:
     """The sum of the samples of `name` (e.g. `lora_gateway_adapter_loads_total`) matching `labels`."""
     total = 0.0
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+    for family in text_string_to_metric_families(HTTP.get(url + "/metrics").text):
         for sample in family.samples:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
@@ -92,7 +98,7 @@ def metric(url: str, name: str, **labels: str) -> float:
 
 def vllm_adapters(vllm_url: str) -> set[str]:
     """The LoRA adapters vLLM itself lists now."""
-    data = httpx.get(vllm_url + "/v1/models", headers=ENGINE_AUTH, timeout=10).json()["data"]
+    data = HTTP.get(vllm_url + "/v1/models", headers=ENGINE_AUTH, timeout=10).json()["data"]
     return {m["id"] for m in data if m.get("parent")}
 
 
@@ -105,14 +111,17 @@ def held_stream(tiny_cache: dict[str, Path]) -> dict:
     return body | {"stream": True, "n": 8, "logprobs": 20}  # n > 1 needs sampling
 
 
-def vllm_running_adapters(vllm_url: str) -> set[str]:
-    """The adapters vLLM's scheduler ran in its latest step (`vllm:lora_requests_info`: one sample per
-    label set, its value the time it was last set; the newest one is now)."""
+def vllm_running_adapters(vllm_url: str, *, waiting: bool = False) -> set[str]:
+    """The adapters vLLM's scheduler ran (and with `waiting`, queued) in its latest step
+    (`vllm:lora_requests_info`: one sample per label set, its value the time it was last set; the newest
+    one is now)."""
     newest: tuple[float, set[str]] = (-1.0, set())
-    for family in text_string_to_metric_families(httpx.get(vllm_url + "/metrics", timeout=10).text):
+    for family in text_string_to_metric_families(HTTP.get(vllm_url + "/metrics", timeout=10).text):
         for sample in family.samples:
             if sample.name == "vllm:lora_requests_info" and sample.value > newest[0]:
                 running = sample.labels.get("running_lora_adapters", "")
+                if waiting:
+                    running += "," + sample.labels.get("waiting_lora_adapters", "")
                 newest = (sample.value, {name for name in running.split(",") if name})
     return newest[1]
 
@@ -123,7 +132,7 @@ def leases(url: str) -> dict[str, dict[str, int]]:
 
 
 def engine(url: str, token: str | None = None) -> dict:
-    r = httpx.get(url + "/admin/engines", headers=auth(token))
+    r = HTTP.get(url + "/admin/engines", headers=auth(token))
     assert r.status_code == 200, r.text
     [info] = r.json()["data"]
     return info
