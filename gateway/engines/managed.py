@@ -129,8 +129,13 @@ class ManagedEngine(Engine):
             if await self._wait_for_first_answer():
                 backoff = self.settings.restart_backoff_s
                 await self._monitor()
+            code = None if self.process is None else self.process.returncode
+            died = code is not None
+            if died:  # out of the rotation at once, not after the reaping (which waits for its log)
+                self.mark_down(f"vLLM exited with code {code}")
             reason = await self._reap()
-            self.mark_down(reason)
+            if not died:
+                self.mark_down(reason)
             if self._stopping:
                 return
             log.warning("engine %s: %s; restarting in %.0f s", self.name, reason, backoff)
