@@ -1,7 +1,15 @@
-"""The managed vLLM dies: the gateway notices, answers 503/502 meanwhile, restarts it, restores adapters."""
+"""The managed vLLM dies: the gateway notices, answers 503/502 meanwhile, restarts it, restores adapters.
+
+The kill comes under the chaos workload of `lora-gateway loadtest chaos` (docs/reliability.md), CI-sized:
+24 clients in a process of their own, base model and both adapters, streamed and not, across the kill,
+the restart and a few seconds of service after it. No wrong answer, every failure in OpenAI's shape, every
+stream ending with `[DONE]` or one error event, every 503 with `Retry-After`, served again after the
+restart, and the gateway's resident set equal to vLLM's listing (drift 0).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -12,6 +20,8 @@ import httpx
 import psutil
 import pytest
 
+from loadtest.chaos.clients import background_clients, chaos_plan, learn_references, summarize, violations
+from loadtest.harness.verify import References
 from tests.conftest import ENGINE_AUTH, GatewayProcess
 
 pytestmark = pytest.mark.engine
@@ -49,6 +59,28 @@ def test_killed_vllm_is_restarted_with_adapters_restored(
     resident(gateway)  # equal before, as after
     [vllm] = vllm_processes(gateway)
     assert "--enable-lora" in vllm.cmdline() and "127.0.0.1" in vllm.cmdline()
+    plan, refs = chaos_plan(["tiny-llama", "demo-a", "demo-b"]), References()
+    asyncio.run(_learn(gateway.url, plan, refs))
+    with background_clients(gateway.url, plan, refs, clients=24) as clients:
+        kill_at = clients.now()
+        _kill_and_restart(gateway, vllm, tiny_cache)
+        served_again = time.monotonic() + 5
+        while time.monotonic() < served_again:  # the clients are served by the new vLLM for a while
+            time.sleep(0.2)
+    s = summarize(clients.outcomes, kill_at=kill_at)
+    print(f"\nchaos, one replica killed: { {k: v for k, v in s.items() if k != 'examples'} }")
+    assert not violations(s), violations(s)
+    assert s["requests_sent"] >= 48 and s["streamed"] and s["streamed"] < s["requests_sent"]
+    assert s["seconds_until_served_again"] is not None, "no client was served after the restart"
+    resident(gateway)  # drift 0 once the clients have stopped
+
+
+async def _learn(url: str, plan: list, refs: References) -> None:
+    async with httpx.AsyncClient(timeout=120) as http:
+        await learn_references(http, url, plan, refs)
+
+
+def _kill_and_restart(gateway: GatewayProcess, vllm: psutil.Process, tiny_cache: dict[str, Path]) -> None:
     # A stream in flight when vLLM dies ends with one error event in OpenAI's shape (its status line went
     # out already), not a silent cut: the README promises `data: {"error": ...}`. The kill comes as soon as
     # the status line is in, and the stream asks for far more than the tiny model can generate meanwhile
@@ -73,10 +105,13 @@ def test_killed_vllm_is_restarted_with_adapters_restored(
     assert last["error"]["code"] == "upstream_error" and "[DONE]" not in rest[-1]
 
     # While it is down: clear errors, never a hang or an HTML page.
+    # `/admin/engines` never shows the engine ready without a process (pid null: it has exited).
     deadline = time.monotonic() + 30
     while httpx.get(gateway.url + "/health").status_code == 200:
+        [info] = httpx.get(gateway.url + "/admin/engines").json()["data"]
+        assert info["pid"] is not None or info["state"] != "ready", info
         assert time.monotonic() < deadline, "gateway never noticed that vLLM died"
-        time.sleep(0.2)
+        time.sleep(0.05)
     body = {"model": "demo-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     r = httpx.post(gateway.url + "/v1/chat/completions", json=body)
     assert r.status_code in (502, 503)
