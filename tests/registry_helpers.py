@@ -111,6 +111,18 @@ def held_stream(tiny_cache: dict[str, Path]) -> dict:
     return body | {"stream": True, "n": 8, "logprobs": 20}  # n > 1 needs sampling
 
 
+def vllm_ran_adapters_since(vllm_url: str, since: float) -> set[str]:
+    """The adapters vLLM's scheduler ran in any step since `since` (`time.time()`): every label set of
+    `vllm:lora_requests_info` last set since then. Unlike a look at the latest step, a look that comes
+    late (vLLM's frontend answers /metrics slowly while it generates on both cores) still sees them."""
+    ran: set[str] = set()
+    for family in text_string_to_metric_families(HTTP.get(vllm_url + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "vllm:lora_requests_info" and sample.value >= since:
+                ran |= {n for n in sample.labels.get("running_lora_adapters", "").split(",") if n}
+    return ran
+
+
 def vllm_running_adapters(vllm_url: str, *, waiting: bool = False) -> set[str]:
     """The adapters vLLM's scheduler ran (and with `waiting`, queued) in its latest step
     (`vllm:lora_requests_info`: one sample per label set, its value the time it was last set; the newest

@@ -39,6 +39,7 @@ from tests.registry_helpers import (
     metric,
     registry_settings,
     vllm_adapters,
+    vllm_ran_adapters_since,
     vllm_running_adapters,
     write_adapter,
 )
@@ -232,6 +233,7 @@ def test_an_adapter_with_a_request_in_flight_is_never_evicted(leased: dict) -> N
     settle(url)
     held = {names["x"], names["y"]}
     stream = held_stream_body(leased)
+    started = time.time()
     with (
         httpx.Client(base_url=url, timeout=60) as http,
         http.stream("POST", "/v1/completions", json={**stream, "model": "x"}) as sx,
@@ -240,10 +242,10 @@ def test_an_adapter_with_a_request_in_flight_is_never_evicted(leased: dict) -> N
         assert sx.status_code == sy.status_code == 200
         running: set[str] = set()
         deadline = time.monotonic() + 30
-        while not held <= running:  # vLLM's scheduler runs both held adapters' requests
-            assert time.monotonic() < deadline, f"vLLM runs {running}, not {held}"
-            running = vllm_running_adapters(vllm)
-        assert running <= set(engine(url)["in_flight"]), "vLLM runs an adapter the gateway does not count"
+        while not held <= running:  # vLLM's scheduler has run both held adapters' requests
+            assert time.monotonic() < deadline, f"vLLM ran {running}, not {held}"
+            running = vllm_ran_adapters_since(vllm, started)
+        assert running <= set(engine(url)["in_flight"]), "vLLM ran an adapter the gateway does not count"
         # Every slot is leased: z waits for one, gets none, and evicts nothing in flight.
         r = complete(url, "z")
         assert_openai_error(r, 503, "adapter_slots_busy")
@@ -263,11 +265,12 @@ def test_an_aborted_requests_adapter_stays_held_while_vllm_runs_it(leased: dict)
     look reads the gateway first, then vLLM: vLLM running it after the gateway let it go would be the bug."""
     url, vllm, key = leased["url"], leased["vllm"], leased["names"]["x"]
     settle(url)
+    started = time.time()
     with httpx.stream("POST", url + "/v1/completions", json=held_stream_body(leased), timeout=60) as r:
         assert r.status_code == 200
         deadline = time.monotonic() + 30
-        while key not in vllm_running_adapters(vllm, waiting=True):
-            assert time.monotonic() < deadline, "vLLM never ran or queued the request"
+        while key not in vllm_ran_adapters_since(vllm, started):
+            assert time.monotonic() < deadline, "vLLM never ran the request"
     # The client has left. Look until the gateway lets go.
     looks, running_after_leave, violations = 0, 0, []
     deadline = time.monotonic() + 30

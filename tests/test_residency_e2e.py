@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtest.harness.verify import References, learn_all, request_key
 from tests.conftest import ENGINE_AUTH, serve_app
 from tests.registry_helpers import (
     PROMPT,
@@ -321,6 +322,11 @@ def test_a_cold_adapter_drains_the_least_busy_one_and_loads_when_it_is_idle(
     assert_stopped(url)
 
 
+async def _learn(todo: list, refs: References) -> None:
+    async with httpx.AsyncClient(timeout=120) as http:
+        await learn_all(http, todo, refs)
+
+
 def test_more_adapters_registered_than_vllm_keeps_in_memory(
     vllm_url: str, cache_dir: Path, tiny_cache: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -333,7 +339,12 @@ def test_more_adapters_registered_than_vllm_keeps_in_memory(
     with serve_app(settings) as url:
         for name in names:
             register(url, name, root / name)
-        expected = {name: text(url, name, max_tokens=MAX_TOKENS) for name in names}
+        # Each answer alone, with its logprobs: under batching vLLM's bf16 arithmetic on this CPU can flip a
+        # near tie (seen: 'j' at -4.855 against ' by' at -4.902 nats), which is not another adapter's answer.
+        refs, key = References(), request_key(greedy(names[0]))
+        todo = [(name, url + "/v1/completions", greedy(name)) for name in names]
+        asyncio.run(_learn(todo, refs))
+        expected = {name: refs.text(name, key) for name in names}
         assert len(set(expected.values())) == len(names), f"adapters must be told apart: {expected}"
         # reversed: the first ones have left vLLM's memory since; vLLM reads them back from disk
         assert {name: text(url, name, max_tokens=MAX_TOKENS) for name in reversed(names)} == expected
@@ -350,8 +361,11 @@ def test_more_adapters_registered_than_vllm_keeps_in_memory(
                 return await asyncio.gather(*(one(name) for name in order))
 
         answers = asyncio.run(clients())
-        wrong = [a for a in answers if a[1:] != (200, expected[a[0]])]
-        assert not wrong, f"{len(wrong)} of {len(answers)} failed or came from another adapter: {wrong[:5]}"
+        failed = [a for a in answers if a[1] != 200]
+        assert not failed, f"{len(failed)} of {len(answers)} failed: {failed[:5]}"
+        verdicts = [(name, answer, refs.check(name, key, answer)) for name, _, answer in answers]
+        wrong = [(n, a, v.as_model) for n, a, v in verdicts if not v.ok and not v.near_tie]
+        assert not wrong, f"{len(wrong)} of {len(answers)} answers not their adapter's own: {wrong[:5]}"
         mine = engine_names(url)
         assert {mine[n] for n in names} <= vllm_adapters(vllm_url)
         for name in names:  # the gateway loaded each once and never unloaded one
