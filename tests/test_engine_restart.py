@@ -23,6 +23,7 @@ import pytest
 from loadtest.chaos.clients import background_clients, chaos_plan, learn_references, summarize, violations
 from loadtest.harness.verify import References
 from tests.conftest import ENGINE_AUTH, GatewayProcess
+from tests.registry_helpers import HTTP
 
 pytestmark = pytest.mark.engine
 
@@ -33,7 +34,7 @@ def vllm_processes(gateway: GatewayProcess) -> list[psutil.Process]:
 
 
 def listed(gateway: GatewayProcess) -> set[str]:
-    data = httpx.get(gateway.vllm_url + "/v1/models", headers=ENGINE_AUTH, timeout=10).json()["data"]
+    data = HTTP.get(gateway.vllm_url + "/v1/models", headers=ENGINE_AUTH, timeout=10).json()["data"]
     return {m["id"] for m in data if m.get("parent")}
 
 
@@ -44,7 +45,7 @@ def resident(gateway: GatewayProcess, timeout: float = 10) -> set[str]:
     deadline = time.monotonic() + timeout
     while True:
         before = listed(gateway)
-        [engine] = httpx.get(gateway.url + "/admin/engines").json()["data"]
+        [engine] = HTTP.get(gateway.url + "/admin/engines").json()["data"]
         if before == listed(gateway) == set(engine["resident_adapters"]):
             return set(engine["resident_models"])
         assert time.monotonic() < deadline, (
@@ -62,8 +63,7 @@ def test_killed_vllm_is_restarted_with_adapters_restored(
     plan, refs = chaos_plan(["tiny-llama", "demo-a", "demo-b"]), References()
     asyncio.run(_learn(gateway.url, plan, refs))
     with background_clients(gateway.url, plan, refs, clients=24) as clients:
-        kill_at = clients.now()
-        _kill_and_restart(gateway, vllm, tiny_cache)
+        kill_at = _kill_and_restart(gateway, vllm, tiny_cache) - clients.t0
         served_again = time.monotonic() + 5
         while time.monotonic() < served_again:  # the clients are served by the new vLLM for a while
             time.sleep(0.2)
@@ -80,7 +80,8 @@ async def _learn(url: str, plan: list, refs: References) -> None:
         await learn_references(http, url, plan, refs)
 
 
-def _kill_and_restart(gateway: GatewayProcess, vllm: psutil.Process, tiny_cache: dict[str, Path]) -> None:
+def _kill_and_restart(gateway: GatewayProcess, vllm: psutil.Process, tiny_cache: dict[str, Path]) -> float:
+    """Kill vLLM under a stream, check what clients get meanwhile and after its restart; the kill's time."""
     # A stream in flight when vLLM dies ends with one error event in OpenAI's shape (its status line went
     # out already), not a silent cut: the README promises `data: {"error": ...}`. The kill comes as soon as
     # the status line is in, and the stream asks for far more than the tiny model can generate meanwhile
@@ -94,12 +95,19 @@ def _kill_and_restart(gateway: GatewayProcess, vllm: psutil.Process, tiny_cache:
         "temperature": 1.0,
         "ignore_eos": True,
         "stream": True,
+        # ~1 KB an event, far more than the sockets between vLLM and this unread client hold: vLLM's engine
+        # may finish generating before the kill (its frontend lags under the chaos clients), but the
+        # stream cannot have been delivered whole before the client reads.
+        "logprobs": True,
+        "top_logprobs": 20,
     }
     with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=stream_body, timeout=60) as r:
         assert r.status_code == 200
+        killed = time.monotonic()
         os.killpg(vllm.pid, signal.SIGKILL)
         rest = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert rest, "the stream ended without a word"
+    assert rest[-1] != "data: [DONE]", f"the stream ended by itself before the kill: {len(rest)} events"
     last = json.loads(rest[-1].removeprefix("data: "))
     assert set(last) == {"error"} and set(last["error"]) == {"message", "type", "param", "code"}, rest[-1]
     assert last["error"]["code"] == "upstream_error" and "[DONE]" not in rest[-1]
@@ -107,8 +115,8 @@ def _kill_and_restart(gateway: GatewayProcess, vllm: psutil.Process, tiny_cache:
     # While it is down: clear errors, never a hang or an HTML page.
     # `/admin/engines` never shows the engine ready without a process (pid null: it has exited).
     deadline = time.monotonic() + 30
-    while httpx.get(gateway.url + "/health").status_code == 200:
-        [info] = httpx.get(gateway.url + "/admin/engines").json()["data"]
+    while HTTP.get(gateway.url + "/health").status_code == 200:
+        [info] = HTTP.get(gateway.url + "/admin/engines").json()["data"]
         assert info["pid"] is not None or info["state"] != "ready", info
         assert time.monotonic() < deadline, "gateway never noticed that vLLM died"
         time.sleep(0.05)
@@ -128,3 +136,4 @@ def _kill_and_restart(gateway: GatewayProcess, vllm: psutil.Process, tiny_cache:
         time.sleep(0.1)
     r = httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200 and r.json()["model"] == "demo-a"
+    return killed

@@ -24,7 +24,7 @@ from gateway.settings import Settings
 from loadtest.chaos.clients import background_clients, chaos_plan, learn_references, summarize, violations
 from loadtest.harness.verify import References, learn_all
 from tests.conftest import free_port, serve_app
-from tests.registry_helpers import metric
+from tests.registry_helpers import HTTP, metric
 
 pytestmark = pytest.mark.engine
 KEY = "replicas-test-key"
@@ -74,7 +74,7 @@ def chat(url: str, model: str) -> httpx.Response:
 
 
 def loads(url: str) -> float:
-    text = httpx.get(url + "/metrics").text
+    text = HTTP.get(url + "/metrics").text
     return sum(
         float(x.split()[-1])
         for x in text.splitlines()
@@ -83,7 +83,7 @@ def loads(url: str) -> float:
 
 
 def engines(url: str) -> list[dict]:
-    return httpx.get(url + "/admin/engines").json()["data"]
+    return HTTP.get(url + "/admin/engines").json()["data"]  # polled: one client (tests/registry_helpers.py)
 
 
 def test_affinity_keeps_an_adapter_on_its_replica(replicas: dict) -> None:

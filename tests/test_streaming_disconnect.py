@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.registry_helpers import HTTP
+
 pytestmark = pytest.mark.engine
 
 N = 16  # sequences of nearly the model's context each: many seconds of generation on this CPU
@@ -101,10 +103,13 @@ def test_a_non_streaming_client_that_leaves_aborts_generation_in_vllm(
     with socket.create_connection((host, int(port))) as sock:
         head = f"POST /v1/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
         sock.sendall(head.encode() + f"content-length: {len(data)}\r\n\r\n".encode() + data)
+        # The start is read from the gateway (its lease on demo-b), not from vLLM's gauge: while vLLM
+        # generates on both cores its /metrics answers seconds late, after a short request has ended.
         deadline = time.monotonic() + 30
-        while running_requests(vllm_url) < 1:
-            assert time.monotonic() < deadline, "vLLM never ran the request"
+        while not sum(HTTP.get(gateway_url + "/admin/engines").json()["data"][0]["in_flight"].values()):
+            assert time.monotonic() < deadline, "the gateway never sent the request"
             time.sleep(0.01)
+        time.sleep(0.3)  # vLLM has scheduled it
     left = time.monotonic()
     at_leave = generated_tokens(vllm_url)
     while running_requests(vllm_url) > 0:
