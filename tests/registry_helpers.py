@@ -7,8 +7,10 @@ demo adapters are not seeded, so a test sees only what it registers.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from adapters.demo import RandomAdapterSpec, write_random_adapter
 from adapters.llama import LINEAR_MODULES
 from gateway.settings import Settings
+from loadtest.harness.verify import References, learn_all
 from tests.conftest import ENGINE_AUTH, attached_settings
 
 # One client for every look at a gateway or vLLM: `httpx.get` builds a client, and with it an SSL context
@@ -84,6 +87,17 @@ def text(url: str, model: str, **kw: Any) -> str:
     assert r.status_code == 200, r.text
     assert r.json()["model"] == model
     return r.json()["choices"][0]["text"]
+
+
+def learn(url: str, path: str, plan: Sequence[tuple[str, dict[str, Any]]], refs: References) -> None:
+    """Each (model, body) of `plan` sent alone to `url + path`: its answer, with logprobs, is the reference
+    later answers are judged by (loadtest/harness/verify.py: near ties apart)."""
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=120) as http:
+            await learn_all(http, [(model, url + path, body) for model, body in plan], refs)
+
+    asyncio.run(run())
 
 
 def metric(url: str, name: str, **labels: str) -> float:

@@ -24,6 +24,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -48,6 +49,7 @@ from tests.test_residency_e2e import register_xyz
 
 pytestmark = pytest.mark.engine
 
+T = TypeVar("T")
 REQUESTS = "lora_gateway_requests_total"  # counted when a request has ended, after its lease went back
 
 
@@ -93,13 +95,15 @@ def acquired(url: str, key: str) -> int:
     return leases(url).get(key, {}).get("acquired", 0)
 
 
-def takes_leases(leased: dict, model: str, expected: int, action: Callable[[], object]) -> None:
+def takes_leases(leased: dict, model: str, expected: int, action: Callable[[], T]) -> T:
+    """`action()`'s result, once its leases on `model` are all back: `expected` of them taken."""
     url, key = leased["url"], leased["names"][model]
     settle(url)
     before = acquired(url, key)
-    action()
+    result = action()
     counts = settle(url)
     assert counts[key]["acquired"] - before == expected, counts[key]
+    return result
 
 
 def body(model: str, **kw: object) -> dict:
@@ -192,9 +196,7 @@ def test_the_client_gone_before_the_first_byte(leased: dict) -> None:
     tries = 5
     for _ in range(tries):
         before = metric(url, "lora_gateway_request_errors_total", code="client_disconnected")
-        left: list[bool] = []
-        takes_leases(leased, "y", 1, lambda left=left: left.append(left_while_generating()))  # type: ignore[misc]
-        if left[0]:
+        if takes_leases(leased, "y", 1, left_while_generating):
             after = metric(url, "lora_gateway_request_errors_total", code="client_disconnected")
             assert after == before + 1, "the request the client left is not a client_disconnected error"
             break

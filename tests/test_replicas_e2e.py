@@ -6,7 +6,6 @@ attached gateway over the same two replicas routes round-robin, for the comparis
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
 import signal
@@ -21,10 +20,10 @@ import pytest
 
 from adapters.demo import RandomAdapterSpec, write_random_adapter
 from gateway.settings import Settings
-from loadtest.chaos.clients import background_clients, chaos_plan, learn_references, summarize, violations
-from loadtest.harness.verify import References, learn_all
+from loadtest.chaos.clients import PATH, background_clients, chaos_plan, summarize, violations
+from loadtest.harness.verify import References, request_key
 from tests.conftest import free_port, serve_app
-from tests.registry_helpers import HTTP, metric
+from tests.registry_helpers import HTTP, learn, metric
 
 pytestmark = pytest.mark.engine
 KEY = "replicas-test-key"
@@ -144,7 +143,9 @@ def test_killing_a_replica_fails_no_request(replicas: dict) -> None:
     ending with one error event in OpenAI's shape."""
     url = replicas["url"]
     plan, refs = chaos_plan(MIXED), References()
-    asyncio.run(learn_references_of(url, plan, refs))
+    learn(url, PATH, plan, refs)
+    key = request_key(greedy_chat("tiny-llama"))  # "hi", 8 tokens: the plan's first prompt
+    assert len({refs.text(m, key) for m in MIXED}) == len(MIXED), "the models must answer differently"
     # aff3 lives on one replica: that one dies while it generates a long answer for aff3.
     assert chat(url, "aff3").status_code == 200
     [victim] = [e for e in engines(url) if any(m.startswith("aff3@") for m in e["resident_models"])]
@@ -176,13 +177,3 @@ def test_killing_a_replica_fails_no_request(replicas: dict) -> None:
     assert not violations(s, unstarted_lost=0), violations(s, unstarted_lost=0)
     assert s["failed"] == s["streams_one_error"], s["failures_by_kind"]  # only streams cut on the victim
     assert s["right"] > 20 and s["streamed"] and s["seconds_until_served_again"] is not None, s
-
-
-async def learn_references_of(url: str, plan: list, refs: References) -> None:
-    async with httpx.AsyncClient(timeout=120) as http:
-        await learn_references(http, url, plan, refs)
-
-
-async def learn(todo: list, refs: References) -> None:
-    async with httpx.AsyncClient(timeout=120) as http:
-        await learn_all(http, todo, refs)

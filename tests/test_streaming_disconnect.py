@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.registry_helpers import HTTP
+from tests.registry_helpers import engine
 
 pytestmark = pytest.mark.engine
 
@@ -106,7 +106,7 @@ def test_a_non_streaming_client_that_leaves_aborts_generation_in_vllm(
         # The start is read from the gateway (its lease on demo-b), not from vLLM's gauge: while vLLM
         # generates on both cores its /metrics answers seconds late, after a short request has ended.
         deadline = time.monotonic() + 30
-        while not sum(HTTP.get(gateway_url + "/admin/engines").json()["data"][0]["in_flight"].values()):
+        while not sum(engine(gateway_url)["in_flight"].values()):
             assert time.monotonic() < deadline, "the gateway never sent the request"
             time.sleep(0.01)
         time.sleep(0.3)  # vLLM has scheduled it
@@ -119,6 +119,7 @@ def test_a_non_streaming_client_that_leaves_aborts_generation_in_vllm(
         f"\nvLLM stopped running the request {1000 * (time.monotonic() - left):.0f} ms after the client left"
     )
     after = settled_tokens(vllm_url)
+    assert after > before, "vLLM never ran the request"  # the start was read from the gateway
     assert after - before < requested, "the generation ran to its end after the client left"
     assert after - at_leave < 0.25 * requested, (
         f"vLLM generated {after - at_leave:.0f} tokens after the client left, {at_leave - before:.0f} before"
