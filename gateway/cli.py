@@ -111,8 +111,11 @@ def serve(
     _setup_logging(settings.log_level)
     if settings.engine.mode == "managed" and settings.engine.model is None:
         _ensure_embedded(settings.cache_dir, settings.base_model_name(), demo=settings.adapters_dir is None)
+    from gateway.relay.client import RelayHttpProtocol
+
     uvicorn.run(
         create_app(settings),
+        http=RelayHttpProtocol,  # uvicorn's httptools protocol, offering the client's socket to the relay
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from gateway.engines.client import EngineClient, EngineResponse
 from gateway.errors import GatewayError, from_upstream, sse_error_event
+from gateway.relay.client import EXTENSION, ClientSocket
 
 Finish = Callable[[int, str | None, dict[str, Any] | None], None]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]  # ASGI's receive
@@ -155,50 +156,72 @@ async def forward_json(
 
 
 class _Relay:
-    """One upstream SSE response relayed to one client; `close()` runs exactly once on every path."""
+    """One engine stream relayed to one client: the `Sink` its body chunks are handed to.
+
+    Called from the engine connection's read callback (gateway/relay/engine.py), it rewrites each
+    chunk and hands it to `write`: the client's socket directly (gateway/relay/client.py), or a queue
+    that the response's task sends as ASGI messages. `end` and the client's departure settle `done`;
+    `close()` runs exactly once on every path and records the request.
+    """
+
+    __slots__ = (
+        "stream",
+        "rewriter",
+        "finish",
+        "on_first_chunk",
+        "started",
+        "first",
+        "write",
+        "done",
+        "error",
+        "closed",
+    )
 
     def __init__(
         self,
-        response: EngineResponse,
+        stream: EngineResponse,
         rewriter: SseRewriter,
         finish: Finish,
         on_first_chunk: Callable[[float], None],
         started: float,
     ) -> None:
-        self.response = response
+        self.stream = stream
         self.rewriter = rewriter
         self.finish = finish
         self.on_first_chunk = on_first_chunk
         self.started = started
+        self.first = True
+        self.write: Callable[[bytes], None] = _nowhere
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.error: str | None = "client_disconnected"  # until the stream ends by itself
         self.closed = False
 
-    async def body(self) -> AsyncIterator[bytes]:
-        first = True
-        try:
-            async for chunk in self.response.iter_chunks():
-                if first:
-                    first = False
-                    self.on_first_chunk(time.perf_counter() - self.started)
-                out = self.rewriter.feed(chunk)
-                if out:
-                    yield out
-            tail = self.rewriter.flush()
-            if tail:
-                yield tail
-            self.error = None
-        except GatewayError as exc:
-            self.error = exc.code
-            yield sse_error_event(exc)
-        finally:
-            await self.close()
+    def data(self, chunk: bytes) -> None:
+        if self.first:
+            self.first = False
+            self.on_first_chunk(time.perf_counter() - self.started)
+        out = self.rewriter.feed(chunk)
+        if out:
+            self.write(out)
 
-    async def close(self) -> None:
+    def end(self, error: GatewayError | None) -> None:
+        tail = self.rewriter.flush()
+        if tail:
+            self.write(tail)
+        if error is None:
+            self.error = None
+        else:
+            self.error = error.code
+            self.write(sse_error_event(error))
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        self.response.close()  # drops the connection mid-stream: vLLM aborts the request
-        status = self.response.status_code
+        self.stream.close()  # mid-stream this drops the connection: vLLM aborts the request
+        status = self.stream.status_code
         if self.error == "client_disconnected":
             status = 499
         elif self.error is not None:
@@ -206,45 +229,142 @@ class _Relay:
         self.finish(status, self.error, self.rewriter.usage)
 
 
-class RelayResponse(StreamingResponse):
-    """Relays one upstream SSE stream to the client; closes the upstream on every path.
+def _nowhere(_: bytes) -> None:
+    pass
 
-    Starlette's `StreamingResponse` watches for the client leaving with an anyio task group (the
-    server speaks ASGI 2.3), which costs more than the rest of relaying a short stream. Here one
-    plain asyncio task waits for `http.disconnect` and cancels the relay, which then closes the
-    upstream response (vLLM aborts the generation) and records the request as 499.
+
+async def _pump(response: EngineResponse, relay: _Relay) -> None:
+    """For an engine client whose responses only iterate (tests/fake_engine.py): chunks into the relay."""
+    try:
+        async for chunk in response.iter_chunks():
+            relay.data(chunk)
+    except GatewayError as exc:
+        relay.end(exc)
+    else:
+        relay.end(None)
+
+
+ASGI_QUEUE_HIGH = 256 * 1024  # bytes waiting for ASGI send before reading from the engine pauses
+
+
+class RelayResponse(Response):
+    """Relays one engine stream to the client; closes the engine's side on every path.
+
+    The start and the end of the response go through ASGI `send`. The body goes to the client's socket
+    from the engine connection's read callback when the server offers it (gateway/relay/client.py: no task
+    wakes per chunk), else through `send`, one message per batch of chunks that arrived together. One
+    plain asyncio task waits for `http.disconnect` (uvicorn says it once the client is gone) and ends the
+    relay: the engine connection is dropped (vLLM aborts the generation) and the request is a 499.
     """
 
+    media_type = "text/event-stream"
+
     def __init__(self, relay: _Relay, headers: dict[str, str]) -> None:
-        super().__init__(relay.body(), media_type="text/event-stream", headers=headers)
+        # Not Response.__init__: a body (even empty) would bring a content-length; this one is chunked.
+        self.status_code = 200
+        self.background = None
+        self.init_headers(headers)
         self.relay = relay
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        relaying = asyncio.current_task()
-        client_left = done = False
-
-        async def watch() -> None:
-            nonlocal client_left
-            # The server also says http.disconnect once the response is complete: not a departure.
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            if not done and relaying is not None:
-                client_left = True
-                relaying.cancel()
-
-        watcher = asyncio.create_task(watch())
+        relay = self.relay
+        socket: ClientSocket | None = scope.get("extensions", {}).get(EXTENSION)
+        watcher: asyncio.Task[None] | None = None
         try:
-            await self.stream_response(send)
-            done = True  # set before this task can yield to the watcher again
-        except asyncio.CancelledError:
-            if not client_left or relaying is None:
-                raise
-            relaying.uncancel()  # our own cancel: the client left, nothing is wrong
+            start = {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            await send(start)
+            watcher = asyncio.create_task(_departure(receive))
+            attach = getattr(relay.stream, "attach", None)
+            if socket is not None and attach is not None and socket.usable():
+                await self._to_socket(socket, attach, watcher)
+            else:
+                await self._through_send(send, attach, watcher)
+            if relay.error != "client_disconnected":
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the connection broke under a write: the client is gone too
         finally:
-            watcher.cancel()
-            await self.relay.close()
+            if watcher is not None:
+                watcher.cancel()
+            if socket is not None:
+                socket.release()
+            relay.close()
+
+    async def _to_socket(
+        self, socket: ClientSocket, attach: Callable[[Any], None], watcher: asyncio.Task[None]
+    ) -> None:
+        relay, stream = self.relay, self.relay.stream
+
+        def write(data: bytes) -> None:
+            if socket.gone:
+                if not relay.done.done():
+                    relay.done.set_result(None)  # the client left: close() will say 499
+                return
+            socket.write(data)
+
+        relay.write = write
+        socket.on_pause = stream.pause_reading  # type: ignore[attr-defined]
+        socket.on_resume = stream.resume_reading  # type: ignore[attr-defined]
+        if socket.paused:
+            stream.pause_reading()  # type: ignore[attr-defined]
+        attach(relay)
+        await asyncio.wait((relay.done, watcher), return_when=asyncio.FIRST_COMPLETED)
+
+    async def _through_send(
+        self, send: Any, attach: Callable[[Any], None] | None, watcher: asyncio.Task[None]
+    ) -> None:
+        relay, stream = self.relay, self.relay.stream
+        loop = asyncio.get_running_loop()
+        pending: list[bytes] = []
+        size = 0
+        paused = False
+        ready: asyncio.Future[None] | None = None
+
+        def wake(_: object = None) -> None:
+            if ready is not None and not ready.done():
+                ready.set_result(None)
+
+        def write(data: bytes) -> None:
+            nonlocal size, paused
+            pending.append(data)
+            size += len(data)
+            if size > ASGI_QUEUE_HIGH and not paused and attach is not None:
+                paused = True
+                stream.pause_reading()  # type: ignore[attr-defined]
+            wake()
+
+        relay.write = write
+        relay.done.add_done_callback(wake)
+        watcher.add_done_callback(wake)
+        pump = None
+        if attach is not None:
+            attach(relay)
+        else:
+            pump = asyncio.create_task(_pump(stream, relay))
+        try:
+            while not watcher.done():
+                if not pending:
+                    if relay.done.done():
+                        return
+                    ready = loop.create_future()
+                    await ready
+                    continue
+                batch = b"".join(pending)
+                pending.clear()
+                size = 0
+                await send({"type": "http.response.body", "body": batch, "more_body": True})
+                if paused:
+                    paused = False
+                    stream.resume_reading()  # type: ignore[attr-defined]
+        finally:
+            if pump is not None:
+                pump.cancel()
+
+
+async def _departure(receive: Receive) -> None:
+    """Returns when the client has left (ASGI `http.disconnect`)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def forward_stream(
@@ -255,9 +375,9 @@ async def forward_stream(
     rewriter: SseRewriter,
     finish: Finish,
     on_first_chunk: Callable[[float], None],
-) -> StreamingResponse:
+) -> Response:
     started = time.perf_counter()
-    response = await client.send("POST", url, content=content, headers=headers)
+    response = await client.stream("POST", url, content=content, headers=headers)
     if response.status_code >= 400:
         body = await response.read()
         raise from_upstream(response.status_code, body)

@@ -241,6 +241,12 @@ class Settings(BaseSettings):
         5.0, description="A replica that refused a connection is left out this long, then probed again."
     )
     max_connections: int = Field(1000, description="Connection pool size towards the engine.")
+    stream_relay: Literal["socket", "asgi"] = Field(
+        "socket",
+        description="How streams are relayed: `socket`, at the protocol level (engine connection to the "
+        "client's socket, no task per chunk; gateway/relay/); `asgi`, through aiohttp and ASGI messages "
+        "(the slower path any ASGI server supports; for comparison).",
+    )
 
     @classmethod
     def settings_customise_sources(

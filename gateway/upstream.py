@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from gateway.engines.client import EngineResponse
 from gateway.errors import (
     EngineUnavailableError,
     EngineUnreachableError,
@@ -37,6 +38,7 @@ from gateway.errors import (
     UpstreamTimeoutError,
     from_upstream,
 )
+from gateway.relay.engine import EngineStreams
 from gateway.settings import Settings
 
 TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
@@ -135,8 +137,23 @@ class UpstreamClient:
             skip_auto_headers=("User-Agent",),
         )
         self._auth: dict[str, dict[str, str]] = {}  # engine origin -> its Authorization header
+        # Streams: at the protocol level (gateway/relay/engine.py), unless configured to go through aiohttp.
+        self.streams = (
+            EngineStreams(
+                max_connections=settings.max_connections,
+                connect_s=t.connect_s,
+                read_s=t.read_s,
+                pool_s=t.pool_s,
+                retry_after_s=settings.retry_after_s,
+                headers_for=self._headers,
+            )
+            if settings.stream_relay == "socket"
+            else None
+        )
 
     async def aclose(self) -> None:
+        if self.streams is not None:
+            self.streams.close()
         await self.session.close()
         await self.probes.close()
 
@@ -170,6 +187,20 @@ class UpstreamClient:
                 ) from exc
             raise map_transport_error(exc, what) from exc
         return UpstreamResponse(response, what)
+
+    async def stream(
+        self,
+        method: str,
+        url: str,
+        *,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        what: str = "engine",
+    ) -> EngineResponse:
+        """`send` for a streamed answer: on the protocol-level pool, whose responses also `attach` a sink."""
+        if self.streams is None or method != "POST":
+            return await self.send(method, url, content=content, headers=headers, what=what)
+        return await self.streams.send(url, content=content or b"", headers=headers, what=what)
 
     def authorize(self, base_url: str, api_key: str | None) -> None:
         """From now on send `Authorization: Bearer <api_key>` on every call to `base_url` (None: none)."""

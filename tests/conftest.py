@@ -188,7 +188,12 @@ def serve_app_server(
     if extend is not None:
         extend(app)
     deadline = time.monotonic() + ready_timeout
-    with serve_server_in_thread(app, start_timeout_s=ready_timeout, stop_timeout_s=60) as (url, server):
+    from gateway.relay.client import RelayHttpProtocol
+
+    served = serve_server_in_thread(
+        app, start_timeout_s=ready_timeout, stop_timeout_s=60, http=RelayHttpProtocol
+    )
+    with served as (url, server):
         if wait_ready:
             while httpx.get(url + "/health", timeout=5).status_code != 200:
                 if time.monotonic() > deadline:

@@ -116,6 +116,18 @@ class FakeEngineClient:
             raise EngineUnreachableError("The engine is unreachable: ClientConnectorError.", refused=True)
         return vllm, parts.path
 
+    async def stream(
+        self,
+        method: str,
+        url: str,
+        *,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        what: str = "engine",
+    ) -> FakeResponse:
+        """Streams as `send` does: the relay iterates these responses (they have no `attach`)."""
+        return await self.send(method, url, content=content, headers=headers, what=what)
+
     async def send(
         self,
         method: str,

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import attached_settings, serve_app, upstream_process
@@ -34,10 +35,12 @@ def counts(url: str) -> dict[tuple[str, str], float]:
     return out
 
 
-def test_streams_that_end_by_themselves_are_200s(tmp_path: Path, cache_dir: Path) -> None:
+@pytest.mark.parametrize("relay", ["socket", "asgi"])
+def test_streams_that_end_by_themselves_are_200s(tmp_path: Path, cache_dir: Path, relay: str) -> None:
+    """Both relays (`stream_relay`): at the protocol level, and through aiohttp and ASGI messages."""
     with (
         upstream_process() as upstream,
-        serve_app(attached_settings(upstream.url, cache_dir, tmp_path)) as url,
+        serve_app(attached_settings(upstream.url, cache_dir, tmp_path, stream_relay=relay)) as url,
     ):
         body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "stream": True}
         with httpx.Client(base_url=url, timeout=30) as client:

@@ -49,6 +49,19 @@ class EngineClient(Protocol):
         """Return once the status and headers are in; the caller reads the body."""
         ...
 
+    async def stream(
+        self,
+        method: str,
+        url: str,
+        *,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        what: str = "engine",
+    ) -> EngineResponse:
+        """`send` for a streamed answer. A response that also has `attach(sink)` (gateway/relay/engine.py)
+        hands its chunks to the sink from the read callback; others are iterated."""
+        ...
+
     def authorize(self, base_url: str, api_key: str | None) -> None:
         """Send `Authorization: Bearer <api_key>` on every call to the engine at `base_url` from now on
         (requests, loads and unloads, probes); None: send none."""

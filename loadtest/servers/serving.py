@@ -38,6 +38,7 @@ def serve_server_in_thread(
     *,
     start_timeout_s: float = 10.0,
     stop_timeout_s: float = 10.0,
+    http: Any = "auto",
 ) -> Iterator[tuple[str, Any]]:
     """``serve_in_thread``, yielding the ``uvicorn.Server`` too (set its ``should_exit`` to stop it
     as SIGTERM would); on leaving, waits up to ``stop_timeout_s`` for its shutdown."""
@@ -47,7 +48,9 @@ def serve_server_in_thread(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", server_header=False)
+    config = uvicorn.Config(
+        app, log_level=log_level, access_log=False, lifespan="on", server_header=False, http=http
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
