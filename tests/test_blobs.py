@@ -230,3 +230,38 @@ def test_verify_detects_tampering(tmp_path: Path) -> None:
 def test_path_rejects_non_digests(tmp_path: Path, digest: str) -> None:
     with pytest.raises(ValueError):
         BlobStore(tmp_path / "store").path(digest)
+
+
+def test_startup_cleanup_keeps_what_a_live_writer_is_staging(tmp_path: Path) -> None:
+    """Several gateways over one shared store start together: one's start-up clean-up must not delete the
+    folder another is staging into (it did, and the other crashed with FileNotFoundError). A live writer's
+    folder stays; once that writer is gone, the next clean-up removes it."""
+    root = tmp_path / "store"
+    src = write_adapter(tmp_path / "src")
+    BlobStore(root)
+    child = textwrap.dedent(
+        """
+        import sys, time
+        from gateway.registry import blobs
+        staged = blobs.BlobStore(sys.argv[1]).stage(sys.argv[2])
+        print("staged", flush=True)
+        time.sleep(60)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child, str(root), str(src)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "staged"
+        store = BlobStore(root)
+        (staging,) = leftovers(store)
+        assert store.cleanup_partial() == 0, "a live writer's staging folder was deleted"
+        assert leftovers(store) == [staging]
+        assert store.cleanup_partial(min_age_s=0) == 1  # older than the bound: abandoned whoever wrote it
+        (store.root / staging).mkdir()  # as it was
+    finally:
+        proc.kill()
+        proc.wait()
+    assert BlobStore(root).cleanup_partial() == 1  # its writer is gone now
+    assert leftovers(BlobStore(root)) == []

@@ -7,8 +7,10 @@ can reach the engine.
 
 Crash safety: files are copied into `<root>/.tmp-<random>/` (same filesystem), fsynced, the folder
 fsynced, then renamed to `<root>/<sha256>/` and the root fsynced. A `<sha256>/` folder is therefore
-complete or absent. Removal renames to `.trash-<random>` first, then deletes. Leftover `.tmp-*` and
-`.trash-*` entries are deleted by `cleanup_partial()`, which the app calls at startup.
+complete or absent. Removal renames to `.trash-<random>` first, then deletes. Temporary names carry
+their writer (`<host>~<pid>`); `cleanup_partial()`, which the app calls at startup, deletes leftover `.tmp-*`
+and `.trash-*` entries only when provably abandoned (this host's writer has exited, or older than
+`ABANDONED_AFTER_S`): several gateways share one store and may be staging right now.
 
 Two phases, so the bytes that were validated are the bytes that are stored:
 
@@ -25,12 +27,14 @@ Two phases, so the bytes that were validated are the bytes that are stored:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import re
 import secrets
 import shutil
+import socket
 import stat
 import time
 from collections.abc import Collection, Iterable, Mapping
@@ -43,6 +47,8 @@ from adapters.validate import CONFIG_FILE, STORED_FILES, WEIGHTS_FILE, AdapterVa
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
+# A temporary entry older than this has no live writer, whoever wrote it (staging takes seconds).
+ABANDONED_AFTER_S = 6 * 3600.0
 _CHUNK = 1 << 20
 
 
@@ -95,7 +101,7 @@ class BlobStore:
         `too_large` when the copied bytes exceed `max_bytes`).
         """
         src = Path(src_dir)
-        tmp = self.root / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
+        tmp = self.root / f"{_TMP_PREFIX}{_writer()}-{secrets.token_hex(8)}"
         tmp.mkdir(mode=0o755)
         try:
             hashes: dict[str, str] = {}
@@ -152,7 +158,7 @@ class BlobStore:
     def remove(self, digest: str) -> bool:
         """Delete a stored folder (renamed away first, so no half-deleted `<sha256>/` is ever visible)."""
         target = self.path(digest)
-        trash = self.root / f"{_TRASH_PREFIX}{secrets.token_hex(8)}"
+        trash = self.root / f"{_TRASH_PREFIX}{_writer()}-{secrets.token_hex(8)}"
         try:
             os.rename(target, trash)
         except FileNotFoundError:
@@ -180,24 +186,55 @@ class BlobStore:
                 removed.append(digest)
         return removed
 
-    def cleanup_partial(self, *, min_age_s: float = 0.0) -> int:
-        """Delete leftover temporary and trash folders (from a crash); returns how many."""
+    def cleanup_partial(self, *, min_age_s: float = ABANDONED_AFTER_S) -> int:
+        """Delete leftover temporary and trash folders that are provably abandoned; returns how many.
+
+        The store may be shared by several gateways (replicas, `serve --workers`), any of which may be
+        staging an adapter right now. An entry is abandoned when its writer (host and pid in its name) is
+        this host's and that process is gone, or when it is older than `min_age_s` (another host's
+        writer, or a name without one)."""
         count = 0
         now = time.time()
         for entry in os.scandir(self.root):
             if not entry.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
                 continue
             try:
-                if now - entry.stat(follow_symlinks=False).st_mtime < min_age_s:
-                    continue
+                old = now - entry.stat(follow_symlinks=False).st_mtime >= min_age_s
             except FileNotFoundError:
+                continue
+            if not old and not _writer_gone(entry.name):
                 continue
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
-                os.unlink(entry.path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
             count += 1
         return count
+
+
+def _writer() -> str:
+    """Who is writing a temporary entry: `<host>~<pid>` (host name without '-' or '~')."""
+    host = socket.gethostname().replace("-", "_").replace("~", "_")
+    return f"{host}~{os.getpid()}"
+
+
+def _writer_gone(name: str) -> bool:
+    """True when `name` (`.tmp-<host>~<pid>-<random>`) was written by an exited process of this host."""
+    body = name.split("-", 1)[1] if "-" in name else ""
+    writer, _, _ = body.rpartition("-")
+    host, sep, pid = writer.partition("~")
+    if not sep or not pid.isdigit():
+        return False  # no writer recorded: only its age tells
+    if host != socket.gethostname().replace("-", "_").replace("~", "_"):
+        return False  # another host's: its processes are not visible here
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False  # alive (perhaps this very process): writing now
 
 
 def _copy_file(src: Path, dst: Path | None, budget: int | None) -> tuple[str, int]:
