@@ -131,8 +131,7 @@ async def forward_json(
     watcher = None if receive is None or exchange is None else asyncio.create_task(watch(receive, exchange))
     response: EngineResponse | None = None
     try:
-        # The same pool as streams (gateway/relay/engine.py): `max_connections` bounds every inference call.
-        response = await client.stream("POST", url, content=content, headers=headers)
+        response = await client.send("POST", url, content=content, headers=headers)
         payload = await response.read()
     except asyncio.CancelledError:
         if not left or exchange is None:

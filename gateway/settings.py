@@ -240,11 +240,7 @@ class Settings(BaseSettings):
     engine_cooldown_s: float = Field(
         5.0, description="A replica that refused a connection is left out this long, then probed again."
     )
-    max_connections: int = Field(
-        1000,
-        description="Connection pool size towards the engines, for inference requests (probes and "
-        "adapter loads have pools of their own).",
-    )
+    max_connections: int = Field(1000, description="Connection pool size towards the engine.")
     stream_relay: Literal["socket", "asgi"] = Field(
         "socket",
         description="How streams are relayed: `socket`, at the protocol level (engine connection to the "
