@@ -240,7 +240,11 @@ class Settings(BaseSettings):
     engine_cooldown_s: float = Field(
         5.0, description="A replica that refused a connection is left out this long, then probed again."
     )
-    max_connections: int = Field(1000, description="Connection pool size towards the engine.")
+    max_connections: int = Field(
+        1000,
+        description="Connection pool size towards the engines: streams and other inference requests "
+        "each have a pool this size (probes one of their own).",
+    )
     stream_relay: Literal["socket", "asgi"] = Field(
         "socket",
         description="How streams are relayed: `socket`, at the protocol level (engine connection to the "

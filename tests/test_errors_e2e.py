@@ -113,7 +113,7 @@ def test_every_engine_connection_busy_is_503_with_retry_after(
     """`max_connections` towards the engine all in use for `timeouts.pool_s`: the engine is busy, 503
     `overloaded` with Retry-After (an OpenAI SDK retries it), not 502 "unreachable", and no cool-down: the
     engine stays in rotation and its probes, on a pool of their own, still reach it. One stream whose
-    client reads nothing holds the one connection of this gateway's pool to the real vLLM."""
+    client reads nothing holds the one connection of this gateway's streams' pool to the real vLLM."""
     settings = attached_settings(
         vllm_url,
         cache_dir,
@@ -129,7 +129,9 @@ def test_every_engine_connection_busy_is_503_with_retry_after(
         http.stream("POST", url + "/v1/completions", json=held) as stream,
     ):
         assert stream.status_code == 200
-        body = {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": 2}
+        # Streams have their pool (gateway/relay/engine.py), as other inference requests have aiohttp's:
+        # a second stream finds the one connection held.
+        body = {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": 2, "stream": True}
         r = httpx.post(url + CHAT, json=body, timeout=60)
         assert_openai_error(r, 503, "overloaded")
         assert r.headers["retry-after"] == "4"
