@@ -213,10 +213,14 @@ class BlobStore:
         return count
 
 
+def _host() -> str:
+    """This host's name as a temporary entry records it (without '-' or '~', the name's separators)."""
+    return socket.gethostname().replace("-", "_").replace("~", "_")
+
+
 def _writer() -> str:
-    """Who is writing a temporary entry: `<host>~<pid>` (host name without '-' or '~')."""
-    host = socket.gethostname().replace("-", "_").replace("~", "_")
-    return f"{host}~{os.getpid()}"
+    """Who is writing a temporary entry: `<host>~<pid>`."""
+    return f"{_host()}~{os.getpid()}"
 
 
 def _writer_gone(name: str) -> bool:
@@ -226,7 +230,7 @@ def _writer_gone(name: str) -> bool:
     host, sep, pid = writer.partition("~")
     if not sep or not pid.isdigit():
         return False  # no writer recorded: only its age tells
-    if host != socket.gethostname().replace("-", "_").replace("~", "_"):
+    if host != _host():
         return False  # another host's: its processes are not visible here
     try:
         os.kill(int(pid), 0)
