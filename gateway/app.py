@@ -18,6 +18,7 @@ from gateway.registry.blobs import BlobStore
 from gateway.registry.open import open_store
 from gateway.registry.service import Registry, RegistryLimits, load_base_spec
 from gateway.residency import Residency
+from gateway.residency.shared import SharedUse
 from gateway.routing import Router
 from gateway.settings import Settings
 from gateway.state import GatewayState
@@ -59,6 +60,11 @@ async def build_state(settings: Settings, engine_client: ClientFactory = Upstrea
     client = engine_client(settings)
     registry = await build_registry(settings)
     pool = EnginePool(settings, client, metrics)
+    shared = (
+        SharedUse(registry.store, interval_s=settings.registry.share_use_interval_s)
+        if settings.registry.share_use
+        else None
+    )
     residency = Residency(
         client,
         metrics,
@@ -67,6 +73,7 @@ async def build_state(settings: Settings, engine_client: ClientFactory = Upstrea
         wait_timeout_s=settings.registry.load_wait_timeout_s,
         drain_after_s=settings.registry.drain_after_s,
         retry_after_s=settings.retry_after_s,
+        shared=shared,
     )
     pool.add_listener(residency.on_probe)
     pool.add_state_lost_listener(residency.on_state_lost)
@@ -91,7 +98,7 @@ async def build_state(settings: Settings, engine_client: ClientFactory = Upstrea
         policy=settings.routing,
         residency=residency.view,
     )
-    return GatewayState(settings, metrics, client, registry, pool, residency, router)
+    return GatewayState(settings, metrics, client, registry, pool, residency, router, shared)
 
 
 async def collect_garbage(state: GatewayState, interval_s: float = 300.0) -> None:
@@ -127,12 +134,19 @@ def create_app(settings: Settings, engine_client: ClientFactory = UpstreamClient
         follower = asyncio.create_task(
             state.registry.follow(settings.registry.poll_interval_s), name="registry-follow"
         )
+        publisher = (
+            asyncio.create_task(state.shared.run(), name="adapter-use") if state.shared is not None else None
+        )
         try:
             yield
         finally:
             collector.cancel()
             follower.cancel()
+            if publisher is not None:
+                publisher.cancel()
             await state.pool.stop()
+            if state.shared is not None:
+                await state.shared.close()
             await state.client.aclose()
             await asyncio.to_thread(state.registry.store.close)
 

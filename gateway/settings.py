@@ -191,6 +191,15 @@ class RegistrySettings(BaseModel):
     poll_interval_s: float = Field(
         2.0, description="How often the registry is checked for changes made by other gateways."
     )
+    share_use: bool = Field(
+        True,
+        description="Publish which adapters this gateway uses on each engine in the registry, and read the "
+        "other gateways' before evicting, so that gateways sharing engines (serve --workers, replicas) do "
+        "not unload what another is using (gateway/residency/shared.py).",
+    )
+    share_use_interval_s: float = Field(
+        0.025, gt=0, description="How often this gateway's changed adapter use is written to the registry."
+    )
 
 
 class Settings(BaseSettings):

@@ -11,6 +11,7 @@ from gateway.engines.pool import EnginePool
 from gateway.metrics import Metrics
 from gateway.registry.service import Registry
 from gateway.residency import Residency
+from gateway.residency.shared import SharedUse
 from gateway.routing import Router
 from gateway.settings import Settings
 
@@ -24,6 +25,7 @@ class GatewayState:
     pool: EnginePool
     residency: Residency
     router: Router
+    shared: SharedUse | None = None  # this gateway's adapter use, published for the others
     started_at: float = field(default_factory=time.time)
 
     @property

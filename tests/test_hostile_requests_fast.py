@@ -383,3 +383,23 @@ def test_a_url_source_is_refused_and_never_fetched(
     assert listener.hits == 0
     listed = httpx.get(gw.url + "/admin/adapters", headers=admin).json()["data"]
     assert all(a["name"] != "evil" for a in listed), "nothing was half-registered"
+
+
+def test_a_client_gone_while_its_body_is_read_is_no_crash(
+    make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that announces a body and leaves before sending it all (seen when a load test's clients are
+    cancelled): no 500 or traceback in the log (it was "unhandled error"), and the gateway goes on."""
+    gw = make_gateway()
+    host, port = gw.url.removeprefix("http://").split(":")
+    for _ in range(3):
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                b'content-length: 1000\r\n\r\n{"model": "tiny'
+            )
+            time.sleep(0.2)  # the gateway is reading the body
+    time.sleep(0.3)
+    body = {"model": "tiny-llama", "prompt": "hi", "max_tokens": 2}
+    assert gw.post(COMPLETIONS, body).status_code == 200
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.levelname == "ERROR"]

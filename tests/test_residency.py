@@ -48,6 +48,10 @@ class FakeVllm:
             f'waiting_lora_adapters=""}} 2.0\n'
         )
 
+    async def get_json(self, url: str, *, timeout: float) -> Any:
+        """`GET /v1/models`: the base and what is loaded (asked by gateways sharing this engine)."""
+        return {"data": [{"id": "base"}, *({"id": name, "parent": "base"} for name in sorted(self.loaded))]}
+
     async def post_json(self, url: str, payload: Any) -> bytes:
         name, op = payload["lora_name"], url.rsplit("/", 1)[-1]
         if name in self.busy:

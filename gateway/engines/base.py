@@ -201,7 +201,7 @@ class Engine:
         except ValueError as exc:  # not JSON: not a vLLM server (yet)
             self.status.last_error = f"bad /v1/models answer: {exc}"
             return None
-        adapters = _listed_adapters(data)
+        adapters = listed_adapters(data)
         if adapters is None:  # answered, but not a listing we can trust: as bad as no answer
             shown = repr(data)[:200]
             self.status.last_error = f"bad /v1/models answer: not a list of models with string ids: {shown}"
@@ -273,7 +273,7 @@ class Engine:
         }
 
 
-def _listed_adapters(data: object) -> set[str] | None:
+def listed_adapters(data: object) -> set[str] | None:
     """The adapters in a `/v1/models` answer (entries with a `parent`), or None when it is malformed:
     `data` not a list, or an entry that is not an object with a string `id`."""
     models = data.get("data", []) if isinstance(data, dict) else None

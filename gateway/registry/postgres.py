@@ -29,7 +29,7 @@ Database errors after opening are psycopg's own (`psycopg.OperationalError`, ...
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -41,6 +41,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from gateway.registry.store import (
     READY,
     Adapter,
+    AdapterUse,
     AdapterVersion,
     RegistryError,
     adapter_from_row,
@@ -86,6 +87,20 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 changes BIGINT NOT NULL
             )""",
             "INSERT INTO registry_meta (id, instance, changes) VALUES (1, gen_random_uuid()::text, 0)",
+        ],
+    ),
+    (
+        2,
+        [
+            """CREATE TABLE adapter_uses (
+                engine TEXT NOT NULL,
+                adapter TEXT NOT NULL,
+                gateway TEXT NOT NULL,
+                in_flight INTEGER NOT NULL,
+                last_used DOUBLE PRECISION NOT NULL,
+                seen_at DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (engine, adapter, gateway)
+            )""",
         ],
     ),
 ]
@@ -319,6 +334,28 @@ class PostgresStore:
         return {r["digest"] for r in self._one("SELECT DISTINCT digest FROM versions WHERE status = 'ready'")}
 
     # -- helpers -------------------------------------------------------------------------------
+
+    # -- what the gateways use (not registry changes: the token stays) -------------------------
+
+    def publish_uses(self, uses: Sequence[AdapterUse], *, expire_before: float) -> None:
+        """Write this gateway's rows; drop anyone's rows last seen before `expire_before`."""
+        with self._pool.connection() as conn, conn.transaction():
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO adapter_uses (engine, adapter, gateway, in_flight, last_used, seen_at)"
+                    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (engine, adapter, gateway) DO UPDATE SET"
+                    " in_flight = excluded.in_flight, last_used = excluded.last_used,"
+                    " seen_at = excluded.seen_at",
+                    [(u.engine, u.adapter, u.gateway, u.in_flight, u.last_used, u.seen_at) for u in uses],
+                )
+            conn.execute("DELETE FROM adapter_uses WHERE seen_at < %s", (expire_before,))
+
+    def read_uses(self, engine: str) -> list[AdapterUse]:
+        return [AdapterUse(**r) for r in self._one("SELECT * FROM adapter_uses WHERE engine = %s", (engine,))]
+
+    def forget_uses(self, gateway: str) -> None:
+        with self._pool.connection() as conn:
+            conn.execute("DELETE FROM adapter_uses WHERE gateway = %s", (gateway,))
 
     def _load(self, c: Conn, name: str, *, lock: bool = False) -> Adapter | None:
         row = c.execute(

@@ -13,13 +13,14 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from gateway.registry.store import (
     READY,
     Adapter,
+    AdapterUse,
     AdapterVersion,
     RegistryError,
     adapter_from_row,
@@ -68,6 +69,20 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 changes INTEGER NOT NULL
             )""",
             "INSERT INTO registry_meta (id, instance, changes) VALUES (1, lower(hex(randomblob(16))), 0)",
+        ],
+    ),
+    (
+        3,
+        [
+            """CREATE TABLE adapter_uses (
+                engine TEXT NOT NULL,
+                adapter TEXT NOT NULL,
+                gateway TEXT NOT NULL,
+                in_flight INTEGER NOT NULL,
+                last_used REAL NOT NULL,
+                seen_at REAL NOT NULL,
+                PRIMARY KEY (engine, adapter, gateway)
+            )""",
         ],
     ),
 ]
@@ -127,6 +142,14 @@ class SqliteStore:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
                 raise
+
+    @contextmanager
+    def _synchronous(self, level: str) -> Iterator[None]:
+        self._conn.execute(f"PRAGMA synchronous={level}")
+        try:
+            yield
+        finally:
+            self._conn.execute("PRAGMA synchronous=FULL")
 
     def _migrate(self) -> None:
         with self._tx(counted=False) as c:
@@ -292,6 +315,29 @@ class SqliteStore:
         """Digests of ready versions: blobs outside this set may be garbage-collected."""
         with self._tx(write=False) as c:
             return {r[0] for r in c.execute("SELECT DISTINCT digest FROM versions WHERE status = 'ready'")}
+
+    # -- what the gateways use (not registry changes: the token stays) -------------------------
+
+    def publish_uses(self, uses: Sequence[AdapterUse], *, expire_before: float) -> None:
+        """Write this gateway's rows; drop anyone's rows last seen before `expire_before`. Not history: no
+        fsync per batch (a crash loses at most the last batches, which their gateway's restart makes moot)."""
+        with self._lock, self._synchronous("NORMAL"), self._tx(counted=False) as c:
+            c.executemany(
+                "INSERT INTO adapter_uses (engine, adapter, gateway, in_flight, last_used, seen_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (engine, adapter, gateway) DO UPDATE SET"
+                " in_flight = excluded.in_flight, last_used = excluded.last_used, seen_at = excluded.seen_at",
+                [(u.engine, u.adapter, u.gateway, u.in_flight, u.last_used, u.seen_at) for u in uses],
+            )
+            c.execute("DELETE FROM adapter_uses WHERE seen_at < ?", (expire_before,))
+
+    def read_uses(self, engine: str) -> list[AdapterUse]:
+        with self._tx(write=False) as c:
+            rows = c.execute("SELECT * FROM adapter_uses WHERE engine = ?", (engine,)).fetchall()
+        return [AdapterUse(**dict(r)) for r in rows]
+
+    def forget_uses(self, gateway: str) -> None:
+        with self._tx(counted=False) as c:
+            c.execute("DELETE FROM adapter_uses WHERE gateway = ?", (gateway,))
 
     # -- helpers -------------------------------------------------------------------------------
 

@@ -18,13 +18,18 @@ the snapshot. Reads and refused writes leave it as it is.
 The records (`Adapter`, `AdapterVersion`), the interface (`RegistryStore`) and the checks every backend
 makes live here; the backends are `sqlite.py` (one file, the default) and `postgres.py` (several gateways
 sharing one database). `open_store()` (in `open.py`) picks the backend from a URL or a path.
+
+Beside the records, one table that is not history: `adapter_uses`, what each gateway sharing the
+registry is using on each engine (`AdapterUse`: requests in flight, last use, when it said so), written
+by `gateway/residency/shared.py` in batches and read before evicting. Its writes do not change the
+token (they are not registry changes).
 """
 
 from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -91,6 +96,18 @@ class Adapter:
         return ready[-1] if ready else None
 
 
+@dataclass(frozen=True)
+class AdapterUse:
+    """One gateway's use of one adapter (engine-side name) on one engine, as it last published it."""
+
+    engine: str  # the engine's base URL: the same engine has the same key in every gateway
+    adapter: str
+    gateway: str
+    in_flight: int
+    last_used: float  # time.time() of the last request that leased it
+    seen_at: float  # time.time() when the gateway wrote this row
+
+
 class RegistryStore(Protocol):
     def add_version(
         self,
@@ -115,6 +132,9 @@ class RegistryStore(Protocol):
     def remove_adapter(self, name: str) -> list[AdapterVersion]: ...
     def referenced_digests(self) -> set[str]: ...
     def change_token(self) -> str: ...
+    def publish_uses(self, uses: Sequence[AdapterUse], *, expire_before: float) -> None: ...
+    def read_uses(self, engine: str) -> list[AdapterUse]: ...
+    def forget_uses(self, gateway: str) -> None: ...
     def close(self) -> None: ...
 
 

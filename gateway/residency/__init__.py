@@ -5,6 +5,7 @@
     registry changes    want(adapter), sync(registered)                    reconcile.py
     vLLM's routes       load, unload                                       loading.py
     decisions           evict, drain, lift, believe, restore (pure)        policy.py
+    other gateways      their use of the same engines, via the registry    shared.py
     one engine's state  EngineResidency, read by others as ResidencyView  state.py
 
 Residency owns that state: engines report "state lost" (`Engine.add_state_lost_listener`) and
@@ -20,6 +21,7 @@ from gateway.registry.catalog import AdapterRef
 from gateway.residency.leases import Lease, Leases
 from gateway.residency.loading import Loader
 from gateway.residency.reconcile import Reconciler
+from gateway.residency.shared import SharedUse
 from gateway.residency.state import ResidencyView, States
 
 __all__ = ["Lease", "Residency", "ResidencyView"]
@@ -36,6 +38,7 @@ class Residency:
         wait_timeout_s: float = 30.0,
         drain_after_s: float = 1.0,
         retry_after_s: int = 5,
+        shared: SharedUse | None = None,
     ) -> None:
         self.max_resident = max_resident
         # After a restart, adapters loaded again at once besides the pinned ones (the most recently used
@@ -53,6 +56,7 @@ class Residency:
             drain_after_s=drain_after_s,
             retry_after_s=retry_after_s,
             on_idle=self._idle,
+            shared=shared,
         )
         self._reconciler = Reconciler(
             self._states, self._loader, self._leases, restore_limit=self.restore_limit

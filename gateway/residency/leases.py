@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 from gateway.engines.base import Engine
@@ -36,6 +37,7 @@ from gateway.metrics import Metrics
 from gateway.registry.catalog import AdapterRef
 from gateway.residency import policy
 from gateway.residency.loading import Loader
+from gateway.residency.shared import SharedUse
 from gateway.residency.state import EngineResidency, States
 
 log = logging.getLogger("lora_gateway.residency")
@@ -89,6 +91,7 @@ class Leases:
         drain_after_s: float,
         retry_after_s: int,
         on_idle: Callable[[Engine, str], None],
+        shared: SharedUse | None = None,
     ) -> None:
         self._states = states
         self._loader = loader
@@ -98,12 +101,13 @@ class Leases:
         self.drain_after_s = drain_after_s
         self.retry_after_s = retry_after_s
         self._on_idle = on_idle  # the last lease of an adapter was released (a retiring one goes now)
+        self._shared = shared  # the other gateways' use of the same engines (None: this gateway alone)
         self._settling: set[asyncio.Task[None]] = set()  # leases waiting for vLLM to stop an aborted request
 
     async def acquire(self, engine: Engine, ref: AdapterRef) -> Lease:
         state, key = self._states.of(engine), ref.engine_name
         if key in state.resident and key not in state.draining:  # the hot path
-            self._hold(state, key)
+            self._hold(engine, state, key)
             return Lease(self, engine, key)
         started = _now()
         deadline = started + self.wait_timeout_s
@@ -116,30 +120,40 @@ class Leases:
             async with state.lock(key):
                 if key in state.resident:  # another request loaded it while we waited for the lock
                     continue
+                if self._shared is not None and await self._loaded_elsewhere(engine, ref, deadline):
+                    break
                 await self._make_room(engine, state, deadline)
+                if self._shared is not None:  # the other gateways wait for this load instead of making room
+                    await self._shared.announce(engine.base_url, key, state.in_flight.get(key, 0) + 1)
                 try:
                     await self._loader.load(engine, ref)
                 finally:
                     state.loading -= 1
+                    if self._shared is not None and key not in state.resident:  # it failed: no longer loading
+                        self._shared.touch(engine.base_url, key, state.in_flight.get(key, 0))
                 break
-        self._hold(state, key)
+        self._hold(engine, state, key)
         self._metrics.adapter_wait.labels(ref.name).observe(_now() - started)
         return Lease(self, engine, key)
 
-    @staticmethod
-    def _hold(state: EngineResidency, key: str) -> None:
-        state.in_flight[key] = state.in_flight.get(key, 0) + 1
+    def _hold(self, engine: Engine, state: EngineResidency, key: str) -> None:
+        n = state.in_flight[key] = state.in_flight.get(key, 0) + 1
         state.acquired[key] = state.acquired.get(key, 0) + 1
         state.lru[key] = None
         state.lru.move_to_end(key)
+        if self._shared is not None:
+            now = state.last_used[key] = time.time()
+            self._shared.touch(engine.base_url, key, n, now)
 
     def release(self, engine: Engine, key: str) -> None:
         """Called by `Lease.release()`, once per lease."""
         state = self._states.of(engine)
         state.released[key] = state.released.get(key, 0) + 1
         in_flight = state.in_flight
-        in_flight[key] = max(0, in_flight.get(key, 0) - 1)
-        if not in_flight[key]:
+        n = in_flight[key] = max(0, in_flight.get(key, 0) - 1)
+        if self._shared is not None:
+            self._shared.touch(engine.base_url, key, n)
+        if not n:
             del in_flight[key]
             state.notify()
             self._on_idle(engine, key)
@@ -176,8 +190,10 @@ class Leases:
                 retry_after_s=self.retry_after_s,
                 code="adapter_slots_busy",
             )
+        # Other gateways' requests end without waking us: look again soon when they share the engine.
+        longest = 1.0 if self._shared is None else self._shared.interval_s * 4
         with contextlib.suppress(TimeoutError):
-            timeout = min(remaining, 1.0, 1.0 if wake_at is None else max(wake_at - now, 0.0))
+            timeout = min(remaining, longest, longest if wake_at is None else max(wake_at - now, 0.0))
             await asyncio.wait_for(state.changed.wait(), timeout=timeout)
 
     async def _make_room(self, engine: Engine, state: EngineResidency, deadline: float) -> None:
@@ -187,9 +203,7 @@ class Leases:
         overdue = False
         try:
             while len(state.resident) + state.loading >= self.max_resident:
-                victim = policy.eviction_candidate(
-                    state.resident, state.lru, state.in_flight, state.pinned, state.locked()
-                )
+                victim = await self._victim(engine, state)
                 if victim is not None:
                     await self._evict(engine, state, victim)
                     continue
@@ -204,6 +218,50 @@ class Leases:
                 state.overdue_loads -= 1
                 self._undrain(state)
         state.loading += 1
+
+    async def _loaded_elsewhere(self, engine: Engine, ref: AdapterRef, deadline: float) -> bool:
+        """Another gateway sharing the engine loaded `ref` (vLLM lists it: adopt it, no room to make), or is
+        loading it (it announced the load: wait for vLLM to list it). False: this gateway loads it."""
+        assert self._shared is not None
+        while True:
+            if await self._loader.listed(engine, ref.engine_name):
+                self._loader.adopt(engine, ref)
+                return True
+            others = await self._shared.others(engine.base_url)
+            if not others.in_flight.get(ref.engine_name) or _now() >= deadline:
+                return False
+            await asyncio.sleep(self._shared.interval_s * 4)
+
+    async def _victim(self, engine: Engine, state: EngineResidency) -> str | None:
+        """The idle adapter to evict: idle here and, with other gateways sharing the engine, idle there too,
+        the least recently used by any of them. One busy only elsewhere is never evicted: this load waits
+        for it to go idle there (and drains one here when overdue, as with one gateway)."""
+        locked = state.locked()
+        if self._shared is None:
+            return policy.eviction_candidate(state.resident, state.lru, state.in_flight, state.pinned, locked)
+        others = await self._shared.others(engine.base_url)
+        order = policy.by_last_use(state.resident, state.last_used, others.last_used)
+        busy = policy.add_counts(state.in_flight, others.in_flight)
+        return policy.eviction_candidate(state.resident, order, busy, state.pinned, locked)
+
+    async def trim(self, engine: Engine) -> None:
+        """Several gateways sharing an engine each loaded into it: more than `max_resident` are resident
+        now (one gateway alone never goes over). The idle ones that a gateway sharing this registry has
+        used go, the least recently used first, down to `max_resident`; the others' adapters (loaded by
+        gateways of another registry) are left alone here. Every gateway orders them alike (last use
+        anywhere), so two trimming at once pick the same ones."""
+        state = self._states.of(engine)
+        if self._shared is None or len(state.resident) + state.loading <= self.max_resident:
+            return
+        others = await self._shared.others(engine.base_url)
+        used = state.last_used.keys() | others.last_used.keys()
+        busy = policy.add_counts(state.in_flight, others.in_flight)
+        locked = state.locked()
+        for key in policy.by_last_use(state.resident, state.last_used, others.last_used):
+            if len(state.resident) + state.loading <= self.max_resident:
+                break
+            if key in used and not busy.get(key) and key not in state.pinned and key not in locked:
+                await self._evict(engine, state, key)
 
     def _drain(self, engine: Engine, state: EngineResidency) -> None:
         """Stop admitting requests to busy adapters, one per overdue load, so that slots come free."""

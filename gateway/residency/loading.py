@@ -11,7 +11,7 @@ import logging
 import re
 import time
 
-from gateway.engines.base import Engine
+from gateway.engines.base import Engine, listed_adapters
 from gateway.engines.client import EngineClient
 from gateway.errors import EngineUnavailableError, GatewayError, UpstreamError
 from gateway.metrics import Metrics
@@ -54,6 +54,25 @@ class Loader:
             return False
         running = running_adapters(text) if status == 200 else None
         return running is not None and key in running
+
+    async def listed(self, engine: Engine, key: str) -> bool:
+        """Does vLLM list `key` now (a gateway sharing the engine loaded it)? False when it cannot say."""
+        try:
+            data = await self._client.get_json(engine.url("/v1/models"), timeout=5.0)
+        except (GatewayError, ValueError):
+            return False
+        return key in (listed_adapters(data) or set())
+
+    def adopt(self, engine: Engine, ref: AdapterRef) -> None:
+        """`ref` is resident: someone else loaded it (a gateway sharing the engine)."""
+        state = self._states.of(engine)
+        state.touched[ref.engine_name] = time.monotonic()  # a listing older than this cannot undo it
+        state.resident.add(ref.engine_name)
+        state.wanted[ref.engine_name] = ref
+        state.known.add(ref.engine_name)
+        if ref.pinned:
+            state.pinned.add(ref.engine_name)
+        self.observe_resident(engine)
 
     async def load(self, engine: Engine, ref: AdapterRef) -> None:
         if not engine.ready:

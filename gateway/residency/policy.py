@@ -4,6 +4,8 @@
     age order        resident adapters, least recently used first; those of unknown age (loaded by
                      someone else, or before a restart) before all, by name
     evict            the first idle one in age order: no request in flight, not pinned, not locked
+    shared age       several gateways on one engine: age is the last use by any of them, in flight
+                     is the sum of theirs (`shared.py` publishes and reads them)
     drain            none idle: the busy ones with the fewest requests in flight (then the oldest),
                      never pinned or locked, one per overdue load, never more
     lift drains      a load stopped waiting: the drains no overdue load needs any more, busiest first
@@ -23,6 +25,21 @@ from collections.abc import Collection, Iterable, Mapping, Set
 def by_age(resident: Set[str], lru: Collection[str]) -> list[str]:
     """Resident adapters, least recently used first (those of unknown age, by name, before all)."""
     return sorted(k for k in resident if k not in lru) + [k for k in lru if k in resident]
+
+
+def by_last_use(resident: Set[str], mine: Mapping[str, float], others: Mapping[str, float]) -> list[str]:
+    """Resident adapters by their last use on any gateway, oldest first; those no gateway has used (loaded
+    before a restart, or by someone outside the registry), by name, before all."""
+    last = {k: max(mine.get(k, 0.0), others.get(k, 0.0)) for k in resident if k in mine or k in others}
+    return sorted(k for k in resident if k not in last) + sorted(last, key=lambda k: (last[k], k))
+
+
+def add_counts(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
+    """Requests in flight here plus elsewhere, per adapter."""
+    total = dict(a)
+    for key, n in b.items():
+        total[key] = total.get(key, 0) + n
+    return total
 
 
 def eviction_candidate(

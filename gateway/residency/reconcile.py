@@ -6,6 +6,7 @@ on_probe(engine, listed)   after every successful probe of an engine
   gateway loaded or unloaded after the probe asked for the listing keeps its state: the listing
   may predate that change (without this, a stale listing dropped adapters with requests in flight
   and brought back ones just evicted). What to believe and what comes back first: `policy.py`.
+  Gateways sharing the engine each load into it: above `max_resident`, the idle ones go (`trim`).
 on_state_lost(engine)      the engine says what it had loaded is gone (its process died or stopped)
   nothing is resident there any more; what should be (`wanted`) and the recency order stay, so the
   next successful probe restores it.
@@ -64,6 +65,7 @@ class Reconciler:
                 (await self._leases.acquire(engine, missing[key])).release()
             except GatewayError as exc:
                 log.warning("engine %s: could not restore %s: %s", engine.name, key, exc.message)
+        await self._leases.trim(engine)  # other gateways on this engine loaded too: back to max_resident
 
     def on_state_lost(self, engine: Engine, reason: str) -> None:
         """Nothing is resident on `engine` until a probe lists it again. Leases still held stay counted:

@@ -31,6 +31,7 @@ class EngineResidency:
     draining: set[str] = field(default_factory=set)  # resident, taking no new requests: evicted when idle
     last_load_at: dict[str, float] = field(default_factory=dict)  # time.time() of the last load
     lru: OrderedDict[str, None] = field(default_factory=OrderedDict)  # oldest first
+    last_used: dict[str, float] = field(default_factory=dict)  # time.time() (kept when gateways share)
     known: set[str] = field(default_factory=set)  # every name this gateway loaded (only those it retires)
     wanted: dict[str, AdapterRef] = field(default_factory=dict)  # should be resident (restored on restart)
     pinned: set[str] = field(default_factory=set)
