@@ -22,6 +22,7 @@ import typer
 
 from adapters.cli import app as adapter_tools_app
 from gateway.cli_adapters import adapters_app
+from gateway.log import setup_logging
 from loadtest.cli import app as loadtest_app
 
 app = typer.Typer(help="Self-hosted multi-LoRA serving gateway in front of vLLM.", no_args_is_help=True)
@@ -33,14 +34,6 @@ app.add_typer(loadtest_app, name="loadtest", help="Load tests and benchmarks (lo
 app.registered_commands.extend(adapter_tools_app.registered_commands)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML or TOML settings file.")]
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine probe is noise
 
 
 @app.command()
@@ -69,6 +62,10 @@ def serve(
         list[str] | None, typer.Option(help="Extra vLLM argument, repeatable (--vllm-arg=--dtype=float32).")
     ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Gateway processes on the port, over the same engines (docs/operations.md)."),
+    ] = None,
     insecure_admin: Annotated[
         bool | None,
         typer.Option(
@@ -102,15 +99,21 @@ def serve(
         adapters_dir=adapters_dir,
         cache_dir=cache_dir,
         log_level=log_level,
+        workers=workers,
         engine=engine,
         auth={"insecure_admin": insecure_admin},
     )
     if problem := admin_exposure_problem(settings):
         typer.echo(f"lora-gateway serve: {problem}", err=True)
         raise typer.Exit(2)
-    _setup_logging(settings.log_level)
+    setup_logging(settings.log_level)
     if settings.engine.mode == "managed" and settings.engine.model is None:
         _ensure_embedded(settings.cache_dir, settings.base_model_name(), demo=settings.adapters_dir is None)
+    if settings.workers > 1:
+        from gateway.workers import serve_workers
+
+        serve_workers(settings, settings.workers)
+        return
     from gateway.relay.client import RelayHttpProtocol
 
     uvicorn.run(
@@ -153,7 +156,7 @@ def build_tiny_cmd(
     from gateway.settings import load_settings
 
     settings = load_settings(config, cache_dir=cache_dir)
-    _setup_logging(settings.log_level)
+    setup_logging(settings.log_level)
     base = build_tiny(settings.cache_dir, force=force)
     demos = build_demo_adapters(settings.cache_dir, base, TINY_NAME)
     typer.echo(f"base model: {base}")

@@ -212,6 +212,12 @@ class Settings(BaseSettings):
     config_file: Path | None = Field(None, description="YAML or TOML file with these same settings.")
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8000, description="Port the gateway listens on.")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Gateway processes on the port, over the same engines (gateway/workers.py): one relays "
+        "what one core can.",
+    )
     log_level: str = Field("info", description="debug, info, warning or error.")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="Built models and demo adapters.")
     data_dir: Path = Field(
