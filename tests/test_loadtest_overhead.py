@@ -47,3 +47,24 @@ def test_judge_and_max_sustained() -> None:
     ]
     assert max_sustained(levels, "nonstream") == 200
     assert max_sustained(levels, "stream") is None
+
+
+def test_relay_cpu_added_itl_and_the_level_within_the_budget() -> None:
+    from loadtest.overhead.relay_cpu import add_itl_deltas, summarize
+
+    def row(path: str, streams: int, p99: float, eps: int, cpu: float, rnd: int = 0) -> dict:
+        return {"round": rnd, "path": path, "streams": streams, "itl_p99_ms": p99, "events_per_s": eps,
+                "cpu_us_per_event": cpu}  # fmt: skip
+
+    rows = [
+        row("direct", 16, 10.2, 1600, 40.0),
+        row("socket", 16, 10.6, 1590, 30.0),
+        row("direct", 64, 10.5, 6300, 41.0),
+        row("socket", 64, 11.9, 6100, 27.0),  # 1.4 ms added: over the budget
+    ]
+    add_itl_deltas(rows)
+    assert [r.get("added_itl_p99_ms") for r in rows] == [None, 0.4, None, 1.4]
+    s = summarize(rows)
+    assert s["within_itl_budget"]["socket"]["streams"] == 16
+    assert s["within_itl_budget"]["socket"]["events_per_s"] == 1590
+    assert s["levels"]["socket"][64]["cpu_us_per_event"] == 27.0

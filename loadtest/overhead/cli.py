@@ -3,6 +3,8 @@
     lora-gateway loadtest overhead --direct http://127.0.0.1:8001 --gateway http://127.0.0.1:8000 \\
         --rates 50,200,500,1000 --duration 10 --out out/overhead
     lora-gateway loadtest overhead --out out/overhead [--litellm] [--no-vllm]   # starts its own servers
+    lora-gateway loadtest overhead --relay-cpu --streams 16,64,128,256 --workers 1,2 --out out/relay-cpu
+        # gateway CPU per relayed chunk and added inter-token latency, paced streams (relay_cpu.py)
 """
 
 from __future__ import annotations
@@ -58,6 +60,18 @@ def overhead(
     paced_itl_ms: Annotated[
         float, typer.Option(min=0, help="Self-managed: streams paced this far apart (ms), 0: skip that part.")
     ] = 5.0,
+    relay_cpu: Annotated[
+        bool,
+        typer.Option(
+            help="Only the relay's cost with paced streams: gateway CPU per chunk (from /proc) and added ITL "
+            "p99, per concurrency, direct and through each relay (loadtest/overhead/relay_cpu.py)."
+        ),
+    ] = False,
+    streams: Annotated[str, typer.Option(help="--relay-cpu: concurrent streams per level.")] = "16,64,128",
+    chunks: Annotated[int, typer.Option(min=2, help="--relay-cpu: chunks per stream.")] = 200,
+    itl_ms: Annotated[float, typer.Option(min=0, help="--relay-cpu: ms between chunks.")] = 10.0,
+    rounds: Annotated[int, typer.Option(min=1, help="--relay-cpu: interleaved rounds.")] = 2,
+    workers: Annotated[str, typer.Option(help="--relay-cpu: also serve --workers N for N > 1.")] = "1",
     other: Annotated[
         list[str] | None,
         typer.Option(help="With --direct/--gateway: another proxy in the same run, TAG=URL (repeatable)."),
@@ -69,6 +83,27 @@ def overhead(
     and a gateway attached to it (each in its own process), LiteLLM with --litellm, and a managed
     gateway over the real vLLM unless --no-vllm; then stops them.
     """
+    if relay_cpu:
+        from loadtest.overhead.relay_cpu import run as run_relay_cpu
+
+        payload = run_relay_cpu(
+            out,
+            streams=[int(x) for x in floats(streams, "--streams")],
+            chunks=chunks,
+            itl_ms=itl_ms,
+            duration_s=duration,
+            rounds=rounds,
+            workers=[int(x) for x in floats(workers, "--workers")],
+            log=lambda line: typer.echo(line, err=True),
+        )
+        for path, best in payload["summary"]["within_itl_budget"].items():
+            typer.echo(
+                f"{path}: {best['events_per_s']:.0f} chunks/s at {best['streams']} streams, added ITL "
+                f"p99 {best['added_itl_p99_ms']:.2f} ms, {best['cpu_us_per_event']:.1f} us CPU per chunk",
+                err=True,
+            )
+        typer.echo(f"wrote {out}/results.json and {out}/relay_cpu.png", err=True)
+        return
     if (direct is None) != (gateway is None):
         raise typer.BadParameter("give both --direct and --gateway, or neither", param_hint="--gateway")
     if direct is None:
