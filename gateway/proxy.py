@@ -205,8 +205,11 @@ class _Relay:
             self.write(out)
 
     def end(self, error: GatewayError | None) -> None:
+        # What the rewriter holds is an event not yet ended by its blank line. A stream that ended by
+        # itself sends it as it is; a broken one drops it: half an event glued to the error event would
+        # be one unparseable line for the client.
         tail = self.rewriter.flush()
-        if tail:
+        if tail and error is None:
             self.write(tail)
         if error is None:
             self.error = None

@@ -219,20 +219,27 @@ class UpstreamClient:
         return {k: v for k, v in headers.items() if k.lower() != "authorization"} | auth
 
     async def post_json(self, url: str, payload: Any) -> bytes:
-        """A small admin call (load/unload adapter); raises our error for a non-2xx answer."""
-        try:
-            async with self.session.post(
-                url,
-                data=json.dumps(payload).encode(),
-                headers=self._headers(url, {"content-type": "application/json"}),
-                timeout=self.admin_timeout,
-            ) as response:
-                body = await response.read()
-        except TRANSPORT_ERRORS as exc:
-            raise map_transport_error(exc) from exc
-        if response.status >= 400:
-            raise from_upstream(response.status, body)
-        return body
+        """A small admin call (load/unload adapter); raises our error for a non-2xx answer. Sent again once
+        when the engine closed a kept-alive connection as it was reused (both calls are idempotent: an
+        adapter already loaded, or already gone, is success to residency)."""
+        data = json.dumps(payload).encode()
+        headers = self._headers(url, {"content-type": "application/json"})
+        for attempt in (1, 2):
+            try:
+                async with self.session.post(
+                    url, data=data, headers=headers, timeout=self.admin_timeout
+                ) as r:
+                    status, body = r.status, await r.read()
+            except aiohttp.ServerDisconnectedError as exc:
+                if attempt == 1:
+                    continue
+                raise map_transport_error(exc) from exc
+            except TRANSPORT_ERRORS as exc:
+                raise map_transport_error(exc) from exc
+            if status >= 400:
+                raise from_upstream(status, body)
+            return body
+        raise AssertionError("unreachable")
 
     async def _probe(self, url: str, timeout: float) -> tuple[int, bytes]:
         """GET on the probes' own pool: status and body."""

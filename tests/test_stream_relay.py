@@ -164,3 +164,56 @@ def test_a_non_streaming_client_leaving_drops_the_engine_call_within_100_ms(
             time.sleep(0.05)
         assert counts(url).get(("lora_gateway_requests_total", "499")) == 5, counts(url)
         assert counts(url)[("lora_gateway_requests_in_flight", "")] == 0
+
+
+class _DiesMidEvent(_Hanging):
+    """An engine that streams one whole event and half of the next, then its connection drops (vLLM killed
+    mid-write): the half event must not reach the client glued to the error event (it did, on the socket
+    relay: `data: {"id": ... "mod{"error": ...}`, seen in tests/test_engine_restart.py)."""
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        head, sep, _ = self.data.partition(b"\r\n\r\n")
+        if sep and head.startswith(b"POST /v1/chat/completions"):
+            event = (
+                b'data: {"id":"c1","object":"chat.completion.chunk","model":"tiny-llama","choices":[]}\n\n'
+            )
+            half = b'data: {"id":"c1","object":"chat.completion.chunk","mod'
+            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n")
+            self.transport.write(b"transfer-encoding: chunked\r\n\r\n")
+            for part in (event, half):
+                self.transport.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0"
+            )
+            self.transport.abort()
+            return
+        super().data_received(data)
+
+
+@pytest.mark.parametrize("relay", ["socket", "asgi"])
+def test_an_engine_dying_mid_event_ends_the_stream_with_whole_events_only(
+    tmp_path: Path, cache_dir: Path, relay: str
+) -> None:
+    seen: dict[str, float] = {}
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(loop.create_server(lambda: _DiesMidEvent(seen), "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        settings = attached_settings(f"http://127.0.0.1:{port}", cache_dir, tmp_path, stream_relay=relay)
+        with serve_app(settings) as url:
+            body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+            r = httpx.post(url + CHAT, json=body, timeout=30)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        server.close()
+        loop.close()
+    assert r.status_code == 200
+    events = [e for e in r.text.split("\n\n") if e.strip()]
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events]  # each one whole JSON
+    assert payloads[0]["object"] == "chat.completion.chunk"
+    assert payloads[-1]["error"]["code"] == "upstream_error", payloads[-1]
+    assert len(payloads) == 2, events

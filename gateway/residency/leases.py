@@ -223,6 +223,8 @@ class Leases:
         """Another gateway sharing the engine loaded `ref` (vLLM lists it: adopt it, no room to make), or is
         loading it (it announced the load: wait for vLLM to list it). False: this gateway loads it."""
         assert self._shared is not None
+        if not (await self._shared.others(engine.base_url)).gateways:
+            return False  # alone on this engine lately: what others loaded earlier, the probes have seen
         while True:
             if await self._loader.listed(engine, ref.engine_name):
                 self._loader.adopt(engine, ref)

@@ -47,6 +47,7 @@ class OthersUse:
 
     in_flight: dict[str, int]
     last_used: dict[str, float]
+    gateways: frozenset[str] = frozenset()  # the other gateways seen on this engine within stale_after_s
 
 
 NOBODY = OthersUse({}, {})
@@ -115,13 +116,16 @@ class SharedUse:
         fresh_since = self._clock() - self.stale_after_s
         in_flight: dict[str, int] = {}
         last_used: dict[str, float] = {}
+        gateways: set[str] = set()
         for row in rows:
             if row.gateway == self.gateway:
                 continue
-            if row.in_flight > 0 and row.seen_at >= fresh_since:
-                in_flight[row.adapter] = in_flight.get(row.adapter, 0) + row.in_flight
+            if row.seen_at >= fresh_since:
+                gateways.add(row.gateway)
+                if row.in_flight > 0:
+                    in_flight[row.adapter] = in_flight.get(row.adapter, 0) + row.in_flight
             last_used[row.adapter] = max(last_used.get(row.adapter, 0.0), row.last_used)
-        return OthersUse(in_flight, last_used)
+        return OthersUse(in_flight, last_used, frozenset(gateways))
 
     def _due(self) -> list[AdapterUse]:
         now = self._clock()
