@@ -102,6 +102,24 @@ def gateway(vllm: FakeVllm, store: SqliteStore, name: str, *, share: bool = True
     return residency, engine
 
 
+Pair = tuple[Residency, Engine, Residency, Engine]
+
+
+async def two_gateways_b_used_a_then_b(vllm: FakeVllm, store: SqliteStore) -> Pair:
+    """Gateways ga and gb over one engine; gb used adapter a, then b (so a is gb's oldest)."""
+    ga, ea = gateway(vllm, store, "ga")
+    gb, eb = gateway(vllm, store, "gb")
+    (await gb.acquire(eb, A)).release()
+    (await gb.acquire(eb, B)).release()
+    return ga, ea, gb, eb
+
+
+def published(residency: Residency) -> SharedUse:
+    shared = residency._leases._shared  # noqa: SLF001 - the publisher's batch, without waiting for it
+    assert shared is not None
+    return shared
+
+
 async def b_loads_c_while_a_uses_its_oldest(store: SqliteStore, *, share: bool) -> tuple[FakeVllm, Residency]:
     """Gateway a holds a request on adapter a; gateway b sees a and b resident (a the oldest) and
     needs c."""
@@ -111,8 +129,8 @@ async def b_loads_c_while_a_uses_its_oldest(store: SqliteStore, *, share: bool) 
     (await gb.acquire(eb, A)).release()  # b used a first, then b: a is b's oldest
     (await gb.acquire(eb, B)).release()
     held = await ga.acquire(ea, A)  # a's request on adapter a, in flight
-    if ga._leases._shared is not None:  # noqa: SLF001 - the publisher's batch, without waiting for it
-        await ga._leases._shared.publish()  # noqa: SLF001
+    if share:
+        await published(ga).publish()
     (await gb.acquire(eb, C)).release()
     held.release()
     return vllm, gb
@@ -136,12 +154,9 @@ def test_a_load_waits_while_the_others_use_every_slot_and_goes_once_one_is_idle(
 
     async def main() -> FakeVllm:
         vllm = FakeVllm()
-        ga, ea = gateway(vllm, store, "ga")
-        gb, eb = gateway(vllm, store, "gb")
-        (await gb.acquire(eb, A)).release()
-        (await gb.acquire(eb, B)).release()
+        ga, ea, gb, eb = await two_gateways_b_used_a_then_b(vllm, store)
         held = [await ga.acquire(ea, A), await ga.acquire(ea, B)]
-        await ga._leases._shared.publish()  # type: ignore[union-attr]  # noqa: SLF001
+        await published(ga).publish()
         with pytest.raises(EngineUnavailableError):  # wait_timeout_s 2: a's requests outlast it
             await gb.acquire(eb, C)
         assert vllm.loaded == {"lora-a", "lora-b"}, "nothing a is using was unloaded"
@@ -149,7 +164,7 @@ def test_a_load_waits_while_the_others_use_every_slot_and_goes_once_one_is_idle(
         async def a_finishes() -> None:
             await asyncio.sleep(0.5)
             held[1].release()  # adapter b goes idle on a
-            await ga._leases._shared.publish()  # type: ignore[union-attr]  # noqa: SLF001
+            await published(ga).publish()
 
         finishing = asyncio.create_task(a_finishes())
         loop = asyncio.get_running_loop()
@@ -171,13 +186,8 @@ def test_b_waits_for_the_load_a_announced_instead_of_making_room(tmp_path: Path)
 
     async def main() -> FakeVllm:
         vllm = FakeVllm()
-        ga, ea = gateway(vllm, store, "ga")
-        gb, eb = gateway(vllm, store, "gb")
-        (await gb.acquire(eb, A)).release()
-        (await gb.acquire(eb, B)).release()
-        shared_a = ga._leases._shared  # noqa: SLF001
-        assert shared_a is not None
-        await shared_a.announce(URL, "lora-c", 1)  # a's load of c is under way (a made room already)
+        ga, _, gb, eb = await two_gateways_b_used_a_then_b(vllm, store)
+        await published(ga).announce(URL, "lora-c", 1)  # a's load of c is under way (a made room already)
 
         async def a_loaded() -> None:
             await asyncio.sleep(0.3)
@@ -202,13 +212,10 @@ def test_a_probe_showing_more_than_max_resident_trims_the_idle_least_recent(tmp_
 
     async def main() -> FakeVllm:
         vllm = FakeVllm()
-        ga, ea = gateway(vllm, store, "ga")
-        gb, eb = gateway(vllm, store, "gb")
-        (await gb.acquire(eb, A)).release()  # b: a, then b
-        (await gb.acquire(eb, B)).release()
+        ga, ea, gb, eb = await two_gateways_b_used_a_then_b(vllm, store)
         held = await ga.acquire(ea, C)  # a: c, in flight (a's view: only c resident, so no room made)
-        await ga._leases._shared.publish()  # type: ignore[union-attr]  # noqa: SLF001
-        await gb._leases._shared.publish()  # type: ignore[union-attr]  # noqa: SLF001
+        await published(ga).publish()
+        await published(gb).publish()
         assert vllm.loaded == {"lora-a", "lora-b", "lora-c"}
         await gb.on_probe(eb, ProbeResult(set(vllm.loaded)))
         assert vllm.loaded == {"lora-b", "lora-c"}, "a (oldest, idle everywhere) went; c (busy on a) stayed"

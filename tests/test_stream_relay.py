@@ -112,10 +112,14 @@ class _Hanging(asyncio.Protocol):
 
 
 @contextlib.contextmanager
-def hanging_engine() -> Iterator[tuple[str, dict[str, float]]]:
+def loopback_engine(
+    protocol: type[_Hanging] | None = None,
+) -> Iterator[tuple[str, dict[str, float]]]:
+    """An engine played by `protocol` (default `_Hanging`) on a loopback port, on a loop in a thread."""
     seen: dict[str, float] = {}
+    make = protocol or _Hanging
     loop = asyncio.new_event_loop()
-    server = loop.run_until_complete(loop.create_server(lambda: _Hanging(seen), "127.0.0.1", 0))
+    server = loop.run_until_complete(loop.create_server(lambda: make(seen), "127.0.0.1", 0))
     port = server.sockets[0].getsockname()[1]
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -135,7 +139,7 @@ def test_a_non_streaming_client_leaving_drops_the_engine_call_within_100_ms(
     (a client timeout) makes the gateway hang up on the engine (vLLM then aborts the request; measured
     against the real vLLM in tests/test_streaming_disconnect.py) within 100 ms of the client's close."""
     with (
-        hanging_engine() as (engine_url, seen),
+        loopback_engine() as (engine_url, seen),
         serve_app(
             attached_settings(engine_url, cache_dir, tmp_path, engine={"health_interval_s": 30})
         ) as url,
@@ -195,22 +199,11 @@ class _DiesMidEvent(_Hanging):
 def test_an_engine_dying_mid_event_ends_the_stream_with_whole_events_only(
     tmp_path: Path, cache_dir: Path, relay: str
 ) -> None:
-    seen: dict[str, float] = {}
-    loop = asyncio.new_event_loop()
-    server = loop.run_until_complete(loop.create_server(lambda: _DiesMidEvent(seen), "127.0.0.1", 0))
-    port = server.sockets[0].getsockname()[1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        settings = attached_settings(f"http://127.0.0.1:{port}", cache_dir, tmp_path, stream_relay=relay)
+    with loopback_engine(_DiesMidEvent) as (engine_url, _):
+        settings = attached_settings(engine_url, cache_dir, tmp_path, stream_relay=relay)
         with serve_app(settings) as url:
             body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "stream": True}
             r = httpx.post(url + CHAT, json=body, timeout=30)
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        server.close()
-        loop.close()
     assert r.status_code == 200
     events = [e for e in r.text.split("\n\n") if e.strip()]
     payloads = [json.loads(e.removeprefix("data: ")) for e in events]  # each one whole JSON
