@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ class Run:
     long_answers: list[tuple[str, int, str]] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     proofs: int = 0  # looks that proved an adapter had a request in flight throughout
+    lost_retries: float = 0.0  # requests whose adapter another gateway unloaded (retried): the race left
 
 
 async def client_loop(http: httpx.AsyncClient, url: str, seed: int, deadline: float, run: Run) -> None:
@@ -72,19 +74,31 @@ async def long_client_loop(http: httpx.AsyncClient, url: str, seed: int, deadlin
         run.long_answers.append((model, r.status_code, text))
 
 
+async def adapter_lost_retries(http: httpx.AsyncClient, url: str) -> float:
+    """`lora_gateway_retries_total{reason="adapter_lost"}`: requests vLLM answered 404 (adapter gone),
+    loaded again and retried."""
+    text = (await http.get(url + "/metrics")).text
+    found = re.search(r'^lora_gateway_retries_total\{reason="adapter_lost"\} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
 async def watch(http: httpx.AsyncClient, url: str, vllm_url: str, deadline: float, run: Run) -> None:
     """A gateway's view, vLLM's listing `HELD_S` later, the view again: an adapter with `c` requests in
     flight at the first look and fewer than `c` leases released by the second had one in flight throughout,
     for `HELD_S` at least before the listing: far longer than a gateway takes to publish it, so no other
     gateway may have unloaded it: vLLM must list it. (A request younger than the publishing can lose its
-    adapter to another gateway's eviction: vLLM answers 404, the gateway loads it again and retries; the
-    answers show that.)"""
+    adapter to another gateway's eviction: vLLM answers 404, the gateway loads it again and retries it,
+    still holding its lease; a look during which that happened proves nothing and is skipped. The answers
+    show those requests right, and the test bounds how often it happens.)"""
     while time.monotonic() < deadline:
+        lost_before = await adapter_lost_retries(http, url)
         [first] = (await http.get(url + "/admin/engines")).json()["data"]
         await asyncio.sleep(HELD_S)
         models = (await http.get(vllm_url + "/v1/models", headers=ENGINE_AUTH)).json()["data"]
         listed = {m["id"] for m in models if m.get("parent")}
         [second] = (await http.get(url + "/admin/engines")).json()["data"]
+        if await adapter_lost_retries(http, url) != lost_before:
+            continue  # a request met the race the sharing leaves (see above): it is retried, not a proof
         for key, count in first["in_flight"].items():
             released = second["leases"][key]["released"] - first["leases"][key]["released"]
             if released < count:
@@ -108,6 +122,9 @@ def drive(urls: list[str], vllm_url: str) -> Run:
             )
 
     asyncio.run(main())
+    run.lost_retries = sum(
+        metric(url, "lora_gateway_retries_total", reason="adapter_lost") for url in set(urls)
+    )
     return run
 
 
@@ -164,6 +181,7 @@ def test_two_gateways_over_one_vllm_do_not_undo_each_others_loads(
         assert not wrong, f"{len(wrong)} of {len(run.answers)} wrong: {wrong[:3]}"
         assert not run.violations, run.violations[:5]
     assert shared.proofs >= 3, "the watch must have seen requests in flight on both gateways"
+    assert shared.lost_retries <= 0.05 * len(shared.answers), (shared.lost_retries, len(shared.answers))
     # "Loaded no more often": loads in the same RUN_S, within the margin. And not by serving less: waiting
     # for the other gateway's requests costs answers (0.7-0.9x of one gateway's here), so per answer the
     # margin is wider (measured 1.13-1.46x; deciding alone: 2.5x).

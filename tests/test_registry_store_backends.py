@@ -450,3 +450,25 @@ def test_open_store_picks_the_backend(
     for bad in ["", "sqlite://", "sqlite:///", "mysql://db/registry"]:
         with pytest.raises(ValueError):
             open_store(bad)
+
+
+def test_adapter_uses_upsert_expire_forget_and_leave_the_token(backend: Backend) -> None:
+    """What gateways sharing engines publish (gateway/residency/shared.py), on both backends: a row per
+    (engine, adapter, gateway), rewritten in place; rows last seen before the bound go; a gateway's clean
+    stop removes its rows; none of it is a registry change (the token, which makes every gateway reload
+    its catalog, stays)."""
+    from gateway.registry.store import AdapterUse
+
+    with backend.open() as s:
+        token = s.change_token()
+        first = [AdapterUse("e1", "x", "g1", 2, 10.0, 100.0), AdapterUse("e1", "y", "g2", 0, 5.0, 100.0)]
+        s.publish_uses(first, expire_before=0.0)
+        s.publish_uses([AdapterUse("e1", "x", "g1", 1, 12.0, 101.0)], expire_before=0.0)
+        rows = {(u.adapter, u.gateway): (u.in_flight, u.last_used) for u in s.read_uses("e1")}
+        assert rows == {("x", "g1"): (1, 12.0), ("y", "g2"): (0, 5.0)}
+        assert s.read_uses("e2") == []
+        s.publish_uses([AdapterUse("e2", "z", "g1", 1, 1.0, 200.0)], expire_before=100.5)  # y's row expires
+        assert {u.adapter for u in s.read_uses("e1")} == {"x"}
+        s.forget_uses("g1")
+        assert s.read_uses("e1") == [] and s.read_uses("e2") == []
+        assert s.change_token() == token

@@ -223,3 +223,23 @@ def test_a_probe_showing_more_than_max_resident_trims_the_idle_least_recent(tmp_
         return vllm
 
     asyncio.run(main())
+
+
+def test_trimming_counts_only_this_registrys_adapters(tmp_path: Path) -> None:
+    """An adapter nobody sharing this registry used (another registry's gateway loaded it on the same
+    engine) neither goes nor makes ours go: with it, 3 are resident, but only 2 of ours (the maximum).
+    Counting it, every probe unloaded an idle adapter of ours (seen in the full suite: churn, and an
+    adapter dropped under a request another gateway had just sent)."""
+    store = SqliteStore(tmp_path / "r.sqlite3")
+
+    async def main() -> FakeVllm:
+        vllm = FakeVllm()
+        _, _, gb, eb = await two_gateways_b_used_a_then_b(vllm, store)
+        await published(gb).publish()
+        vllm.loaded.add("lora-foreign")
+        calls = len(vllm.calls)
+        await gb.on_probe(eb, ProbeResult(set(vllm.loaded)))
+        assert vllm.calls[calls:] == [], "nothing trimmed"
+        return vllm
+
+    assert asyncio.run(main()).loaded == {"lora-a", "lora-b", "lora-foreign"}

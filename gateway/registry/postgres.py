@@ -48,6 +48,8 @@ from gateway.registry.store import (
     check_new_version,
     require_listed,
     require_ready,
+    upsert_uses_sql,
+    use_rows,
     version_from_row,
 )
 
@@ -341,13 +343,7 @@ class PostgresStore:
         """Write this gateway's rows; drop anyone's rows last seen before `expire_before`."""
         with self._pool.connection() as conn, conn.transaction():
             with conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO adapter_uses (engine, adapter, gateway, in_flight, last_used, seen_at)"
-                    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (engine, adapter, gateway) DO UPDATE SET"
-                    " in_flight = excluded.in_flight, last_used = excluded.last_used,"
-                    " seen_at = excluded.seen_at",
-                    [(u.engine, u.adapter, u.gateway, u.in_flight, u.last_used, u.seen_at) for u in uses],
-                )
+                cur.executemany(upsert_uses_sql("%s"), use_rows(uses))
             conn.execute("DELETE FROM adapter_uses WHERE seen_at < %s", (expire_before,))
 
     def read_uses(self, engine: str) -> list[AdapterUse]:

@@ -27,6 +27,8 @@ from gateway.registry.store import (
     check_new_version,
     require_listed,
     require_ready,
+    upsert_uses_sql,
+    use_rows,
     version_from_row,
 )
 
@@ -322,12 +324,7 @@ class SqliteStore:
         """Write this gateway's rows; drop anyone's rows last seen before `expire_before`. Not history: no
         fsync per batch (a crash loses at most the last batches, which their gateway's restart makes moot)."""
         with self._lock, self._synchronous("NORMAL"), self._tx(counted=False) as c:
-            c.executemany(
-                "INSERT INTO adapter_uses (engine, adapter, gateway, in_flight, last_used, seen_at)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (engine, adapter, gateway) DO UPDATE SET"
-                " in_flight = excluded.in_flight, last_used = excluded.last_used, seen_at = excluded.seen_at",
-                [(u.engine, u.adapter, u.gateway, u.in_flight, u.last_used, u.seen_at) for u in uses],
-            )
+            c.executemany(upsert_uses_sql("?"), use_rows(uses))
             c.execute("DELETE FROM adapter_uses WHERE seen_at < ?", (expire_before,))
 
     def read_uses(self, engine: str) -> list[AdapterUse]:

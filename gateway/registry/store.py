@@ -138,6 +138,20 @@ class RegistryStore(Protocol):
     def close(self) -> None: ...
 
 
+def upsert_uses_sql(placeholder: str) -> str:
+    """The statement both backends write `adapter_uses` rows with (`?` for SQLite, `%s` for psycopg)."""
+    values = ", ".join([placeholder] * 6)
+    return (
+        "INSERT INTO adapter_uses (engine, adapter, gateway, in_flight, last_used, seen_at)"
+        f" VALUES ({values}) ON CONFLICT (engine, adapter, gateway) DO UPDATE SET"
+        " in_flight = excluded.in_flight, last_used = excluded.last_used, seen_at = excluded.seen_at"
+    )
+
+
+def use_rows(uses: Sequence[AdapterUse]) -> list[tuple[str, str, str, int, float, float]]:
+    return [(u.engine, u.adapter, u.gateway, u.in_flight, u.last_used, u.seen_at) for u in uses]
+
+
 def check_new_version(name: str, digest: str) -> None:
     """What every store checks before recording a version: a valid name, a sha256 hex digest."""
     validate_adapter_name(name)

@@ -244,25 +244,40 @@ class Leases:
         others = await self._shared.others(engine.base_url)
         order = policy.by_last_use(state.resident, state.last_used, others.last_used)
         busy = policy.add_counts(state.in_flight, others.in_flight)
-        return policy.eviction_candidate(state.resident, order, busy, state.pinned, locked)
+        victim = policy.eviction_candidate(state.resident, order, busy, state.pinned, locked)
+        if victim is not None and others.gateways and not await self._still_idle(engine, state, victim):
+            return None  # another gateway started using it meanwhile: look again
+        return victim
+
+    async def _still_idle(self, engine: Engine, state: EngineResidency, key: str) -> bool:
+        """Look again after a few publishing intervals: a request another gateway admitted just before the
+        first look has been published by then (without this second look, such requests lost their adapter
+        often enough under churn to crash vLLM 0.32's engine: docs/deploy.md)."""
+        assert self._shared is not None
+        await asyncio.sleep(self._shared.confirm_s)
+        others = await self._shared.others(engine.base_url)
+        return key in state.resident and not state.in_flight.get(key) and not others.in_flight.get(key)
 
     async def trim(self, engine: Engine) -> None:
-        """Several gateways sharing an engine each loaded into it: more than `max_resident` are resident
-        now (one gateway alone never goes over). The idle ones that a gateway sharing this registry has
-        used go, the least recently used first, down to `max_resident`; the others' adapters (loaded by
-        gateways of another registry) are left alone here. Every gateway orders them alike (last use
-        anywhere), so two trimming at once pick the same ones."""
+        """Several gateways sharing an engine each loaded into it at once: more of this registry's adapters
+        are resident than `max_resident` (one gateway alone never goes over). The idle ones go, the least
+        recently used by any gateway first, down to `max_resident`. Only adapters a gateway sharing this
+        registry has used count and go: others' (a gateway of another registry on the same engine, or
+        loaded before a restart) are left to making room, which evicts them first when a slot is needed.
+        Every gateway orders them alike (last use anywhere), so two trimming at once pick the same ones."""
         state = self._states.of(engine)
         if self._shared is None or len(state.resident) + state.loading <= self.max_resident:
             return
         others = await self._shared.others(engine.base_url)
         used = state.last_used.keys() | others.last_used.keys()
+        ours = {key for key in state.resident if key in used}
         busy = policy.add_counts(state.in_flight, others.in_flight)
         locked = state.locked()
-        for key in policy.by_last_use(state.resident, state.last_used, others.last_used):
-            if len(state.resident) + state.loading <= self.max_resident:
+        for key in policy.by_last_use(ours, state.last_used, others.last_used):
+            if len(ours & state.resident) + state.loading <= self.max_resident:
                 break
-            if key in used and not busy.get(key) and key not in state.pinned and key not in locked:
+            idle = not busy.get(key) and key not in state.pinned and key not in locked
+            if idle and (not others.gateways or await self._still_idle(engine, state, key)):
                 await self._evict(engine, state, key)
 
     def _drain(self, engine: Engine, state: EngineResidency) -> None:

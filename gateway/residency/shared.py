@@ -13,7 +13,8 @@ they already share (`adapter_uses`, `store.py`), and reads the others' before it
     loading         announce(engine, adapter): published at once; a gateway needing the same adapter
                     waits for vLLM to list it instead of making room for a second load
     making room     others(engine): in flight on other gateways (rows seen within `stale_after_s`:
-                    a gateway that died stops counting) and their last use; policy.py merges them
+                    a gateway that died stops counting) and their last use; policy.py merges them;
+                    read again `confirm_s` later, just before unloading the victim
 
 Why the registry and not the engine as the judge: vLLM's view of what runs
 (`vllm:lora_requests_info`) is of its latest step, says nothing of recency (an adapter between two
@@ -74,6 +75,7 @@ class SharedUse:
         self.store = store
         self.gateway = gateway or gateway_id()
         self.interval_s = interval_s
+        self.confirm_s = 4 * interval_s  # an eviction looks again this much later (leases.py)
         self.heartbeat_s = heartbeat_s
         self.stale_after_s = stale_after_s
         self.expire_after_s = expire_after_s
