@@ -126,13 +126,18 @@ def gateway_proc(
         gw.wait_healthy()
         yield gw
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         _assert_port_closed(vllm_port)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    """SIGTERM, as an orchestrator stops a gateway; SIGKILL if it is not gone within `timeout_s`."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _assert_port_closed(port: int) -> None:

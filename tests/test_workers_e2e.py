@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import ENGINE_KEY, ROOT, free_port
+from tests.conftest import ENGINE_KEY, ROOT, free_port, stop
 from tests.registry_helpers import PROMPT, write_adapter
 
 pytestmark = pytest.mark.engine
@@ -144,12 +143,7 @@ def test_two_workers_share_one_port_one_registry_and_one_vllm(
         wait_for(lambda: healthy(url), "healthy again")
     finally:
         children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         log.close()
     assert proc.returncode == 0, (tmp_path / "gateway.log").read_text()[-3000:]
     gone, alive = psutil.wait_procs(children, timeout=10)
