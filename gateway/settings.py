@@ -136,12 +136,28 @@ class TimeoutSettings(BaseModel):
     )
 
 
+class KeyLimits(BaseModel):
+    """What one API key may use (gateway/tenancy/limits.py). Unset: no limit of that kind."""
+
+    model_config = {"extra": "forbid"}
+
+    requests_per_minute: int | None = Field(None, ge=1, description="Requests started per minute.")
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="Prompt plus completion tokens per minute, counted as they become known."
+    )
+    max_concurrent: int | None = Field(None, ge=1, description="Requests in flight at once.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Largest `max_tokens` one request may ask for (also its default when unset)."
+    )
+
+
 class ApiKey(BaseModel):
     """An inference API key and the adapters it may call (names or globs; the base model is `base`)."""
 
     key: SecretStr
     models: list[str] = Field(default_factory=lambda: ["*"], description="Names or globs, e.g. ['sql*'].")
-    name: str | None = Field(None, description="A label for logs (never the key itself).")
+    name: str | None = Field(None, description="A label for logs, usage and metrics (never the key itself).")
+    limits: KeyLimits = Field(default_factory=KeyLimits, description="Per-key limits (none by default).")
 
 
 class AuthSettings(BaseModel):
