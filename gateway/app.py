@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from gateway.api import admin, health, openai
+from gateway.api import admin, health, keys, openai
 from gateway.engines.client import EngineClient
 from gateway.engines.pool import EnginePool
 from gateway.errors import install_error_handlers
@@ -22,6 +22,11 @@ from gateway.residency.shared import SharedUse
 from gateway.routing import Router
 from gateway.settings import Settings
 from gateway.state import GatewayState
+from gateway.tenancy.access import access_logger
+from gateway.tenancy.keys import Keyring, open_hasher
+from gateway.tenancy.limits import open_limiter
+from gateway.tenancy.usage import UsageRecorder
+from gateway.tracing import configure_tracing
 from gateway.upstream import UpstreamClient
 
 log = logging.getLogger("lora_gateway")
@@ -98,7 +103,34 @@ async def build_state(settings: Settings, engine_client: ClientFactory = Upstrea
         policy=settings.routing,
         residency=residency.view,
     )
-    return GatewayState(settings, metrics, client, registry, pool, residency, router, shared)
+    secret = settings.auth.key_hash_secret
+    hasher = await asyncio.to_thread(
+        open_hasher, registry.store, secret.get_secret_value() if secret is not None else None
+    )
+    keyring = Keyring(hasher, registry.store, settings.auth.api_keys, settings.auth.require_api_key)
+    await keyring.refresh()
+    registry.on_change(keyring.refresh)  # a key made or revoked by any gateway sharing the registry
+    limiter = open_limiter(
+        settings.limits.redis_url,
+        prefix=settings.limits.redis_prefix,
+        on_error=settings.limits.on_redis_error,
+    )
+    usage = UsageRecorder(registry.store, interval_s=settings.usage.flush_interval_s)
+    return GatewayState(
+        settings,
+        metrics,
+        client,
+        registry,
+        pool,
+        residency,
+        router,
+        keyring,
+        limiter,
+        usage,
+        shared,
+        tracing=configure_tracing(),
+        access=access_logger(settings.access_log),
+    )
 
 
 async def collect_garbage(state: GatewayState, interval_s: float = 300.0) -> None:
@@ -137,6 +169,7 @@ def create_app(settings: Settings, engine_client: ClientFactory = UpstreamClient
         publisher = (
             asyncio.create_task(state.shared.run(), name="adapter-use") if state.shared is not None else None
         )
+        accountant = asyncio.create_task(state.usage.run(), name="usage")
         try:
             yield
         finally:
@@ -144,6 +177,12 @@ def create_app(settings: Settings, engine_client: ClientFactory = UpstreamClient
             follower.cancel()
             if publisher is not None:
                 publisher.cancel()
+            accountant.cancel()
+            await asyncio.gather(accountant, return_exceptions=True)
+            await state.usage.close()  # after the last request (uvicorn drained them): nothing is lost
+            await state.limiter.aclose()
+            if state.tracing is not None:
+                await asyncio.to_thread(state.tracing.shutdown)
             await state.pool.stop()
             if state.shared is not None:
                 await state.shared.close()
@@ -155,4 +194,5 @@ def create_app(settings: Settings, engine_client: ClientFactory = UpstreamClient
     app.include_router(openai.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+    app.include_router(keys.router)
     return app

@@ -9,8 +9,10 @@ proxy-header support rewrites the peer from `X-Forwarded-For` (from any peer it 
 runs uvicorn without proxy headers, and refuses to listen on a non-loopback host with no admin token
 unless `auth.insecure_admin` says so (`admin_exposure_problem`).
 
-Inference routes: open when no API keys are configured. Otherwise a valid key is required (401), and a
-key may call only the models its globs match (403); the base model is matched by its own name.
+Inference routes: open until an API key exists (in the config file, or made through /admin/keys; revoking
+every key does not open them again), unless `auth.require_api_key` says otherwise. Otherwise a valid key is required (401: missing, unknown, revoked,
+`api_key_expired`), and a key may call only the models its globs match (403); the base model is matched by
+its own name. Keys are checked by their keyed hash (gateway/tenancy/keys.py).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import ipaddress
 from fastapi import Request
 
 from gateway.errors import AuthenticationError, PermissionDeniedError
-from gateway.settings import ApiKey, Settings
+from gateway.settings import Settings
+from gateway.tenancy.keys import KeyEntry, Keyring
 
 
 def bearer(request: Request) -> str | None:
@@ -77,25 +80,26 @@ def require_admin(request: Request) -> None:
         )
 
 
-def api_key(request: Request, settings: Settings) -> ApiKey | None:
-    """The caller's key; None when inference is open. Raises 401 for a missing or unknown key."""
-    keys = settings.auth.api_keys
-    if not keys:
-        return None
+def api_key(request: Request, keyring: Keyring) -> KeyEntry | None:
+    """The caller's key; None when inference is open. 401 for a missing, unknown, expired or revoked key."""
     token = bearer(request)
-    if token is not None:
-        presented = token.encode()
-        for key in keys:  # compare with every key, so timing does not tell which one was close
-            if hmac.compare_digest(presented, key.key.get_secret_value().encode()):
-                return key
-    raise AuthenticationError("Incorrect or missing API key (Authorization: Bearer ...).")
+    found = keyring.lookup(token) if token is not None else None
+    if found is not None and found.entry is not None:
+        return found.entry
+    if not keyring.required:  # open: a valid key still names its caller (usage, limits)
+        return None
+    if found is not None and found.expired:
+        raise AuthenticationError("This API key has expired.", code="api_key_expired")
+    raise AuthenticationError(
+        "Incorrect or missing API key (Authorization: Bearer ...).", code="invalid_api_key"
+    )
 
 
-def may_use(key: ApiKey | None, model: str) -> bool:
+def may_use(key: KeyEntry | None, model: str) -> bool:
     return key is None or any(fnmatch.fnmatchcase(model, pattern) for pattern in key.models)
 
 
-def check_model_allowed(key: ApiKey | None, name: str) -> None:
+def check_model_allowed(key: KeyEntry | None, name: str) -> None:
     if not may_use(key, name):
         raise PermissionDeniedError(f"This API key may not use the model `{name}`.", param="model")
 

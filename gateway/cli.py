@@ -4,6 +4,8 @@
     lora-gateway models build-tiny        build the embedded default base model and demo adapters
     lora-gateway adapters register|list|show|remove|pin|unpin|alias ...   a running gateway's registry
                                           (gateway/cli_adapters.py)
+    lora-gateway keys create|list|show|update|rotate|revoke ...   API keys (gateway/cli_keys.py)
+    lora-gateway usage [--key K] [--since T] [--csv]              what each key used
     lora-gateway loadtest run|overhead|compare ...    load tests and benchmarks (loadtest/cli.py)
     lora-gateway train|merge|evaluate|build-demo ...  adapters as artifacts: fine-tune, merge, score
                                           (adapters/cli.py; `lora-gateway train --help`)
@@ -22,6 +24,7 @@ import typer
 
 from adapters.cli import app as adapter_tools_app
 from gateway.cli_adapters import adapters_app
+from gateway.cli_keys import keys_app, usage
 from gateway.log import setup_logging
 from loadtest.cli import app as loadtest_app
 
@@ -29,6 +32,8 @@ app = typer.Typer(help="Self-hosted multi-LoRA serving gateway in front of vLLM.
 models_app = typer.Typer(help="Base models: build the embedded default.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(keys_app, name="keys")
+app.command("usage")(usage)
 app.add_typer(loadtest_app, name="loadtest", help="Load tests and benchmarks (loadtest/).")
 # train, merge, evaluate, build-demo as top-level commands; each imports torch/PEFT/TRL only when it runs.
 app.registered_commands.extend(adapter_tools_app.registered_commands)

@@ -8,6 +8,7 @@
     ├── NotFoundError                 404 invalid_request_error
     │   └── ModelNotFoundError        404 code=model_not_found
     ├── ConflictError                 409 invalid_request_error
+    ├── RateLimitError                429 requests, code=rate_limit_exceeded, Retry-After (a key's limit)
     ├── EngineUnavailableError        503 server_error, Retry-After
     ├── UpstreamError                 502 server_error: engine_unreachable (refused), upstream_error
     │                                     (connection dropped), engine_error (the engine's own 5xx)
@@ -109,6 +110,20 @@ class ConflictError(GatewayError):
     code = "conflict"
 
 
+class RateLimitError(GatewayError):
+    """A key's requests or tokens per minute, or its concurrent requests, are used up: retry later. The
+    type is OpenAI's own for this case (`tokens` for a token limit, else `requests`); `param` names the
+    limit. The OpenAI SDK retries a 429 after Retry-After."""
+
+    status_code = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: int, limit: str) -> None:
+        super().__init__(message, param=limit, headers={"Retry-After": str(retry_after_s)})
+        self.type = "tokens" if limit == "tokens_per_minute" else "requests"
+
+
 class EngineUnavailableError(GatewayError):
     status_code = 503
     code = "engine_unavailable"
@@ -163,6 +178,9 @@ REFUSAL_CLASSES: dict[str, type[GatewayError]] = {
     "source_not_allowed": PermissionDeniedError,
     "too_large": PayloadTooLargeError,
     "engine_unavailable": EngineUnavailableError,  # the base's shapes are not known yet: try again
+    "key_not_found": NotFoundError,
+    "key_exists": ConflictError,
+    "key_in_config": ConflictError,
 }
 
 

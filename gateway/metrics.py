@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 UNKNOWN = "__unknown__"
+NO_KEY = "-"  # the `key` label of requests made with no API key (open inference)
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py): end-to-end request latency and time to first token.
 E2E_BUCKETS = (
@@ -149,6 +150,27 @@ class Metrics:
             "Requests sent again before any byte reached the client: `engine_failed` (the replica refused or "
             "dropped the connection; another one took it), `adapter_lost` (vLLM no longer had the adapter).",
             ["reason"],
+            registry=r,
+        )
+        # Per API key: the `key` label is a key's name (config or registry; `-` with no key), never a
+        # secret; names are bounded by the operators who make keys, and made-up keys are refused before.
+        self.key_requests = Counter(
+            "lora_gateway_key_requests",
+            "Requests by API key name and HTTP status.",
+            ["key", "status"],
+            registry=r,
+        )
+        self.key_tokens = Counter(
+            "lora_gateway_key_tokens",
+            "Tokens by API key name and kind (prompt, completion), as reported by the engine.",
+            ["key", "kind"],
+            registry=r,
+        )
+        self.key_rate_limited = Counter(
+            "lora_gateway_key_rate_limited",
+            "Requests refused with 429 by API key name and limit (requests_per_minute, tokens_per_minute, "
+            "max_concurrent).",
+            ["key", "limit"],
             registry=r,
         )
         self.resident_adapters = Gauge(

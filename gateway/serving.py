@@ -1,14 +1,20 @@
 """Serving one inference request, once its route has read and parsed it: the request pipeline.
 
-    Call(state, route)                 counted in flight (under `unknown` until resolved)
+    Call(state, route, headers)        counted in flight (under `unknown` until resolved); its request id,
+                                       its trace span (when tracing is on)
       .resolve(payload)                `model` -> Target (registry); counted under its name from now on
+      .admit(key, target, parsed)      the key may call this model, within its max_tokens, and its limits
+                                       (requests, tokens per minute, concurrency) admit one more: else
+                                       403 / 400 / 429 with Retry-After (gateway/tenancy/limits.py)
       .send(target, parsed, payload)   the engine's model name and usage options in the body, then:
         place                          router.take(): a slot on an engine (counts its `active`)
                                        residency.acquire(): the adapter leased there (hot-loaded if needed)
         forward                        gateway/proxy.py: the answer, or a stream relayed as it comes
         retry once                     only while nothing reached the client: vLLM lost the adapter (404),
                                        or the replica refused or dropped the connection (another takes it)
-      .finish(status, error, usage)    exactly once, on every path: slot and lease let go, metrics written
+      .finish(status, error, usage)    exactly once, on every path: slot and lease let go, the key's
+                                       admission given back and its tokens counted, metrics, usage
+                                       (gateway/tenancy/usage.py), one access log line, the span ended
 
 Routes (gateway/api/openai.py) keep HTTP: read, parse, validate, respond. A `Call` used as an async
 context manager records a request that fails before its answer started (`finish` with the error's status);
@@ -20,20 +26,33 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
 from fastapi.responses import Response
 
 from gateway.api.schemas import CompletionParams
+from gateway.auth import check_model_allowed
 from gateway.engines.base import Engine
-from gateway.errors import GatewayError, UpstreamError, UpstreamResponseError
-from gateway.metrics import UNKNOWN, model_label
+from gateway.errors import (
+    EngineUnavailableError,
+    GatewayError,
+    InvalidRequestError,
+    RateLimitError,
+    UpstreamError,
+    UpstreamResponseError,
+)
+from gateway.metrics import NO_KEY, UNKNOWN, model_label
 from gateway.proxy import Receive, SseRewriter, forward_json, forward_stream, model_rewrite
 from gateway.registry.catalog import Target
 from gateway.residency import Lease
 from gateway.routing import Slot
 from gateway.state import GatewayState
+from gateway.tenancy.access import access_line
+from gateway.tenancy.keys import KeyEntry
+from gateway.tenancy.limits import Admission, LimiterUnavailable, RateLimited
+from gateway.tracing import ChildSpan, RequestSpan
 
 # Ways a request can end while vLLM may still be generating for it (it aborts at its next step).
 ABORTED = frozenset({"client_disconnected", "upstream_timeout", "upstream_error"})
@@ -58,9 +77,27 @@ def _engine_failed(exc: GatewayError) -> bool:
 class Call:
     """One request on its way through the gateway: where it goes and what it holds there."""
 
-    __slots__ = ("state", "route", "started", "label", "slot", "lease", "finished")
+    __slots__ = (
+        "state",
+        "route",
+        "started",
+        "label",
+        "slot",
+        "lease",
+        "finished",
+        "request_id",
+        "key",
+        "target",
+        "admission",
+        "engine",
+        "stream",
+        "ttft",
+        "span",
+        "upstream_span",
+        "admitted",
+    )
 
-    def __init__(self, state: GatewayState, route: str) -> None:
+    def __init__(self, state: GatewayState, route: str, headers: Mapping[str, str] | None = None) -> None:
         self.state = state
         self.route = route
         self.started = time.perf_counter()
@@ -68,6 +105,17 @@ class Call:
         self.slot: Slot | None = None
         self.lease: Lease | None = None
         self.finished = False
+        self.request_id = ((headers or {}).get("x-request-id") or "")[:128] or uuid.uuid4().hex
+        self.key: KeyEntry | None = None
+        self.target: Target | None = None
+        self.admission: Admission | None = None  # what the key's limiter counted for this request
+        self.engine: str | None = None
+        self.stream = False
+        self.ttft: float | None = None
+        tracing = state.tracing
+        self.span: RequestSpan | None = tracing.start_request(route, headers or {}) if tracing else None
+        self.upstream_span: ChildSpan | None = None
+        self.admitted = False  # passed `admit`: its usage counts
         metrics = state.metrics
         metrics.child(metrics.in_flight, UNKNOWN).inc()
 
@@ -85,13 +133,49 @@ class Call:
     def resolve(self, payload: dict[str, Any]) -> Target | None:
         """The registry's target for `payload["model"]`; a registered name labels this request's metrics."""
         model = payload.get("model")
-        target = self.state.registry.resolve(model) if isinstance(model, str) else None
+        if self.span is None:
+            target = self.state.registry.resolve(model) if isinstance(model, str) else None
+        else:
+            with self.span.child("resolve") as span:
+                target = self.state.registry.resolve(model) if isinstance(model, str) else None
+                span.set(**{"lora_gateway.found": target is not None})
         if target is not None:
             metrics = self.state.metrics
             metrics.child(metrics.in_flight, self.label).dec()
             self.label = model_label(target.label, self.state.registry.known_labels())
             metrics.child(metrics.in_flight, self.label).inc()
+            self.target = target
         return target
+
+    async def admit(
+        self, key: KeyEntry | None, target: Target, parsed: CompletionParams, payload: dict[str, Any]
+    ) -> bool:
+        """May `key` run this request now? 403 (model), 400 (max_tokens), 429 (a limit), else its limiter
+        counts it (given back in `finish`). True when the body changed (the key's max_tokens as default)."""
+        self.key = key
+        if key is None:
+            self.admitted = True
+            return False
+        check_model_allowed(key, target.label)
+        changed = False
+        cap = key.limits.max_tokens
+        if cap is not None:
+            changed = cap_max_tokens(parsed, payload, cap, key.name)
+        if key.limits.requests_per_minute or key.limits.tokens_per_minute or key.limits.max_concurrent:
+            try:
+                self.admission = await self.state.limiter.admit(key.name, key.limits)
+            except RateLimited as exc:
+                metrics = self.state.metrics
+                metrics.child(metrics.key_rate_limited, key.name, exc.limit).inc()
+                raise RateLimitError(exc.message, retry_after_s=exc.retry_after_s, limit=exc.limit) from None
+            except LimiterUnavailable as exc:
+                raise EngineUnavailableError(
+                    f"The rate limiter is unavailable ({exc}); limits.on_redis_error is deny.",
+                    code="limiter_unavailable",
+                    retry_after_s=self.state.settings.retry_after_s,
+                ) from None
+        self.admitted = True
+        return changed
 
     async def send(
         self,
@@ -99,7 +183,6 @@ class Call:
         parsed: CompletionParams,
         payload: dict[str, Any],
         body: bytes,
-        request_id: str | None,
         receive: Receive | None = None,
     ) -> Response:
         """Place the request on an engine, forward it, and retry once while nothing reached the client.
@@ -112,7 +195,8 @@ class Call:
         if payload["model"] != target.engine_model or drop_usage:
             payload["model"] = target.engine_model
             body = json.dumps(payload).encode()
-        headers = {"content-type": "application/json", "x-request-id": request_id or uuid.uuid4().hex}
+        headers = {"content-type": "application/json", "x-request-id": self.request_id}
+        self.stream = bool(parsed.stream)
         excluded: list[Engine] = []
         retried = False  # one retry at most, and only while nothing has reached the client
         while True:
@@ -157,8 +241,18 @@ class Call:
     async def _place(self, target: Target, excluded: list[Engine]) -> Engine:
         """A slot on the router's choice of engine, and the adapter leased there."""
         self.slot = slot = self.state.router.take(target, exclude=excluded)
+        self.engine = slot.engine.base_url
         if target.adapter is not None:
-            self.lease = await self.state.residency.acquire(slot.engine, target.adapter)
+            lease_span = self.span.start_child("lease") if self.span is not None else None
+            try:
+                self.lease = await self.state.residency.acquire(slot.engine, target.adapter)
+            except BaseException as exc:
+                if lease_span is not None:
+                    lease_span.end(getattr(exc, "code", None) or type(exc).__name__)
+                raise
+            if lease_span is not None:
+                lease_span.set(**{"lora_gateway.adapter": target.adapter.engine_name})
+                lease_span.end()
         return slot.engine
 
     async def _forward(
@@ -172,6 +266,12 @@ class Call:
         receive: Receive | None,
     ) -> Response:
         state, requested = self.state, parsed.model
+        if self.span is not None:  # vLLM's own spans (--otlp-traces-endpoint) join the request's trace
+            if self.upstream_span is not None:  # a retry: the first try's span ends here
+                self.upstream_span.end("retried")
+            self.upstream_span = self.span.start_child("upstream")
+            self.upstream_span.set(**{"server.address": self.engine, "url.full": url})
+            headers = {**headers, **self.upstream_span.traceparent()}
         if parsed.stream:
             return await forward_stream(
                 state.client,
@@ -180,10 +280,14 @@ class Call:
                 headers,
                 SseRewriter(target.engine_model, requested, drop_usage=drop_usage),
                 self.finish,
-                on_first_chunk=state.metrics.child(state.metrics.ttft, self.label).observe,
+                on_first_chunk=self._first_chunk,
             )
         rewrite = model_rewrite(target.engine_model, requested) if target.engine_model != requested else None
         return await forward_json(state.client, url, body, headers, rewrite, self.finish, receive)
+
+    def _first_chunk(self, seconds: float) -> None:
+        self.ttft = seconds
+        self.state.metrics.child(self.state.metrics.ttft, self.label).observe(seconds)
 
     def let_go(self, *, aborted: bool = False) -> None:
         """Give back what this request holds on its engine (before a retry, or when it ends). `aborted`:
@@ -204,12 +308,86 @@ class Call:
             return
         self.finished = True
         self.let_go(aborted=error in ABORTED)
-        metrics, route, label = self.state.metrics, self.route, self.label
+        state, route, label = self.state, self.route, self.label
+        latency = time.perf_counter() - self.started
+        metrics = state.metrics
         metrics.child(metrics.in_flight, label).dec()
         metrics.child(metrics.requests, route, label, str(status)).inc()
         if error:
             metrics.child(metrics.errors, route, label, error).inc()
-        metrics.child(metrics.latency, route, label).observe(time.perf_counter() - self.started)
-        if usage:
-            metrics.child(metrics.prompt_tokens, label).inc(usage.get("prompt_tokens") or 0)
-            metrics.child(metrics.completion_tokens, label).inc(usage.get("completion_tokens") or 0)
+        metrics.child(metrics.latency, route, label).observe(latency)
+        prompt = int((usage or {}).get("prompt_tokens") or 0)
+        completion = int((usage or {}).get("completion_tokens") or 0)
+        if prompt or completion:
+            metrics.child(metrics.prompt_tokens, label).inc(prompt)
+            metrics.child(metrics.completion_tokens, label).inc(completion)
+        key = self.key
+        key_label = key.name if key is not None else NO_KEY
+        metrics.child(metrics.key_requests, key_label, str(status)).inc()
+        if prompt or completion:
+            metrics.child(metrics.key_tokens, key_label, "prompt").inc(prompt)
+            metrics.child(metrics.key_tokens, key_label, "completion").inc(completion)
+        target = self.target
+        version = target.adapter.version if target is not None and target.adapter is not None else 0
+        if self.admission is not None:
+            state.limiter.release(self.admission)
+            if prompt or completion:
+                state.limiter.add_tokens(self.admission.key, prompt + completion)
+        if self.admitted and target is not None:
+            state.usage.add(key.name if key is not None else "", target.label, version, prompt, completion)
+        if state.access is not None:
+            state.access.info(
+                access_line(
+                    {
+                        "request_id": self.request_id,
+                        "route": route,
+                        "key": key.name if key is not None else None,
+                        "model": label,
+                        "version": version or None,
+                        "engine": self.engine,
+                        "status": status,
+                        "error": error,
+                        "stream": self.stream,
+                        "prompt_tokens": prompt if usage else None,
+                        "completion_tokens": completion if usage else None,
+                        "ttft_ms": round(self.ttft * 1000, 1) if self.ttft is not None else None,
+                        "latency_ms": round(latency * 1000, 1),
+                    }
+                )
+            )
+        if self.span is not None:
+            if self.upstream_span is not None:
+                self.upstream_span.end(error)
+            self.span.set(
+                **{
+                    "lora_gateway.key": key.name if key is not None else None,
+                    "lora_gateway.model": label,
+                    "lora_gateway.adapter_version": version or None,
+                    "lora_gateway.engine": self.engine,
+                    "lora_gateway.request_id": self.request_id,
+                    "gen_ai.usage.input_tokens": prompt if usage else None,
+                    "gen_ai.usage.output_tokens": completion if usage else None,
+                }
+            )
+            self.span.end(status, error)
+
+
+def cap_max_tokens(parsed: CompletionParams, payload: dict[str, Any], cap: int, key: str) -> bool:
+    """The key's `max_tokens`: a request asking for more is refused (400: no retry can succeed); one
+    asking for none gets the cap (the body changes: True)."""
+    asked = False
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = getattr(parsed, field, None)
+        if value is None:
+            continue
+        asked = True
+        if value > cap:
+            raise InvalidRequestError(
+                f"Invalid value for '{field}': {value}; the API key `{key}` allows at most {cap}.",
+                param=field,
+                code="max_tokens_over_key_limit",
+            )
+    if asked:
+        return False
+    payload["max_tokens"] = cap
+    return True

@@ -165,7 +165,20 @@ class AuthSettings(BaseModel):
         None, description="Bearer token for /admin routes. Unset: admin routes answer loopback clients only."
     )
     api_keys: list[ApiKey] = Field(
-        default_factory=list, description="Inference keys. Empty: inference routes are open."
+        default_factory=list,
+        description="Inference keys written in the config file (keys made through /admin/keys live in the "
+        "registry). While no key exists at all, inference routes are open.",
+    )
+    require_api_key: bool | None = Field(
+        None,
+        description="Do inference routes need a key? Unset: yes once any key was made (config or registry; "
+        "revoking them all does not open inference again). "
+        "true: always (no key yet: every request is refused); false: never (keys only label usage).",
+    )
+    key_hash_secret: SecretStr | None = Field(
+        None,
+        description="Secret the registry's API keys are hashed with (HMAC-SHA256); the same on every gateway "
+        "sharing the registry. Unset: a random one kept in the registry itself.",
     )
     insecure_admin: bool = Field(
         False,
@@ -218,6 +231,27 @@ class RegistrySettings(BaseModel):
     )
 
 
+class LimitsSettings(BaseModel):
+    """Where the per-key limits are counted (gateway/tenancy/limits.py)."""
+
+    redis_url: str | None = Field(
+        None,
+        description="redis://host:port/db: every gateway on this Redis shares one count per key. Unset: each "
+        "gateway (each `serve --workers` process) counts alone, so a limit is per process.",
+    )
+    redis_prefix: str = Field("lora-gateway:", description="Prefix of the counters' Redis keys.")
+    on_redis_error: Literal["allow", "deny"] = Field(
+        "allow",
+        description="Redis unreachable: allow (serve, unlimited, a warning in the log) or deny (503).",
+    )
+
+
+class UsageSettings(BaseModel):
+    flush_interval_s: float = Field(
+        5.0, gt=0, description="How often counted usage is written to the registry (and at shutdown)."
+    )
+
+
 class Settings(BaseSettings):
     """Everything the gateway reads at start."""
 
@@ -246,6 +280,11 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    usage: UsageSettings = Field(default_factory=UsageSettings)
+    access_log: bool = Field(
+        True, description="One JSON line per inference request on stdout (gateway/tenancy/access.py)."
+    )
     max_body_bytes: int = Field(8 * 1024 * 1024, description="Largest accepted request body (413 above).")
     max_admin_body_bytes: int = Field(
         64 * 1024,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -14,6 +15,10 @@ from gateway.residency import Residency
 from gateway.residency.shared import SharedUse
 from gateway.routing import Router
 from gateway.settings import Settings
+from gateway.tenancy.keys import Keyring
+from gateway.tenancy.limits import Limiter
+from gateway.tenancy.usage import UsageRecorder
+from gateway.tracing import Tracing
 
 
 @dataclass
@@ -25,7 +30,12 @@ class GatewayState:
     pool: EnginePool
     residency: Residency
     router: Router
+    keyring: Keyring  # the inference API keys (gateway/tenancy/keys.py)
+    limiter: Limiter  # their limits, counted here or in Redis
+    usage: UsageRecorder  # their usage, written to the registry in batches
     shared: SharedUse | None = None  # this gateway's adapter use, published for the others
+    tracing: Tracing | None = None  # OpenTelemetry, when the OTEL_* variables ask for it
+    access: logging.Logger | None = None  # the access log (gateway/tenancy/access.py)
     started_at: float = field(default_factory=time.time)
 
     @property

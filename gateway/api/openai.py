@@ -9,6 +9,7 @@ read the body (size-capped: 413) -> JSON (400) -> validate (400, `param` names t
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import APIRouter, Request, Security
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 from gateway.api.body import parse_json, read_body
 from gateway.api.responses import API_KEY, ChatCompletion, Completion, ModelList, errors, ok
 from gateway.api.schemas import ChatCompletionRequest, CompletionParams, CompletionRequest
-from gateway.auth import api_key, check_model_allowed, may_use
+from gateway.auth import api_key, may_use
 from gateway.errors import InvalidRequestError, ModelNotFoundError, validation_error
 from gateway.serving import Call
 from gateway.settings import Settings
@@ -43,7 +44,7 @@ router.add_route("/v1/completions", completions, methods=["POST"])
 # The same two, declared again for the OpenAPI schema (/docs, /openapi.json) only: the Starlette routes
 # above come first in the routing table, so these never serve a request. Their signatures give the
 # document the request bodies; `responses` gives it every status `_complete` can answer.
-_INFERENCE_ERRORS = errors(400, 401, 403, 404, 413, 502, 503, 504)
+_INFERENCE_ERRORS = errors(400, 401, 403, 404, 413, 429, 502, 503, 504)
 
 
 async def _chat_completions_schema(body: ChatCompletionRequest) -> None:
@@ -88,7 +89,7 @@ router.add_api_route(
 async def list_models(request: Request) -> JSONResponse:
     """The base model, each adapter by name (its current version), and each version as `name@N`."""
     state: GatewayState = request.app.state.gateway
-    key = api_key(request, state.settings)
+    key = api_key(request, state.keyring)
     created = int(state.started_at)
     base = state.registry.base_name
     data: list[dict[str, Any]] = []
@@ -148,8 +149,9 @@ def check_limits(parsed: CompletionParams, settings: Settings) -> None:
 
 async def _complete(request: Request, route: str, schema: type[CompletionParams]) -> Response:
     state: GatewayState = request.app.state.gateway
-    async with Call(state, route) as call:
-        key = api_key(request, state.settings)
+    async with Call(state, route, request.headers) as call:
+        key = api_key(request, state.keyring)
+        call.key = key
         body = await read_body(request, state.settings.max_body_bytes)
         payload = parse_json(body)
         target = call.resolve(payload)
@@ -157,6 +159,6 @@ async def _complete(request: Request, route: str, schema: type[CompletionParams]
         check_limits(parsed, state.settings)
         if target is None:
             raise ModelNotFoundError(parsed.model)
-        check_model_allowed(key, target.label)
-        request_id = request.headers.get("x-request-id")
-        return await call.send(target, parsed, payload, body, request_id, request.receive)
+        if await call.admit(key, target, parsed, payload):
+            body = json.dumps(payload).encode()
+        return await call.send(target, parsed, payload, body, request.receive)

@@ -39,7 +39,10 @@ ERROR_DESCRIPTIONS: dict[int | str, str] = {
     403: "Not allowed: an API key calling a model its globs do not match, an adapter source outside the "
     "allowed roots, or an admin route called by a non-local client while no admin token is set.",
     404: "No such model, adapter, version or source.",
+    409: "Conflict: a name already taken (an API key), or a key the config file owns.",
     413: "The request body, or the adapter to register, is over its size limit.",
+    429: "The API key's requests or tokens per minute, or its concurrent requests, are used up "
+    "(`param` names the limit); Retry-After says when to try again.",
     500: "Internal gateway error.",
     502: "The engine failed (its own 5xx) or the connection to it failed.",
     503: "No engine can take the request now (none ready, all busy, the adapter still loading); Retry-After "
@@ -60,7 +63,7 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     wanted: tuple[int | str, ...] = (*statuses, 500, "4XX")
     for status in wanted:
         documented[status] = {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status]}
-        if status == 503:
+        if status in (429, 503):
             documented[status]["headers"] = _RETRY_AFTER
     return documented
 

@@ -2,7 +2,8 @@
 
     PostgresStore("postgresql://user:secret@db:5432/lora_gateway")
 
-The same tables as SQLite's (`adapters`, `versions`, `registry_meta`, `schema_version`), created or
+The same tables as SQLite's (`adapters`, `versions`, `registry_meta`, `schema_version`, `adapter_uses`,
+`api_keys`, `usage`, `registry_settings`), created or
 migrated on open under a transaction-level advisory lock, so gateways starting together migrate once.
 Give the registry its own database (or its own schema: `?options=-csearch_path%3Dlora_gateway`).
 Needs PostgreSQL 13 or newer and `psycopg` 3 with `psycopg_pool` (the `postgres` extra).
@@ -39,16 +40,27 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from gateway.registry.store import (
+    KEY_COLUMNS,
     READY,
     Adapter,
     AdapterUse,
     AdapterVersion,
+    KeyExistsError,
+    KeyRecord,
     RegistryError,
+    UsageRow,
     adapter_from_row,
     check_new_version,
+    key_from_row,
+    key_not_found,
+    key_row,
+    key_update_values,
     require_listed,
     require_ready,
     upsert_uses_sql,
+    usage_query,
+    usage_rows,
+    usage_sql,
     use_rows,
     version_from_row,
 )
@@ -103,6 +115,36 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 seen_at DOUBLE PRECISION NOT NULL,
                 PRIMARY KEY (engine, adapter, gateway)
             )""",
+        ],
+    ),
+    (
+        3,
+        [
+            """CREATE TABLE api_keys (
+                name TEXT PRIMARY KEY,
+                key_hash TEXT NOT NULL,
+                prefix TEXT NOT NULL,
+                models TEXT NOT NULL,
+                limits TEXT NOT NULL,
+                expires_at DOUBLE PRECISION,
+                created_at DOUBLE PRECISION NOT NULL,
+                revoked_at DOUBLE PRECISION,
+                rotated_at DOUBLE PRECISION,
+                previous_hash TEXT,
+                previous_until DOUBLE PRECISION
+            )""",
+            """CREATE TABLE usage (
+                key TEXT NOT NULL,
+                model TEXT NOT NULL,
+                version INTEGER NOT NULL,
+                hour BIGINT NOT NULL,
+                requests BIGINT NOT NULL,
+                prompt_tokens BIGINT NOT NULL,
+                completion_tokens BIGINT NOT NULL,
+                PRIMARY KEY (key, model, version, hour)
+            )""",
+            "CREATE INDEX usage_by_hour ON usage (hour)",
+            "CREATE TABLE registry_settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
         ],
     ),
 ]
@@ -352,6 +394,101 @@ class PostgresStore:
     def forget_uses(self, gateway: str) -> None:
         with self._pool.connection() as conn:
             conn.execute("DELETE FROM adapter_uses WHERE gateway = %s", (gateway,))
+
+    # -- API keys (registry changes: the counter moves) and usage (not: it stays) -------------------
+
+    def create_key(self, record: KeyRecord) -> KeyRecord:
+        """A new key; a revoked key's name may be reused (its row is replaced), a live one's not."""
+        columns = ", ".join(KEY_COLUMNS)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in KEY_COLUMNS[1:])
+        marks = ", ".join(["%s"] * len(KEY_COLUMNS))
+        with self._write() as c:
+            row = c.execute(
+                f"INSERT INTO api_keys ({columns}) VALUES ({marks})"
+                f" ON CONFLICT (name) DO UPDATE SET {updates}"
+                " WHERE api_keys.revoked_at IS NOT NULL RETURNING name",
+                key_row(record),
+            ).fetchone()
+            if row is None:
+                raise KeyExistsError(f"An API key named {record.name!r} exists.", "key_exists", "name")
+        return record
+
+    def update_key(self, name: str, **fields: Any) -> KeyRecord:
+        values = key_update_values(fields)
+        with self._write() as c:
+            self._live_key(c, name, lock=True)
+            if values:
+                sets = ", ".join(f"{column} = %s" for column in values)
+                c.execute(f"UPDATE api_keys SET {sets} WHERE name = %s", (*values.values(), name))
+            return self._live_key(c, name)
+
+    def rotate_key(self, name: str, *, key_hash: str, prefix: str, grace_s: float) -> KeyRecord:
+        """A new secret; the old one stays valid `grace_s` more seconds (0: not at all)."""
+        now = self._clock()
+        with self._write() as c:
+            old = self._live_key(c, name, lock=True)
+            c.execute(
+                "UPDATE api_keys SET key_hash = %s, prefix = %s, rotated_at = %s, previous_hash = %s,"
+                " previous_until = %s WHERE name = %s",
+                (
+                    key_hash,
+                    prefix,
+                    now,
+                    old.key_hash if grace_s > 0 else None,
+                    now + grace_s if grace_s > 0 else None,
+                    name,
+                ),
+            )
+            return self._live_key(c, name)
+
+    def revoke_key(self, name: str) -> KeyRecord:
+        with self._write() as c:
+            self._live_key(c, name, lock=True)
+            row = c.execute(
+                "UPDATE api_keys SET revoked_at = %s WHERE name = %s RETURNING *", (self._clock(), name)
+            ).fetchone()
+            assert row is not None
+            return key_from_row(row)
+
+    def list_keys(self, *, include_revoked: bool = False) -> list[KeyRecord]:
+        where = "" if include_revoked else " WHERE revoked_at IS NULL"
+        return [key_from_row(r) for r in self._one(f"SELECT * FROM api_keys{where} ORDER BY name")]
+
+    def add_usage(self, rows: Sequence[UsageRow]) -> None:
+        if rows:
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                cur.executemany(usage_sql("%s"), usage_rows(rows))
+
+    def read_usage(
+        self,
+        *,
+        key: str | None = None,
+        model: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+    ) -> list[UsageRow]:
+        sql, params = usage_query("%s", key, model, since, until)
+        return [UsageRow(**r) for r in self._one(sql, tuple(params))]
+
+    def setting(self, name: str, default: str) -> str:
+        """The value stored under `name`; the first caller stores `default` (later ones read it)."""
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute(
+                "INSERT INTO registry_settings (name, value) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
+                (name, default),
+            )
+            row = conn.execute("SELECT value FROM registry_settings WHERE name = %s", (name,)).fetchone()
+            assert row is not None
+            return str(row["value"])
+
+    def _live_key(self, c: Conn, name: str, *, lock: bool = False) -> KeyRecord:
+        row = c.execute(
+            "SELECT * FROM api_keys WHERE name = %s AND revoked_at IS NULL" + (" FOR UPDATE" if lock else ""),
+            (name,),
+        ).fetchone()
+        if row is None:
+            raise key_not_found(name)
+        return key_from_row(row)
 
     def _load(self, c: Conn, name: str, *, lock: bool = False) -> Adapter | None:
         row = c.execute(

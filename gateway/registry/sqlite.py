@@ -16,18 +16,30 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from gateway.registry.store import (
+    KEY_COLUMNS,
     READY,
     Adapter,
     AdapterUse,
     AdapterVersion,
+    KeyExistsError,
+    KeyRecord,
     RegistryError,
+    UsageRow,
     adapter_from_row,
     check_new_version,
+    key_from_row,
+    key_not_found,
+    key_row,
+    key_update_values,
     require_listed,
     require_ready,
     upsert_uses_sql,
+    usage_query,
+    usage_rows,
+    usage_sql,
     use_rows,
     version_from_row,
 )
@@ -85,6 +97,36 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 seen_at REAL NOT NULL,
                 PRIMARY KEY (engine, adapter, gateway)
             )""",
+        ],
+    ),
+    (
+        4,
+        [
+            """CREATE TABLE api_keys (
+                name TEXT PRIMARY KEY,
+                key_hash TEXT NOT NULL,
+                prefix TEXT NOT NULL,
+                models TEXT NOT NULL,
+                limits TEXT NOT NULL,
+                expires_at REAL,
+                created_at REAL NOT NULL,
+                revoked_at REAL,
+                rotated_at REAL,
+                previous_hash TEXT,
+                previous_until REAL
+            )""",
+            """CREATE TABLE usage (
+                key TEXT NOT NULL,
+                model TEXT NOT NULL,
+                version INTEGER NOT NULL,
+                hour INTEGER NOT NULL,
+                requests INTEGER NOT NULL,
+                prompt_tokens INTEGER NOT NULL,
+                completion_tokens INTEGER NOT NULL,
+                PRIMARY KEY (key, model, version, hour)
+            )""",
+            "CREATE INDEX usage_by_hour ON usage (hour)",
+            "CREATE TABLE registry_settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
         ],
     ),
 ]
@@ -336,7 +378,91 @@ class SqliteStore:
         with self._tx(counted=False) as c:
             c.execute("DELETE FROM adapter_uses WHERE gateway = ?", (gateway,))
 
+    # -- API keys (registry changes: the token moves) and usage (not: the token stays) ----------
+
+    def create_key(self, record: KeyRecord) -> KeyRecord:
+        """A new key; a revoked key's name may be reused (its row is replaced), a live one's not."""
+        with self._tx() as c:
+            row = c.execute("SELECT revoked_at FROM api_keys WHERE name = ?", (record.name,)).fetchone()
+            if row is not None and row["revoked_at"] is None:
+                raise KeyExistsError(f"An API key named {record.name!r} exists.", "key_exists", "name")
+            marks = ", ".join("?" * len(KEY_COLUMNS))
+            c.execute(
+                f"INSERT OR REPLACE INTO api_keys ({', '.join(KEY_COLUMNS)}) VALUES ({marks})",
+                key_row(record),
+            )
+        return record
+
+    def update_key(self, name: str, **fields: Any) -> KeyRecord:
+        values = key_update_values(fields)
+        with self._tx() as c:
+            self._live_key(c, name)
+            if values:
+                sets = ", ".join(f"{column} = ?" for column in values)
+                c.execute(f"UPDATE api_keys SET {sets} WHERE name = ?", (*values.values(), name))
+            return self._live_key(c, name)
+
+    def rotate_key(self, name: str, *, key_hash: str, prefix: str, grace_s: float) -> KeyRecord:
+        """A new secret; the old one stays valid `grace_s` more seconds (0: not at all)."""
+        now = self._clock()
+        with self._tx() as c:
+            old = self._live_key(c, name)
+            c.execute(
+                "UPDATE api_keys SET key_hash = ?, prefix = ?, rotated_at = ?, previous_hash = ?,"
+                " previous_until = ? WHERE name = ?",
+                (
+                    key_hash,
+                    prefix,
+                    now,
+                    old.key_hash if grace_s > 0 else None,
+                    now + grace_s if grace_s > 0 else None,
+                    name,
+                ),
+            )
+            return self._live_key(c, name)
+
+    def revoke_key(self, name: str) -> KeyRecord:
+        with self._tx() as c:
+            self._live_key(c, name)
+            c.execute("UPDATE api_keys SET revoked_at = ? WHERE name = ?", (self._clock(), name))
+            return key_from_row(c.execute("SELECT * FROM api_keys WHERE name = ?", (name,)).fetchone())
+
+    def list_keys(self, *, include_revoked: bool = False) -> list[KeyRecord]:
+        where = "" if include_revoked else " WHERE revoked_at IS NULL"
+        with self._tx(write=False) as c:
+            rows = c.execute(f"SELECT * FROM api_keys{where} ORDER BY name").fetchall()
+        return [key_from_row(r) for r in rows]
+
+    def add_usage(self, rows: Sequence[UsageRow]) -> None:
+        if rows:
+            with self._tx(counted=False) as c:
+                c.executemany(usage_sql("?"), usage_rows(rows))
+
+    def read_usage(
+        self,
+        *,
+        key: str | None = None,
+        model: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+    ) -> list[UsageRow]:
+        sql, params = usage_query("?", key, model, since, until)
+        with self._tx(write=False) as c:
+            return [UsageRow(**dict(r)) for r in c.execute(sql, params).fetchall()]
+
+    def setting(self, name: str, default: str) -> str:
+        """The value stored under `name`; the first caller stores `default` (later ones read it)."""
+        with self._tx(counted=False) as c:
+            c.execute("INSERT OR IGNORE INTO registry_settings (name, value) VALUES (?, ?)", (name, default))
+            return str(c.execute("SELECT value FROM registry_settings WHERE name = ?", (name,)).fetchone()[0])
+
     # -- helpers -------------------------------------------------------------------------------
+
+    def _live_key(self, c: sqlite3.Connection, name: str) -> KeyRecord:
+        row = c.execute("SELECT * FROM api_keys WHERE name = ? AND revoked_at IS NULL", (name,)).fetchone()
+        if row is None:
+            raise key_not_found(name)
+        return key_from_row(row)
 
     def _load(self, c: sqlite3.Connection, name: str) -> Adapter | None:
         row = c.execute("SELECT * FROM adapters WHERE name = ?", (name,)).fetchone()

@@ -23,10 +23,19 @@ Beside the records, one table that is not history: `adapter_uses`, what each gat
 registry is using on each engine (`AdapterUse`: requests in flight, last use, when it said so), written
 by `gateway/residency/shared.py` in batches and read before evicting. Its writes do not change the
 token (they are not registry changes).
+
+The tenants' side (gateway/tenancy/): `api_keys` (`KeyRecord`: a key's name, the keyed hash of its
+secret, never the secret, its models, limits and expiry; revoked rows stay, so a name's history stays
+readable; rotation keeps the previous hash until its grace period ends), `usage` (`UsageRow`: requests
+and tokens per key x model x version x hour, added to in batches) and `registry_settings` (named values
+the gateways sharing the registry must agree on, such as the check of the key-hashing secret). Key writes
+change the token (every gateway then re-reads the keys: a revocation reaches them all within
+`registry.poll_interval_s`); usage writes do not.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from collections.abc import Mapping, Sequence
@@ -108,6 +117,36 @@ class AdapterUse:
     seen_at: float  # time.time() when the gateway wrote this row
 
 
+@dataclass(frozen=True)
+class KeyRecord:
+    """One inference API key as stored: the keyed hash of its secret (gateway/tenancy/keys.py), never it."""
+
+    name: str
+    key_hash: str  # hex HMAC-SHA256 of the secret
+    prefix: str  # the secret's first characters, to tell keys apart in listings
+    models: tuple[str, ...]  # names or globs it may call
+    limits: dict[str, int]  # KeyLimits' set fields
+    expires_at: float | None
+    created_at: float
+    revoked_at: float | None = None
+    rotated_at: float | None = None
+    previous_hash: str | None = None  # the secret before the last rotation, valid until previous_until
+    previous_until: float | None = None
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """What one key spent on one model (adapter version; 0: the base model) in one hour (epoch seconds)."""
+
+    key: str  # the key's name; "" when inference is open
+    model: str  # the adapter's name, or the base model's
+    version: int
+    hour: int
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
 class RegistryStore(Protocol):
     def add_version(
         self,
@@ -135,6 +174,21 @@ class RegistryStore(Protocol):
     def publish_uses(self, uses: Sequence[AdapterUse], *, expire_before: float) -> None: ...
     def read_uses(self, engine: str) -> list[AdapterUse]: ...
     def forget_uses(self, gateway: str) -> None: ...
+    def create_key(self, record: KeyRecord) -> KeyRecord: ...
+    def update_key(self, name: str, **fields: Any) -> KeyRecord: ...
+    def rotate_key(self, name: str, *, key_hash: str, prefix: str, grace_s: float) -> KeyRecord: ...
+    def revoke_key(self, name: str) -> KeyRecord: ...
+    def list_keys(self, *, include_revoked: bool = False) -> list[KeyRecord]: ...
+    def add_usage(self, rows: Sequence[UsageRow]) -> None: ...
+    def read_usage(
+        self,
+        *,
+        key: str | None = None,
+        model: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+    ) -> list[UsageRow]: ...
+    def setting(self, name: str, default: str) -> str: ...
     def close(self) -> None: ...
 
 
@@ -150,6 +204,97 @@ def upsert_uses_sql(placeholder: str) -> str:
 
 def use_rows(uses: Sequence[AdapterUse]) -> list[tuple[str, str, str, int, float, float]]:
     return [(u.engine, u.adapter, u.gateway, u.in_flight, u.last_used, u.seen_at) for u in uses]
+
+
+KEY_COLUMNS = (
+    "name",
+    "key_hash",
+    "prefix",
+    "models",
+    "limits",
+    "expires_at",
+    "created_at",
+    "revoked_at",
+    "rotated_at",
+    "previous_hash",
+    "previous_until",
+)
+#: What `update_key` may change.
+KEY_UPDATABLE = frozenset({"models", "limits", "expires_at"})
+
+
+class KeyExistsError(AdapterRefusedError):
+    """A live key has this name already: `key_exists` (409)."""
+
+
+def key_not_found(name: str) -> RegistryNotFoundError:
+    return RegistryNotFoundError(f"No API key named {name!r}.", "key_not_found", "name")
+
+
+def key_row(record: KeyRecord) -> tuple[Any, ...]:
+    """`record` as the values of KEY_COLUMNS (models and limits as JSON text)."""
+    values = {
+        **record.__dict__,
+        "models": json.dumps(list(record.models)),
+        "limits": json.dumps(record.limits),
+    }
+    return tuple(values[c] for c in KEY_COLUMNS)
+
+
+def key_from_row(row: sqlite3.Row | Mapping[str, Any]) -> KeyRecord:
+    r = dict(row)
+    r["models"] = tuple(json.loads(r["models"]))
+    r["limits"] = json.loads(r["limits"])
+    return KeyRecord(**{c: r[c] for c in KEY_COLUMNS})
+
+
+def key_update_values(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """`update_key`'s fields as column values; refuses a field that is not KEY_UPDATABLE."""
+    unknown = set(fields) - KEY_UPDATABLE
+    if unknown:
+        raise ValueError(f"not updatable: {sorted(unknown)}")
+    out = dict(fields)
+    if "models" in out:
+        out["models"] = json.dumps(list(out["models"]))
+    if "limits" in out:
+        out["limits"] = json.dumps(out["limits"])
+    return out
+
+
+def usage_sql(placeholder: str) -> str:
+    """Add a batch to `usage` (both backends; `?` for SQLite, `%s` for psycopg)."""
+    values = ", ".join([placeholder] * 7)
+    return (
+        "INSERT INTO usage (key, model, version, hour, requests, prompt_tokens, completion_tokens)"
+        f" VALUES ({values}) ON CONFLICT (key, model, version, hour) DO UPDATE SET"
+        " requests = usage.requests + excluded.requests,"
+        " prompt_tokens = usage.prompt_tokens + excluded.prompt_tokens,"
+        " completion_tokens = usage.completion_tokens + excluded.completion_tokens"
+    )
+
+
+def usage_rows(rows: Sequence[UsageRow]) -> list[tuple[Any, ...]]:
+    return [
+        (r.key, r.model, r.version, r.hour, r.requests, r.prompt_tokens, r.completion_tokens) for r in rows
+    ]
+
+
+def usage_query(
+    placeholder: str, key: str | None, model: str | None, since: int | None, until: int | None
+) -> tuple[str, list[Any]]:
+    """The SELECT of `read_usage`: rows of hours in [since, until), oldest first."""
+    where, params = [], []
+    for column, op, value in (
+        ("key", "=", key),
+        ("model", "=", model),
+        ("hour", ">=", since),
+        ("hour", "<", until),
+    ):
+        if value is not None:
+            where.append(f"{column} {op} {placeholder}")
+            params.append(value)
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    return f"SELECT * FROM usage{clause} ORDER BY hour, key, model, version", params
 
 
 def check_new_version(name: str, digest: str) -> None:
