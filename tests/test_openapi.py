@@ -74,11 +74,13 @@ def test_admin_routes_document_credentials_bodies_and_answers(tmp_path: Path) ->
             continue
         assert op["security"] == [{"AdminToken": []}], (method, path)
         assert {"401", "403"} <= set(op["responses"]), (method, path)
-        success = op["responses"]["201" if (method, path) == ("post", "/admin/adapters") else "200"]
+        created = (method, path) in (("post", "/admin/adapters"), ("post", "/admin/keys"))
+        success = op["responses"]["201" if created else "200"]
         assert "$ref" in success["content"]["application/json"]["schema"], (method, path)
         if "{name}" in path:
             assert "404" in op["responses"], (method, path)
-        if method in ("post", "put") and path in ("/admin/adapters", "/admin/adapters/{name}/alias"):
+        bodied = ("/admin/adapters", "/admin/adapters/{name}/alias", "/admin/keys", "/admin/keys/{name}")
+        if method in ("post", "put", "patch") and path in bodied:
             assert {"400", "413"} <= set(op["responses"]), (method, path)
             body = op["requestBody"]["content"]["application/json"]["schema"]
             assert body["additionalProperties"] is False and body["required"], (method, path)

@@ -223,7 +223,7 @@ def test_sqlite_v1_file_is_migrated(tmp_path: Path) -> None:
     conn.commit()
     conn.close()
     with SqliteStore(db) as s:
-        assert s.schema_version() == SQLITE_SCHEMA_VERSION == 3
+        assert s.schema_version() == SQLITE_SCHEMA_VERSION == 4
         assert resolve(s, "sql").digest == digest(1)
         token = s.change_token()
         add(s, "sql", 2)

@@ -127,7 +127,11 @@ def test_keys_limits_usage_and_access_log_across_two_gateways(
         r = send(a, secret, body(base))
         assert r.status_code == 403 and r.json()["error"]["param"] == "model"
         # The other gateway learns of it within its poll interval.
-        until(lambda: httpx.get(b + "/v1/models", headers={"authorization": f"Bearer {secret}"}).status_code == 200)
+        until(
+            lambda: (
+                httpx.get(b + "/v1/models", headers={"authorization": f"Bearer {secret}"}).status_code == 200
+            )
+        )
         assert send(b, secret, body("t-sql")).status_code == 200
 
         # One shared limit: RPM per minute across both gateways (2 used above).
@@ -146,7 +150,11 @@ def test_keys_limits_usage_and_access_log_across_two_gateways(
         # A second key, no limits, streams through the SDK: usage from the stream's usage event.
         r = httpx.post(a + "/admin/keys", json={"name": "team-all"}, headers=admin)
         other = r.json()["key"]
-        until(lambda: httpx.get(b + "/v1/models", headers={"authorization": f"Bearer {other}"}).status_code == 200)
+        until(
+            lambda: (
+                httpx.get(b + "/v1/models", headers={"authorization": f"Bearer {other}"}).status_code == 200
+            )
+        )
         for url in (a, b):
             sdk = openai.OpenAI(base_url=url + "/v1", api_key=other, max_retries=0)
             stream = sdk.completions.create(
@@ -175,7 +183,10 @@ def test_keys_limits_usage_and_access_log_across_two_gateways(
         rows = httpx.get(b + "/admin/usage", headers=admin).json()["data"]
         totals = {k: sum(r[k] for r in rows) for k in usage}
         assert totals == usage, (rows, usage)
-        assert {(r["key"], r["model"], r["version"]) for r in rows} == {("team-sql", "t-sql", 1), ("team-all", "t-sql", 1)}
+        assert {(r["key"], r["model"], r["version"]) for r in rows} == {
+            ("team-sql", "t-sql", 1),
+            ("team-all", "t-sql", 1),
+        }
 
     # One access line per request: the polls included ("poll" ids, any number), every other id exactly once.
     ids = [line["request_id"] for line in access_lines]

@@ -164,7 +164,7 @@ def _limits(limits: KeyLimits) -> dict[str, int]:
     openapi_extra=_documented(CreateKey),
     responses={
         **ok(KeyCreated, "The new key, with its secret (shown once).", status=201),
-        **errors(400, 409),
+        **errors(400, 409, 413),
     },
 )
 async def create_key(request: Request) -> JSONResponse:
@@ -210,7 +210,7 @@ async def show_key(name: str, request: Request) -> dict[str, Any]:
     "/keys/{name}",
     response_model=None,
     openapi_extra=_documented(UpdateKey),
-    responses={**ok(KeyOut, "The key, changed."), **errors(400, 404, 409)},
+    responses={**ok(KeyOut, "The key, changed."), **errors(400, 404, 409, 413)},
 )
 async def update_key(name: str, request: Request) -> dict[str, Any]:
     body = await _body(request, UpdateKey)
@@ -236,7 +236,7 @@ async def update_key(name: str, request: Request) -> dict[str, Any]:
     "/keys/{name}/rotate",
     response_model=None,
     openapi_extra=_documented(RotateKey),
-    responses={**ok(KeyCreated, "The key with its new secret (shown once)."), **errors(400, 404, 409)},
+    responses={**ok(KeyCreated, "The key with its new secret (shown once)."), **errors(400, 404, 409, 413)},
 )
 async def rotate_key(name: str, request: Request) -> dict[str, Any]:
     body = await _body(request, RotateKey)
