@@ -284,3 +284,6 @@ def upstream_process(*args: str) -> Iterator[UpstreamProcess]:
 
 # A real PostgreSQL server (tests/pg.py), started only when a test asks for it.
 from tests.pg import postgres_url  # noqa: E402, F401
+
+# A real Redis (tests/redis_server.py), started only when a test asks for it.
+from tests.redis_server import redis_url  # noqa: E402, F401
