@@ -10,9 +10,10 @@ runs uvicorn without proxy headers, and refuses to listen on a non-loopback host
 unless `auth.insecure_admin` says so (`admin_exposure_problem`).
 
 Inference routes: open until an API key exists (in the config file, or made through /admin/keys; revoking
-every key does not open them again), unless `auth.require_api_key` says otherwise. Otherwise a valid key is required (401: missing, unknown, revoked,
-`api_key_expired`), and a key may call only the models its globs match (403); the base model is matched by
-its own name. Keys are checked by their keyed hash (gateway/tenancy/keys.py).
+every key does not open them again), unless `auth.require_api_key` says otherwise. Then a valid key is
+required (401: missing, unknown, revoked, `api_key_expired`), and a key may call only the models its
+globs match (403); the base model is matched by its own name. Keys are checked by their keyed hash
+(gateway/tenancy/keys.py).
 """
 
 from __future__ import annotations

@@ -190,7 +190,7 @@ def test_keys_limits_usage_and_access_log_across_two_gateways(
 
     # One access line per request: the polls included ("poll" ids, any number), every other id exactly once.
     ids = [line["request_id"] for line in access_lines]
-    for url, rid in sent:
+    for _, rid in sent:
         if rid == "sdk":
             continue
         assert ids.count(rid) == 1, (rid, ids.count(rid))
