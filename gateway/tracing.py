@@ -25,6 +25,7 @@ CPU sampled, a few µs when the sampler drops it; nothing when tracing is off (t
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -54,7 +55,7 @@ def _exporter_names(environ: Mapping[str, str]) -> list[str]:
 
 def _exporter(name: str, environ: Mapping[str, str]) -> SpanExporter:
     if name == "console":
-        return ConsoleSpanExporter()
+        return ConsoleSpanExporter(out=sys.stdout)  # today's stdout (its default is the one at import)
     if name != "otlp":
         raise ValueError(f"OTEL_TRACES_EXPORTER: unknown exporter {name!r} (otlp, console or none)")
     protocol = (
@@ -75,8 +76,10 @@ def _exporter(name: str, environ: Mapping[str, str]) -> SpanExporter:
     return OTLPSpanExporter()
 
 
-def configure_tracing(environ: Mapping[str, str] = os.environ) -> Tracing | None:
-    """A `Tracing` when the environment asks for traces, else None (see the module doc)."""
+def configure_tracing() -> Tracing | None:
+    """A `Tracing` when the environment asks for traces, else None (see the module doc). Reads os.environ,
+    as the SDK's exporters, sampler and batching do."""
+    environ = os.environ
     names = _exporter_names(environ)
     if not names:
         return None

@@ -108,6 +108,7 @@ class FakeEngineClient:
         self.engines = engines  # base URL ("http://host:port") -> its fake vLLM
         self.responses: list[FakeResponse] = []
         self.keys: dict[str, str | None] = {}  # base URL -> the key the gateway gave it (`authorize`)
+        self.sent_headers: list[dict[str, str]] = []  # the headers of every inference call, in order
 
     def _engine(self, url: str) -> tuple[FakeVllm, str]:
         parts = urlsplit(url)
@@ -139,6 +140,8 @@ class FakeEngineClient:
         what: str = "engine",
     ) -> FakeResponse:
         vllm, path = self._engine(url)
+        if path.endswith("completions"):
+            self.sent_headers.append(dict(headers or {}))
         if path == "/metrics":
             text = "vllm:num_requests_waiting 0\nvllm:num_requests_running 0\n"
             return FakeResponse(200, text.encode(), None, vllm)

@@ -82,6 +82,7 @@ def test_keys_limits_usage_and_access_log_across_two_gateways(
     database = new_database(postgres_url)
     root = tmp_path / "src"
     write_adapter(tiny_cache["base"], root / "t-sql", seed=8100)
+    prefix = f"t{time.time_ns()}:"  # both gateways count in the same keys
 
     def settings(name: str):  # noqa: ANN202
         registry = {"url": database, "store_dir": str(tmp_path / "store"), "poll_interval_s": POLL_S}
@@ -92,7 +93,7 @@ def test_keys_limits_usage_and_access_log_across_two_gateways(
             root,
             registry=registry,
             auth={"admin_token": "adm"},
-            limits={"redis_url": redis_url, "redis_prefix": f"t{time.time_ns()}:"},
+            limits={"redis_url": redis_url, "redis_prefix": prefix},
         )
 
     admin = {"authorization": "Bearer adm"}

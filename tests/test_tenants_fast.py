@@ -159,8 +159,14 @@ def test_key_admin_refusals(make_gateway: MakeGateway) -> None:
     assert gw.chat("from-the-file").status_code == 200, "config keys keep working beside runtime ones"
 
 
-def test_requests_per_minute_429_with_retry_after(make_gateway: MakeGateway) -> None:
-    gw = make_gateway()
+@pytest.mark.parametrize("counted", ["here", "redis"])
+def test_requests_per_minute_429_with_retry_after(
+    make_gateway: MakeGateway, counted: str, request: pytest.FixtureRequest
+) -> None:
+    limits = {}
+    if counted == "redis":
+        limits = {"redis_url": request.getfixturevalue("redis_url"), "redis_prefix": f"f{time.time_ns()}:"}
+    gw = make_gateway(limits=limits)
     secret = gw.create("team-a", limits={"requests_per_minute": 3})
     if time.time() % 60 > 55:  # the window is a calendar minute: not at its very end
         time.sleep(60 - time.time() % 60 + 0.1)
