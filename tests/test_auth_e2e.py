@@ -20,6 +20,7 @@ from starlette.requests import Request
 from gateway import auth
 from gateway.errors import PermissionDeniedError
 from gateway.settings import Settings
+from gateway.tenancy.keys import Keyring
 from tests.conftest import GatewayProcess, serve_app
 from tests.registry_helpers import BASE, complete, register, registry_settings, write_adapter
 from tests.test_errors_e2e import assert_openai_error
@@ -79,7 +80,9 @@ def test_admin_token_works_from_anywhere(secured: str) -> None:
 
 def test_admin_token_is_compared_in_constant_time() -> None:
     assert "hmac.compare_digest" in inspect.getsource(auth.require_admin)
-    assert "hmac.compare_digest" in inspect.getsource(auth.api_key)
+    # API keys are looked up by their keyed hash: no secret is compared byte by byte at all.
+    assert "self.hasher.hash(token)" in inspect.getsource(Keyring.lookup)
+    assert "_by_hash.get(" in inspect.getsource(Keyring.lookup)
 
 
 def test_api_keys_limit_models(secured: str) -> None:

@@ -63,6 +63,12 @@ def post(url: str, secret: str | None, payload: dict[str, Any], rid: str) -> htt
     return httpx.post(url + "/v1/completions", json=payload, headers=headers, timeout=120)
 
 
+def knows(url: str, secret: str) -> bool:
+    """Has the gateway at `url` read the key (and the adapter registered before it) from the registry?"""
+    r = httpx.get(url + "/v1/models", headers={"authorization": f"Bearer {secret}"})
+    return r.status_code == 200 and "t-sql" in [m["id"] for m in r.json()["data"]]
+
+
 def until(check: Any, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -128,11 +134,7 @@ def test_keys_limits_usage_and_access_log_across_two_gateways(
         r = send(a, secret, body(base))
         assert r.status_code == 403 and r.json()["error"]["param"] == "model"
         # The other gateway learns of it within its poll interval.
-        until(
-            lambda: (
-                httpx.get(b + "/v1/models", headers={"authorization": f"Bearer {secret}"}).status_code == 200
-            )
-        )
+        until(lambda: knows(b, secret))
         assert send(b, secret, body("t-sql")).status_code == 200
 
         # One shared limit: RPM per minute across both gateways (2 used above).
@@ -151,11 +153,7 @@ def test_keys_limits_usage_and_access_log_across_two_gateways(
         # A second key, no limits, streams through the SDK: usage from the stream's usage event.
         r = httpx.post(a + "/admin/keys", json={"name": "team-all"}, headers=admin)
         other = r.json()["key"]
-        until(
-            lambda: (
-                httpx.get(b + "/v1/models", headers={"authorization": f"Bearer {other}"}).status_code == 200
-            )
-        )
+        until(lambda: knows(b, other))
         for url in (a, b):
             sdk = openai.OpenAI(base_url=url + "/v1", api_key=other, max_retries=0)
             stream = sdk.completions.create(
