@@ -146,6 +146,8 @@ def test_key_admin_refusals(make_gateway: MakeGateway) -> None:
         ("POST", "/admin/keys", {"name": "x", "limits": {"requests_per_minute": 0}}, 400, "invalid_value"),
         ("POST", "/admin/keys", {"name": "x", "models": []}, 400, "invalid_value"),
         ("POST", "/admin/keys", {"name": "x", "secret": "mine"}, 400, "invalid_value"),
+        ("POST", "/admin/keys", {"name": "x", "expires_at": "2001-01-01T00:00:00Z"}, 400, "invalid_value"),
+        ("POST", "/admin/keys", {"name": "x", "expires_at": "not a time"}, 400, "invalid_value"),
         ("DELETE", "/admin/keys/file-key", None, 409, "key_in_config"),
         ("PATCH", "/admin/keys/team-a", {}, 400, "invalid_value"),
         ("PATCH", "/admin/keys/nobody", {"models": ["*"]}, 404, "key_not_found"),
@@ -156,6 +158,8 @@ def test_key_admin_refusals(make_gateway: MakeGateway) -> None:
         assert (r.status_code, error(r)["code"]) == (status, code), (method, path, body, r.text)
     names = [(k["name"], k["source"]) for k in gw.admin("GET", "/admin/keys").json()["data"]]
     assert names == [("file-key", "config"), ("team-a", "api")], "refusals left nothing half-written"
+    r = gw.admin("GET", "/admin/usage", params={"since": "yesterday-ish"})
+    assert (r.status_code, error(r)["param"]) == (400, "query.since")
     assert gw.chat("from-the-file").status_code == 200, "config keys keep working beside runtime ones"
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Security
@@ -105,6 +105,18 @@ class UsageList(BaseModel):
     data: list[UsageOut]
 
 
+def epoch(value: datetime | None, param: str) -> float | None:
+    """`value` as epoch seconds (a time without a zone is UTC); 400 naming `param` if it has none."""
+    if value is None:
+        return None
+    try:
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    except (ValueError, OverflowError, OSError) as exc:
+        raise InvalidRequestError(
+            f"Invalid value for '{param}': {exc}", param=param, code="invalid_value"
+        ) from exc
+
+
 def describe_key(record: KeyRecord) -> dict[str, Any]:
     return {
         "name": record.name,
@@ -171,6 +183,11 @@ async def create_key(request: Request) -> JSONResponse:
     body = await _body(request, CreateKey)
     state = _state(request)
     _not_in_config(state, body.name)
+    expires_at = epoch(body.expires_at, "expires_at")
+    if expires_at is not None and expires_at <= time.time():
+        raise InvalidRequestError(
+            "Invalid value for 'expires_at': it is in the past.", param="expires_at", code="invalid_value"
+        )
     secret = new_secret()
     record = KeyRecord(
         name=body.name,
@@ -178,7 +195,7 @@ async def create_key(request: Request) -> JSONResponse:
         prefix=secret[:SHOWN_PREFIX],
         models=tuple(body.models),
         limits=_limits(body.limits),
-        expires_at=body.expires_at.timestamp() if body.expires_at else None,
+        expires_at=expires_at,
         created_at=time.time(),
     )
     await asyncio.to_thread(state.registry.store.create_key, record)
@@ -222,7 +239,7 @@ async def update_key(name: str, request: Request) -> dict[str, Any]:
     if body.limits is not None:
         fields["limits"] = _limits(body.limits)
     if "expires_at" in body.model_fields_set:
-        fields["expires_at"] = body.expires_at.timestamp() if body.expires_at else None
+        fields["expires_at"] = epoch(body.expires_at, "expires_at")
     if not fields:
         raise InvalidRequestError(
             "Nothing to change: give models, limits or expires_at.", code="invalid_value"
@@ -265,8 +282,9 @@ async def revoke_key(name: str, request: Request) -> dict[str, Any]:
     return describe_key(record)
 
 
-def _hour(value: datetime | None) -> int | None:
-    return int(value.timestamp()) if value is not None else None
+def _hour(value: datetime | None, param: str) -> int | None:
+    seconds = epoch(value, param)
+    return int(seconds) if seconds is not None else None
 
 
 @router.get(
@@ -285,12 +303,12 @@ async def usage(
 ) -> dict[str, Any]:
     state = _state(request)
     await state.usage.flush()  # what this gateway counted so far is in the answer
-    start = _hour(since)
+    start = _hour(since, "since")
     rows = await asyncio.to_thread(
         state.registry.store.read_usage,
         key=key,
         model=model,
         since=start // 3600 * 3600 if start is not None else None,
-        until=_hour(until),
+        until=_hour(until, "until"),
     )
     return {"object": "list", "data": [describe_usage(r) for r in rows]}
