@@ -113,13 +113,22 @@ class Keyring:
     _config: dict[str, KeyEntry] = field(default_factory=dict)
     _names: frozenset[str] = frozenset()
     _ever: bool = False  # a key exists, or existed (revoked): inference is closed
+    _started: int = 0  # refreshes begun
+    _applied: int = 0  # the latest begun refresh whose read was applied
 
     def __post_init__(self) -> None:
         self._config = {self.hasher.hash(secret): entry for secret, entry in config_entries(self.config_keys)}
         self._rebuild([])
 
     async def refresh(self) -> None:
-        self._rebuild(await asyncio.to_thread(self.store.list_keys, include_revoked=True))
+        # Refreshes may overlap (the registry's follower, an admin write): a read that started earlier
+        # never replaces what a later one applied (a revoked key would come back until the next poll).
+        self._started += 1
+        mine = self._started
+        records = await asyncio.to_thread(self.store.list_keys, include_revoked=True)
+        if mine > self._applied:
+            self._applied = mine
+            self._rebuild(records)
 
     def _rebuild(self, records: list[KeyRecord]) -> None:
         by_hash = dict(self._config)

@@ -127,13 +127,22 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run(out: Path, *, concurrency: int, duration_s: float, rounds: int, log: Any = print) -> dict[str, Any]:
+def run(
+    out: Path,
+    *,
+    concurrency: int,
+    duration_s: float,
+    rounds: int,
+    configs: list[str] | None = None,
+    log: Any = print,
+) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
+    chosen = {name: CONFIGS[name] for name in ["baseline", *(configs or CONFIGS)] if name in CONFIGS}
     with tempfile.TemporaryDirectory(prefix="lora-gateway-tenancy-cpu-") as tmp:
         work = Path(tmp)
         with fast_upstream(work) as up, redis_server(work) as redis, contextlib.ExitStack() as stack:
             paths: dict[str, tuple[str, int, str | None]] = {}
-            for name, cfg in CONFIGS.items():
+            for name, cfg in chosen.items():
                 settings: dict[str, Any] = {
                     **attached_gateway_settings(up.url, "base", work / name),
                     "access_log": cfg["access_log"],
@@ -196,9 +205,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--configs", default=",".join(CONFIGS), help="which configurations (baseline always)")
     p.add_argument("--out", type=Path, default=Path("out/tenancy-cpu"))
     a = p.parse_args(argv)
-    payload = run(a.out, concurrency=a.concurrency, duration_s=a.duration, rounds=a.rounds)
+    configs = [c for c in a.configs.split(",") if c.strip()]
+    payload = run(a.out, concurrency=a.concurrency, duration_s=a.duration, rounds=a.rounds, configs=configs)
     print(json.dumps(payload["summary"], indent=2))
 
 
