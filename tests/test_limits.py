@@ -177,3 +177,27 @@ def test_redis_unreachable_allow_or_deny() -> None:
         await deny.aclose()
 
     run(main())
+
+
+def test_after_a_failure_redis_is_left_alone_for_a_moment_then_tried_again(redis_url: str) -> None:
+    async def main() -> None:
+        lim = RedisLimiter(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}:", retry_down_s=0.3)
+        real, calls = lim._script, []
+
+        async def failing(**kw):  # noqa: ANN003, ANN202
+            calls.append(kw)
+            raise ConnectionError("Redis went away")
+
+        lim._script = failing
+        limits = KeyLimits(requests_per_minute=1)
+        await lim.admit("a", limits)
+        await lim.admit("a", limits)
+        assert len(calls) == 1 and lim.errors == 2, "the second admission did not wait on Redis again"
+        lim._script = real  # it is back
+        await asyncio.sleep(0.35)
+        await lim.admit("a", limits)
+        with pytest.raises(RateLimited):
+            await lim.admit("a", limits)  # counted again
+        await lim.aclose()
+
+    run(main())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -147,3 +148,33 @@ def test_gateways_agree_on_the_hashing_secret(backend: Backend) -> None:  # noqa
     finally:
         first.close()
         second.close()
+
+
+def test_a_failed_usage_write_is_kept_for_the_next(tmp_path: Path) -> None:
+    """The recorder's store fails once (a database briefly away): nothing counted is lost."""
+    import asyncio
+
+    from gateway.registry.sqlite import SqliteStore
+    from gateway.tenancy.usage import UsageRecorder
+
+    store = SqliteStore(tmp_path / "registry.sqlite3")
+    real, failures = store.add_usage, [RuntimeError("database is away")]
+
+    def flaky(rows):  # noqa: ANN001, ANN202
+        if failures:
+            raise failures.pop()
+        return real(rows)
+
+    store.add_usage = flaky  # type: ignore[method-assign]
+    recorder = UsageRecorder(store, clock=lambda: 7200.0)
+
+    async def main() -> None:
+        recorder.add("a", "sql", 1, 10, 5)
+        with pytest.raises(RuntimeError):
+            await recorder.flush()
+        recorder.add("a", "sql", 1, 1, 1)
+        await recorder.close()
+
+    asyncio.run(main())
+    [row] = store.read_usage()
+    assert (row.hour, row.requests, row.prompt_tokens, row.completion_tokens) == (7200, 2, 11, 6)

@@ -305,3 +305,20 @@ def test_metrics_per_key(make_gateway: MakeGateway) -> None:
     assert metric(gw.url, "lora_gateway_key_requests_total", key="team-a", status="200") == 2
     assert metric(gw.url, "lora_gateway_key_tokens_total", key="team-a", kind="completion") == 6
     assert "lgw-" not in httpx.get(gw.url + "/metrics").text
+
+
+@pytest.mark.parametrize("on_error", ["allow", "deny"])
+def test_redis_unreachable(make_gateway: MakeGateway, on_error: str) -> None:
+    from loadtest.servers.serving import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    gw = make_gateway(limits={"redis_url": url, "on_redis_error": on_error})
+    secret = gw.create("team-a", limits={"requests_per_minute": 1})
+    r = gw.chat(secret)
+    if on_error == "allow":
+        assert r.status_code == 200 and gw.chat(secret).status_code == 200, "served, unlimited"
+    else:
+        assert (
+            r.status_code == 503 and error(r)["code"] == "limiter_unavailable" and "retry-after" in r.headers
+        )
+    assert gw.chat(gw.create("no-limits")).status_code == 200, "a key without limits never asks Redis"
