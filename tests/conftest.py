@@ -283,6 +283,8 @@ def upstream_process(*args: str) -> Iterator[UpstreamProcess]:
 
 
 # A real PostgreSQL server (tests/pg.py), started only when a test asks for it.
+# The access log's lines, decoded (tests/access_log.py).
+from tests.access_log import access_lines  # noqa: E402, F401
 from tests.pg import postgres_url  # noqa: E402, F401
 
 # A real Redis (tests/redis_server.py), started only when a test asks for it.

@@ -13,9 +13,7 @@ real Redis (`redis-server`, started by the tests), the official OpenAI SDK.
 from __future__ import annotations
 
 import json
-import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,6 @@ import httpx
 import openai
 import pytest
 
-from gateway.tenancy.access import LOGGER
 from tests.conftest import serve_app
 from tests.pg import new_database
 from tests.registry_helpers import PROMPT, register, registry_settings, write_adapter
@@ -32,26 +29,6 @@ pytestmark = pytest.mark.engine
 
 RPM = 6
 POLL_S = 0.3
-
-
-class Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[dict[str, Any]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(json.loads(record.getMessage()))
-
-
-@pytest.fixture
-def access_lines() -> Iterator[list[dict[str, Any]]]:
-    handler = Lines()
-    logger = logging.getLogger(LOGGER)
-    logger.addHandler(handler)
-    try:
-        yield handler.lines
-    finally:
-        logger.removeHandler(handler)
 
 
 def body(model: str, **kw: Any) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,6 @@ import openai
 import pytest
 
 from gateway.settings import Settings
-from gateway.tenancy.access import LOGGER
 from tests.conftest import serve_app
 from tests.fake_engine import FakeEngineClient, FakeVllm
 from tests.registry_helpers import metric
@@ -27,28 +25,6 @@ from tests.registry_helpers import metric
 ENGINE = "http://engine-a.invalid:8000"
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-class Lines(logging.Handler):
-    """Every access log line, decoded."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[dict[str, Any]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(json.loads(record.getMessage()))
-
-
-@pytest.fixture
-def access_lines() -> Iterator[list[dict[str, Any]]]:
-    handler = Lines()
-    logger = logging.getLogger(LOGGER)
-    logger.addHandler(handler)
-    try:
-        yield handler.lines
-    finally:
-        logger.removeHandler(handler)
 
 
 class Gateway:
