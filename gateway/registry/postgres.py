@@ -57,6 +57,8 @@ from gateway.registry.store import (
     key_update_values,
     require_listed,
     require_ready,
+    rotate_sql,
+    rotate_values,
     upsert_uses_sql,
     usage_query,
     usage_rows,
@@ -427,18 +429,7 @@ class PostgresStore:
         now = self._clock()
         with self._write() as c:
             old = self._live_key(c, name, lock=True)
-            c.execute(
-                "UPDATE api_keys SET key_hash = %s, prefix = %s, rotated_at = %s, previous_hash = %s,"
-                " previous_until = %s WHERE name = %s",
-                (
-                    key_hash,
-                    prefix,
-                    now,
-                    old.key_hash if grace_s > 0 else None,
-                    now + grace_s if grace_s > 0 else None,
-                    name,
-                ),
-            )
+            c.execute(rotate_sql("%s"), rotate_values(old, key_hash, prefix, now, grace_s))
             return self._live_key(c, name)
 
     def revoke_key(self, name: str) -> KeyRecord:

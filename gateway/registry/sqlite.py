@@ -36,6 +36,8 @@ from gateway.registry.store import (
     key_update_values,
     require_listed,
     require_ready,
+    rotate_sql,
+    rotate_values,
     upsert_uses_sql,
     usage_query,
     usage_rows,
@@ -407,18 +409,7 @@ class SqliteStore:
         now = self._clock()
         with self._tx() as c:
             old = self._live_key(c, name)
-            c.execute(
-                "UPDATE api_keys SET key_hash = ?, prefix = ?, rotated_at = ?, previous_hash = ?,"
-                " previous_until = ? WHERE name = ?",
-                (
-                    key_hash,
-                    prefix,
-                    now,
-                    old.key_hash if grace_s > 0 else None,
-                    now + grace_s if grace_s > 0 else None,
-                    name,
-                ),
-            )
+            c.execute(rotate_sql("?"), rotate_values(old, key_hash, prefix, now, grace_s))
             return self._live_key(c, name)
 
     def revoke_key(self, name: str) -> KeyRecord:

@@ -261,6 +261,28 @@ def key_update_values(fields: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def rotate_sql(placeholder: str) -> str:
+    """`rotate_key`'s UPDATE on both backends; its values come from `rotate_values`."""
+    sets = ", ".join(
+        f"{c} = {placeholder}"
+        for c in ("key_hash", "prefix", "rotated_at", "previous_hash", "previous_until")
+    )
+    return f"UPDATE api_keys SET {sets} WHERE name = {placeholder}"
+
+
+def rotate_values(old: KeyRecord, key_hash: str, prefix: str, now: float, grace_s: float) -> tuple[Any, ...]:
+    """The new secret's hash; the old one kept valid until now + grace_s (none with no grace)."""
+    graced = grace_s > 0
+    return (
+        key_hash,
+        prefix,
+        now,
+        old.key_hash if graced else None,
+        now + grace_s if graced else None,
+        old.name,
+    )
+
+
 def usage_sql(placeholder: str) -> str:
     """Add a batch to `usage` (both backends; `?` for SQLite, `%s` for psycopg)."""
     values = ", ".join([placeholder] * 7)
