@@ -20,8 +20,9 @@ read from `configure_tracing(environ)` (os.environ by default), and passed to th
     OTEL_EXPORTER_OTLP_(TRACES_)COMPRESSION  none, gzip, deflate
     OTEL_BSP_*                               batching: SCHEDULE_DELAY, EXPORT_TIMEOUT (ms), MAX_QUEUE_SIZE,
                                              MAX_EXPORT_BATCH_SIZE
-    OTEL_TRACES_SAMPLER(_ARG)                the SDK's samplers by their spec names, default
-                                             parentbased_always_on (a client's sampled flag is followed)
+    OTEL_TRACES_SAMPLER(_ARG)                the SDK's: always_on, always_off, traceidratio and their
+                                             parentbased_ forms; default parentbased_always_on (a
+                                             client's sampled flag is followed); the ratio's default 1
     OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES   service.name defaults to lora-gateway
 
 TLS (`..._CERTIFICATE`, `..._CLIENT_KEY`, `..._CLIENT_CERTIFICATE`, `..._INSECURE`) and credential
@@ -30,8 +31,9 @@ is refused rather than silently ignored. With such a mapping the SDK may still f
 from os.environ (it merges os.environ's OTLP headers, and the resource detectors read it): tests pass a
 mapping and leave os.environ's OTEL_* unset.
 
-Spans leave in batches from the SDK's thread, never on the request path; an unreachable collector costs
-the exporter's timeout in that thread and a log line, never an exception in a request. Each call builds
+Spans leave in batches from the SDK's thread, never on the request path: an unreachable collector costs
+that thread the exporter's timeout per batch, and log lines, never an exception or a wait in a request
+(a full queue, OTEL_BSP_MAX_QUEUE_SIZE, drops spans). Each call builds
 its own TracerProvider (the global one is left alone), so one process can hold several.
 
 The request path keeps no context in contextvars: a request's spans end in callbacks (a stream ends in
@@ -40,9 +42,13 @@ the HTTP semantic conventions (http.request.method, http.route, url.path, http.r
 error.type, server.address); the gateway's own are under `lora_gateway.`. A server span is an error for
 5xx only: a 4xx keeps status UNSET and no error.type, its code goes to `lora_gateway.error_code`.
 
-Cost (CPU time, one request span with three children, two attributes each and a traceparent for the
-engine; `python` on a 2-core Xeon VM, 20k iterations): about 37 µs sampled, 8 µs when the sampler drops
-the trace, nothing when tracing is off (the request path checks `span is None`).
+Cost, CPU per request (a request span, its three children, ten attributes, a traceparent for the engine;
+Python 3.11 on a 2-core Xeon VM, 20k requests, spans sent over OTLP/HTTP to a collector in another
+process): sampled, about 110 µs on the request path and 230 µs in all, the SDK's export thread (encoding,
+sending) included; for scale, the gateway spends about 300 µs on a proxied request (docs/benchmarks.md),
+so under load sample with OTEL_TRACES_SAMPLER=parentbased_traceidratio. Dropped by the sampler: 15 µs
+(its children skip the SDK's start_span: `RequestSpan.start_child`). Off: nothing, the request path
+checks `span is None`.
 """
 
 from __future__ import annotations
@@ -93,18 +99,19 @@ def configure_tracing(environ: Mapping[str, str] = os.environ) -> Tracing | None
         return None
     if environ is not os.environ:
         _refuse_sdk_only(environ)
-    exporters = [_exporter(name, environ) for name in names]  # every ValueError before any thread starts
-    provider = TracerProvider(resource=_resource(environ), sampler=_sampler(environ))
-    for exporter in exporters:
-        provider.add_span_processor(
-            BatchSpanProcessor(
-                exporter,
-                max_queue_size=int(_number(environ, "OTEL_BSP_MAX_QUEUE_SIZE", 2048)),
-                schedule_delay_millis=_number(environ, "OTEL_BSP_SCHEDULE_DELAY", 5000),
-                max_export_batch_size=int(_number(environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)),
-                export_timeout_millis=_number(environ, "OTEL_BSP_EXPORT_TIMEOUT", 30000),
-            )
+    exporters = [_exporter(name, environ) for name in names]
+    resource, sampler = _resource(environ), _sampler(environ)
+    queue = int(_number(environ, "OTEL_BSP_MAX_QUEUE_SIZE", 2048))  # every ValueError before a thread starts
+    batch = int(_number(environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512))
+    delay = _number(environ, "OTEL_BSP_SCHEDULE_DELAY", 5000)
+    export_timeout = _number(environ, "OTEL_BSP_EXPORT_TIMEOUT", 30000)
+    if not 0 < batch <= queue:
+        raise ValueError(
+            f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE: {batch}, not from 1 to OTEL_BSP_MAX_QUEUE_SIZE ({queue})"
         )
+    provider = TracerProvider(resource=resource, sampler=sampler)
+    for exporter in exporters:
+        provider.add_span_processor(BatchSpanProcessor(exporter, queue, delay, batch, export_timeout))
     return Tracing(provider)
 
 
@@ -205,8 +212,8 @@ def _sampler(environ: Mapping[str, str]) -> Sampler:
     name = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
     if name not in _SAMPLERS:
         raise ValueError(f"OTEL_TRACES_SAMPLER: unknown sampler {name!r} ({', '.join(_SAMPLERS)})")
-    rate = _number(environ, "OTEL_TRACES_SAMPLER_ARG", 1.0)
-    if "ratio" in name and rate > 1:
+    rate = _number(environ, "OTEL_TRACES_SAMPLER_ARG", 1.0) if name.endswith("traceidratio") else 1.0
+    if rate > 1:
         raise ValueError(f"OTEL_TRACES_SAMPLER_ARG: {rate} is not a ratio between 0 and 1")
     return _SAMPLERS[name](rate)
 
@@ -226,6 +233,7 @@ class Tracing:
     def __init__(self, provider: TracerProvider) -> None:
         self.provider = provider
         self.tracer = provider.get_tracer("lora_gateway")
+        self.ids = provider.id_generator
 
     def start_request(self, route: str, headers: Mapping[str, str]) -> RequestSpan:
         """The SERVER span of one inference request (always POST); the client's W3C `traceparent` and
@@ -237,7 +245,7 @@ class Tracing:
             kind=SpanKind.SERVER,
             attributes={"http.request.method": "POST", "http.route": route, "url.path": route},
         )
-        return RequestSpan(self.tracer, span)
+        return RequestSpan(self, span)
 
     def shutdown(self) -> None:
         """Exports what is batched (each try bounded by the exporter's timeout), then stops the exporters."""
@@ -276,18 +284,30 @@ class ChildSpan:
 
 
 class RequestSpan:
-    def __init__(self, tracer: trace.Tracer, span: trace.Span) -> None:
-        self.tracer = tracer
+    def __init__(self, tracing: Tracing, span: trace.Span) -> None:
+        self.tracing = tracing
         self.span = span
         self.ended = False
 
     def start_child(self, name: str) -> ChildSpan:
         """A child that the caller ends, possibly elsewhere (a stream's upstream span ends with the stream).
         `upstream` is a CLIENT span, the others INTERNAL."""
+        if not self.span.is_recording():
+            # A dropped trace: each of the samplers above drops the children too (they decide on the
+            # parent, or on the trace id, which is the parent's), so the SDK's start_span (sampler, context,
+            # metrics; about 5 µs a child) is skipped. A span id of its own still, for its traceparent.
+            parent = self.span.get_span_context()
+            dropped = trace.SpanContext(
+                parent.trace_id,
+                self.tracing.ids.generate_span_id(),
+                is_remote=False,
+                trace_flags=parent.trace_flags,
+                trace_state=parent.trace_state,
+            )
+            return ChildSpan(trace.NonRecordingSpan(dropped))
         kind = SpanKind.CLIENT if name == "upstream" else SpanKind.INTERNAL
-        return ChildSpan(
-            self.tracer.start_span(name, context=trace.set_span_in_context(self.span), kind=kind)
-        )
+        context = trace.set_span_in_context(self.span)
+        return ChildSpan(self.tracing.tracer.start_span(name, context=context, kind=kind))
 
     @contextmanager
     def child(self, name: str) -> Iterator[ChildSpan]:

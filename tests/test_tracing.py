@@ -139,6 +139,14 @@ def test_off_by_default_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> Non
             "OTEL_EXPORTER_OTLP_COMPRESSION",
         ),
         ({"OTEL_TRACES_EXPORTER": "console", "OTEL_BSP_SCHEDULE_DELAY": "-1"}, "OTEL_BSP_SCHEDULE_DELAY"),
+        (
+            {
+                "OTEL_TRACES_EXPORTER": "console",
+                "OTEL_BSP_MAX_QUEUE_SIZE": "10",
+                "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "20",
+            },
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+        ),
         ({"OTEL_TRACES_EXPORTER": "console", "OTEL_TRACES_SAMPLER": "jaeger_remote"}, "OTEL_TRACES_SAMPLER"),
         (
             {
@@ -279,6 +287,22 @@ def test_the_sampler_is_the_sdks(receiver: Receiver) -> None:
     sent = one_request(tracing)
     tracing.shutdown()
     assert receiver.spans() == [] and not parse_traceparent(sent["traceparent"])[2]
+
+    tracing = configured(env_for(receiver, OTEL_TRACES_SAMPLER="traceidratio", OTEL_TRACES_SAMPLER_ARG="0"))
+    request = tracing.start_request("/v1/completions", {})
+    children = [request.start_child(name) for name in ("lease", "upstream")]
+    assert not any(child.span.is_recording() for child in children)
+    ids = {parse_traceparent(child.traceparent()["traceparent"])[:2] for child in children}
+    root = request.span.get_span_context()
+    assert {trace_id for trace_id, _ in ids} == {f"{root.trace_id:032x}"}, (
+        "a dropped trace's children: its id"
+    )
+    assert len({span_id for _, span_id in ids} | {f"{root.span_id:016x}"}) == 3, "each its own span id"
+    for child in children:
+        child.end("cancelled")
+    request.end(499, "client_closed")
+    tracing.shutdown()
+    assert receiver.spans() == []
 
     tracing = configured(env_for(receiver, OTEL_TRACES_SAMPLER="traceidratio", OTEL_TRACES_SAMPLER_ARG="1"))
     one_request(tracing, {"traceparent": f"00-{INCOMING_TRACE}-{INCOMING_SPAN}-00"})  # ratio: parent ignored
