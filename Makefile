@@ -25,8 +25,9 @@ models: setup
 serve: models
 	$(BIN)/lora-gateway serve
 
-# What the tests need outside .venv: PostgreSQL's server binaries (tests/pg.py). Installed when missing, as
-# root with apt-get; otherwise this stops, before any other set-up, with the command to run.
+# What the tests need outside .venv: PostgreSQL's server binaries (tests/pg.py) and redis-server
+# (tests/redis_server.py). Installed when missing, as root with apt-get; otherwise this stops, before any other
+# set-up, with the command to run.
 services:
 	@bash .ci/test-services
 
