@@ -206,3 +206,66 @@ def test_closing_mid_stream_drops_the_connection_so_the_engine_sees_the_client_l
         server.close()
 
     asyncio.run(go())
+
+
+def test_a_connection_whose_handle_closed_under_it_is_retried_or_a_502_never_a_500() -> None:
+    """uvloop closes a transport's handle when the peer resets it and runs connection_lost later: a write
+    in between raises RuntimeError (seen in the replica-kill test: seven 500s). The race is stood in for by
+    a transport whose write raises that error; the pool's answer to it is what is tested."""
+    served = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        while True:
+            try:
+                await _read_request(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            served += 1
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+
+    class ClosedUnderIt:
+        def __init__(self, real: asyncio.BaseTransport) -> None:
+            self.real = real
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.real, name)
+
+        def is_closing(self) -> bool:
+            return False  # connection_lost has not run yet
+
+        def write(self, data: bytes) -> None:
+            raise RuntimeError(
+                "unable to perform operation on <TCPTransport closed=True>; the handler is closed"
+            )
+
+    async def go() -> None:
+        server, url = await _serve(handler)
+        pool = _pool()
+        first = await pool.send(url, content=b"{}", headers=None)
+        assert await first.read() == b"ok"
+        [idle] = list(pool._idle.values())
+        idle[0].transport = ClosedUnderIt(idle[0].transport)  # type: ignore[assignment]
+        second = await pool.send(url, content=b"{}", headers=None)  # the idle one: sent again on a new one
+        assert await second.read() == b"ok" and served == 2
+
+        real_connection = pool._connection
+
+        async def fresh_but_closed(*args: object) -> object:
+            conn = await real_connection(*args)  # type: ignore[arg-type]
+            conn.reused = False
+            conn.transport = ClosedUnderIt(conn.transport)  # type: ignore[assignment]
+            return conn
+
+        pool._connection = fresh_but_closed  # type: ignore[method-assign, assignment]
+        with pytest.raises(UpstreamError) as info:
+            await pool.send(url, content=b"{}", headers=None)
+        assert info.value.code == "upstream_error", "a failed connection: the request goes to another replica"
+        pool._connection = real_connection  # type: ignore[method-assign]
+        third = await pool.send(url, content=b"{}", headers=None)
+        assert await third.read() == b"ok", "the pool slot was given back"
+        pool.close()
+        server.close()
+
+    asyncio.run(go())

@@ -236,7 +236,13 @@ class _Connection(asyncio.Protocol):
         self._last_read = self.loop.time()
         self._timer = self.loop.call_at(self._last_read + read_s, self._check_silence, read_s)
         assert self.transport is not None
-        self.transport.write(request)
+        try:
+            self.transport.write(request)
+        except RuntimeError as exc:  # uvloop: the peer closed it, and connection_lost has not run yet
+            self._stop_timer()
+            self.response, self.lost = None, True
+            self.pool._forget(self)
+            raise UpstreamError(f"The {what} connection failed: it was closed ({exc}).") from exc
         return response
 
     def finished(self, response: EngineStream) -> None:
@@ -336,7 +342,12 @@ class EngineStreams:
         try:
             for attempt in range(2):
                 conn = await self._connection(origin, parts.hostname, port)
-                response = conn.start(request, self.read_s, what)
+                try:
+                    response = conn.start(request, self.read_s, what)
+                except UpstreamError:
+                    if conn.reused and attempt == 0:
+                        continue  # an idle connection the engine had closed: nothing reached it
+                    raise
                 try:
                     await response.head
                 except UpstreamTimeoutError:
