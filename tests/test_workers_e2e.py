@@ -109,11 +109,16 @@ def test_two_workers_share_one_port_one_registry_and_one_vllm(
         expected = {m: answer(url, m) for m in MODELS}
         assert len(set(expected.values())) == len(MODELS), expected
         cpu_before = {p.pid: sum(p.cpu_times()[:2]) for p in workers_of(proc)}
-        with ThreadPoolExecutor(8) as pool:
-            got = list(pool.map(lambda i: (MODELS[i % 3], answer(url, MODELS[i % 3])), range(60)))
-        wrong = [(m, t) for m, t in got if t != expected[m]]
-        assert not wrong, wrong[:5]
-        grew = [p.pid for p in workers_of(proc) if sum(p.cpu_times()[:2]) > cpu_before[p.pid] + 0.05]
+        # The kernel hands each connection to whichever worker accepts first: under a loaded box one worker
+        # can take a whole batch. Up to 4 batches of 60, every answer checked, until both have served.
+        for _ in range(4):
+            with ThreadPoolExecutor(8) as pool:
+                got = list(pool.map(lambda i: (MODELS[i % 3], answer(url, MODELS[i % 3])), range(60)))
+            wrong = [(m, t) for m, t in got if t != expected[m]]
+            assert not wrong, wrong[:5]
+            grew = [p.pid for p in workers_of(proc) if sum(p.cpu_times()[:2]) > cpu_before[p.pid] + 0.05]
+            if len(grew) == 2:
+                break
         assert len(grew) == 2, f"only {grew} of {list(cpu_before)} served"
 
         r = httpx.post(
