@@ -97,6 +97,10 @@ async def _dequeued(_: Any, ctx: Any, __: Any) -> None:
     ctx.trace_request_ctx["queued"] = False
 
 
+async def _reused(_: Any, ctx: Any, __: Any) -> None:
+    ctx.trace_request_ctx["reused"] = True
+
+
 class UpstreamClient:
     """The `EngineClient` (gateway/engines/client.py) on aiohttp: one `aiohttp.ClientSession` for every
     engine call; build it inside the running loop."""
@@ -110,6 +114,7 @@ class UpstreamClient:
         pool_trace = aiohttp.TraceConfig()
         pool_trace.on_connection_queued_start.append(_queued)
         pool_trace.on_connection_queued_end.append(_dequeued)
+        pool_trace.on_connection_reuseconn.append(_reused)
         self.timeout = aiohttp.ClientTimeout(
             total=None, connect=t.pool_s + t.connect_s, sock_connect=t.connect_s, sock_read=t.read_s
         )
@@ -177,7 +182,14 @@ class UpstreamClient:
         if timeout is not None:
             kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout)
         try:
-            response = await self.session.request(method, url, **kwargs)
+            try:
+                response = await self.session.request(method, url, **kwargs)
+            except aiohttp.ServerDisconnectedError:
+                # A kept-alive connection the engine closed as it was reused (its idle timeout): nothing
+                # reached it. Once more, on another connection, rather than taking a healthy replica out.
+                if not trace.pop("reused", False):
+                    raise
+                response = await self.session.request(method, url, **kwargs)
         except TRANSPORT_ERRORS as exc:
             if trace.get("queued") and isinstance(exc, aiohttp.ConnectionTimeoutError):
                 raise EngineUnavailableError(

@@ -55,3 +55,42 @@ def test_a_load_the_engine_hung_up_on_is_sent_again_once(
         return calls
 
     assert asyncio.run(main()) == ["call", "call"]
+
+
+class _ClosesIdle(asyncio.Protocol):
+    """Answers one request per connection and promises keep-alive; `close_idle` then closes the connections
+    it answered, as vLLM's server does after its keep-alive timeout."""
+
+    open: list[asyncio.Transport] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        _ClosesIdle.open.append(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data:
+            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+
+
+def test_an_inference_call_on_a_connection_the_engine_closed_is_sent_again(tmp_path: Path) -> None:
+    """The race seen in the replica-kill test: a healthy replica left out of routing for 5 s because a
+    kept-alive connection it had closed was reused (ServerDisconnectedError). Sent again once instead."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(_ClosesIdle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        client = UpstreamClient(Settings(data_dir=tmp_path, engine={"mode": "attached", "url": url}))
+        try:
+            first = await client.send("POST", url + "/v1/completions", content=b"{}")
+            assert await first.read() == b"ok"
+            for transport in _ClosesIdle.open:
+                transport.abort()  # the engine drops the idle connection; the client has not noticed yet
+            second = await client.send("POST", url + "/v1/completions", content=b"{}")
+            assert await second.read() == b"ok"
+        finally:
+            await client.aclose()
+            server.close()
+
+    asyncio.run(main())
