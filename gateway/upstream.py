@@ -89,16 +89,20 @@ class UpstreamResponse:
         self._response.close()
 
 
+# Each hook notes in the request's trace context (`send` passes a dict; other calls pass none).
 async def _queued(_: Any, ctx: Any, __: Any) -> None:
-    ctx.trace_request_ctx["queued"] = True
+    if ctx.trace_request_ctx is not None:
+        ctx.trace_request_ctx["queued"] = True
 
 
 async def _dequeued(_: Any, ctx: Any, __: Any) -> None:
-    ctx.trace_request_ctx["queued"] = False
+    if ctx.trace_request_ctx is not None:
+        ctx.trace_request_ctx["queued"] = False
 
 
 async def _reused(_: Any, ctx: Any, __: Any) -> None:
-    ctx.trace_request_ctx["reused"] = True
+    if ctx.trace_request_ctx is not None:
+        ctx.trace_request_ctx["reused"] = True
 
 
 class UpstreamClient:

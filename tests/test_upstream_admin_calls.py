@@ -94,3 +94,22 @@ def test_an_inference_call_on_a_connection_the_engine_closed_is_sent_again(tmp_p
             server.close()
 
     asyncio.run(main())
+
+
+def test_admin_calls_reuse_kept_alive_connections(tmp_path: Path) -> None:
+    """Two loads on one kept-alive connection: the pool's trace hooks see a call without a trace context
+    (a TypeError there was a 500 for every request that loaded an adapter, once)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(_ClosesIdle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        client = UpstreamClient(Settings(data_dir=tmp_path, engine={"mode": "attached", "url": url}))
+        try:
+            for _ in range(2):
+                assert await client.post_json(url + "/v1/load_lora_adapter", {"lora_name": "x"}) == b"ok"
+        finally:
+            await client.aclose()
+            server.close()
+
+    asyncio.run(main())
