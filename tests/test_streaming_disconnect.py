@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -71,10 +72,25 @@ def test_client_disconnect_aborts_generation_in_vllm(gateway_url: str, vllm_url:
         http.stream("POST", gateway_url + "/v1/chat/completions", json=body) as r,
     ):
         assert r.status_code == 200
-        deadline = time.monotonic() + 30
-        while running_requests(vllm_url) < 1:
+        # Either sign that vLLM generates: the first streamed bytes (sent once it has a token), or its
+        # running gauge. Neither alone is timely on this CPU: the frontend may deliver the first events
+        # late, and /metrics may answer seconds late while vLLM holds both cores (in one CI run 30 s of
+        # polls never saw the gauge move).
+        first_bytes = threading.Event()
+
+        def read_first() -> None:
+            try:
+                next(r.iter_raw(), b"")
+                first_bytes.set()
+            except Exception:  # the stream closed under it: the gauge moved first and the client left
+                return
+
+        reader = threading.Thread(target=read_first, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 60
+        while not first_bytes.is_set() and running_requests(vllm_url) < 1:
             assert time.monotonic() < deadline, "vLLM never ran the request while it was streamed"
-            time.sleep(0.01)
+            first_bytes.wait(0.01)
     at_leave = generated_tokens(vllm_url)
     deadline = time.monotonic() + 5
     while running_requests(vllm_url) > 0:
