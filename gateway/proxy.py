@@ -75,6 +75,55 @@ class SseRewriter:
         return data.replace(self.old, self.new) if self.rewrite else data
 
 
+class ResponsesSseRewriter(SseRewriter):
+    """The Responses API's events (`event: response.created` then its `data: {...}` line), rewritten for
+    the client: the model is put back in the `response` object of every event that carries one (the same
+    byte replacement), and the usage is read from the `response` of the event that ends the stream
+    (`response.completed`, `.incomplete`, `.failed`) as prompt/completion tokens. Nothing is dropped: the
+    Responses API always reports usage. Chosen once per request, so the chat/completions path is unchanged.
+    """
+
+    def __init__(self, engine_model: str, requested: str) -> None:
+        super().__init__(engine_model, requested)
+
+    def _events(self, data: bytes) -> bytes:
+        if b'"usage":{' in data:
+            for event in data.split(b"\n\n"):
+                if b'"usage":{' in event:
+                    self.usage = responses_event_usage(event) or self.usage
+        return data.replace(self.old, self.new) if self.rewrite else data
+
+
+def responses_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A Responses API `usage` (`input_tokens`, `output_tokens`, `total_tokens`) in the names the gateway
+    counts by (`prompt_tokens`, `completion_tokens`, `total_tokens`); None stays None."""
+    if usage is None:
+        return None
+    return {
+        "prompt_tokens": usage.get("input_tokens"),
+        "completion_tokens": usage.get("output_tokens"),
+        "total_tokens": usage.get("total_tokens"),
+    }
+
+
+def responses_event_usage(event: bytes) -> dict[str, Any] | None:
+    """The usage of one Responses API event, from its `response` object; None if it has none."""
+    at = event.find(b"data: ")
+    if at < 0:
+        return None
+    try:
+        body = json.loads(event[at + 6 :])
+    except ValueError:
+        return None
+    response = body.get("response") if isinstance(body, dict) else None
+    return responses_usage(_usage(response))
+
+
+def responses_body_usage(content: bytes) -> dict[str, Any] | None:
+    """The usage of a non-streamed Responses API answer, as prompt/completion tokens."""
+    return responses_usage(body_usage(content))
+
+
 def _event_usage(event: bytes) -> dict[str, Any] | None:
     try:
         return _usage(json.loads(event[6:]))
@@ -110,8 +159,10 @@ async def forward_json(
     rewrite: tuple[bytes, bytes] | None,
     finish: Finish,
     receive: Receive | None = None,
+    usage_of: Callable[[bytes], dict[str, Any] | None] = body_usage,
 ) -> Response:
-    """Non-streaming: the engine's JSON bytes, `model` put back by an exact byte replacement.
+    """Non-streaming: the engine's JSON bytes, `model` put back by an exact byte replacement; `usage_of`
+    reads the answer's usage (`responses_body_usage` for the Responses API).
 
     vLLM writes compact JSON, so `"model":"<engine name>"` appears exactly as built in `SseRewriter`.
     While vLLM generates, `receive` (the client's ASGI channel, its body already read) is watched: a
@@ -148,7 +199,7 @@ async def forward_json(
         raise from_upstream(response.status_code, payload)
     if rewrite is not None:
         payload = payload.replace(rewrite[0], rewrite[1], 1)
-    finish(response.status_code, None, body_usage(payload))
+    finish(response.status_code, None, usage_of(payload))
     out_headers = {"x-request-id": headers["x-request-id"]} if "x-request-id" in headers else {}
     return Response(
         payload, status_code=response.status_code, media_type="application/json", headers=out_headers

@@ -32,7 +32,7 @@ from typing import Any
 
 from fastapi.responses import Response
 
-from gateway.api.schemas import CompletionParams
+from gateway.api.schemas import CompletionParams, InferenceParams, ResponsesRequest
 from gateway.auth import check_model_allowed
 from gateway.engines.base import Engine
 from gateway.errors import (
@@ -44,7 +44,16 @@ from gateway.errors import (
     UpstreamResponseError,
 )
 from gateway.metrics import NO_KEY, UNKNOWN, model_label
-from gateway.proxy import Receive, SseRewriter, forward_json, forward_stream, model_rewrite
+from gateway.proxy import (
+    Receive,
+    ResponsesSseRewriter,
+    SseRewriter,
+    body_usage,
+    forward_json,
+    forward_stream,
+    model_rewrite,
+    responses_body_usage,
+)
 from gateway.registry.catalog import Target
 from gateway.residency import Lease
 from gateway.routing import Slot
@@ -148,7 +157,7 @@ class Call:
         return target
 
     async def admit(
-        self, key: KeyEntry | None, target: Target, parsed: CompletionParams, payload: dict[str, Any]
+        self, key: KeyEntry | None, target: Target, parsed: InferenceParams, payload: dict[str, Any]
     ) -> bool:
         """May `key` run this request now? 403 (model), 400 (max_tokens), 429 (a limit), else its limiter
         counts it (given back in `finish`). True when the body changed (the key's max_tokens as default)."""
@@ -180,7 +189,7 @@ class Call:
     async def send(
         self,
         target: Target,
-        parsed: CompletionParams,
+        parsed: InferenceParams,
         payload: dict[str, Any],
         body: bytes,
         receive: Receive | None = None,
@@ -188,10 +197,12 @@ class Call:
         """Place the request on an engine, forward it, and retry once while nothing reached the client.
         `body` is sent as it came unless the engine needs another model name or the usage event."""
         state = self.state
-        client_wants_usage = bool((parsed.stream_options or {}).get("include_usage"))
-        drop_usage = bool(parsed.stream) and not client_wants_usage
-        if drop_usage:  # ask for the usage event anyway (token metrics); the client will not see it
-            payload["stream_options"] = {**(parsed.stream_options or {}), "include_usage": True}
+        drop_usage = False  # chat/completions streams report usage only when asked (`stream_options`)
+        if parsed.stream and isinstance(parsed, CompletionParams):
+            options = parsed.stream_options or {}
+            drop_usage = not options.get("include_usage")
+            if drop_usage:  # ask for the usage event anyway (token metrics); the client will not see it
+                payload["stream_options"] = {**options, "include_usage": True}
         if payload["model"] != target.engine_model or drop_usage:
             payload["model"] = target.engine_model
             body = json.dumps(payload).encode()
@@ -260,7 +271,7 @@ class Call:
         url: str,
         body: bytes,
         headers: dict[str, str],
-        parsed: CompletionParams,
+        parsed: InferenceParams,
         target: Target,
         drop_usage: bool,
         receive: Receive | None,
@@ -272,18 +283,19 @@ class Call:
             self.upstream_span = self.span.start_child("upstream")
             self.upstream_span.set(**{"server.address": self.engine, "url.full": url})
             headers = {**headers, **self.upstream_span.traceparent()}
+        responses = isinstance(parsed, ResponsesRequest)  # the Responses API: its own events and usage
         if parsed.stream:
+            rewriter = (
+                ResponsesSseRewriter(target.engine_model, requested)
+                if responses
+                else SseRewriter(target.engine_model, requested, drop_usage=drop_usage)
+            )
             return await forward_stream(
-                state.client,
-                url,
-                body,
-                headers,
-                SseRewriter(target.engine_model, requested, drop_usage=drop_usage),
-                self.finish,
-                on_first_chunk=self._first_chunk,
+                state.client, url, body, headers, rewriter, self.finish, on_first_chunk=self._first_chunk
             )
         rewrite = model_rewrite(target.engine_model, requested) if target.engine_model != requested else None
-        return await forward_json(state.client, url, body, headers, rewrite, self.finish, receive)
+        usage_of = responses_body_usage if responses else body_usage
+        return await forward_json(state.client, url, body, headers, rewrite, self.finish, receive, usage_of)
 
     def _first_chunk(self, seconds: float) -> None:
         self.ttft = seconds
@@ -372,11 +384,12 @@ class Call:
             self.span.end(status, error)
 
 
-def cap_max_tokens(parsed: CompletionParams, payload: dict[str, Any], cap: int, key: str) -> bool:
-    """The key's `max_tokens`: a request asking for more is refused (400: no retry can succeed); one
-    asking for none gets the cap (the body changes: True)."""
+def cap_max_tokens(parsed: InferenceParams, payload: dict[str, Any], cap: int, key: str) -> bool:
+    """The key's `max_tokens`: a request asking for more (in any of its route's token fields:
+    `max_tokens`, chat's `max_completion_tokens`, the Responses API's `max_output_tokens`) is refused (400:
+    no retry can succeed); one asking for none gets the cap in its first one (the body changes: True)."""
     asked = False
-    for field in ("max_tokens", "max_completion_tokens"):
+    for field in parsed.TOKEN_FIELDS:
         value = getattr(parsed, field, None)
         if value is None:
             continue
@@ -389,5 +402,5 @@ def cap_max_tokens(parsed: CompletionParams, payload: dict[str, Any], cap: int, 
             )
     if asked:
         return False
-    payload["max_tokens"] = cap
+    payload[parsed.TOKEN_FIELDS[0]] = cap
     return True

@@ -77,6 +77,12 @@ class EngineSettings(BaseModel):
     max_lora_rank: int = Field(16, description="vLLM --max-lora-rank.")
     max_cpu_loras: int = Field(4, ge=1, description="vLLM --max-cpu-loras: adapters cached in CPU memory.")
     max_model_len: int | None = Field(None, description="vLLM --max-model-len.")
+    tool_call_parser: str | None = Field(
+        None,
+        description="Managed: vLLM --tool-call-parser (e.g. hermes, llama3_json, mistral: the one for the "
+        "model's tool-call format), with --enable-auto-tool-choice. Chat `tools` with `tool_choice` auto, "
+        "required or a named function need it; unset, vLLM answers those 400.",
+    )
     extra_args: list[str] = Field(default_factory=list, description="More vLLM CLI arguments, passed as-is.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for a managed vLLM.")
     lora_ops: Literal["grouped", "fix", "off"] = Field(

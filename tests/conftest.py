@@ -106,6 +106,9 @@ def gateway_proc(
             "max_cpu_loras": 4,
             "health_interval_s": 1.0,
             "api_key": ENGINE_KEY,
+            # chat `tools` (tests/test_openai_surface_e2e.py): vLLM's --enable-auto-tool-choice and a
+            # parser; it changes nothing for requests without tools
+            "tool_call_parser": "hermes",
         },
         "registry": {"allowed_roots": [str(session_src)]},
     }

@@ -287,7 +287,8 @@ def test_a_malformed_model_listing_is_a_failed_probe_and_the_monitor_goes_on(
 
 # --- no way around the gateway to vLLM -----------------------------------------------------------
 
-# vLLM's own routes beyond the two inference ones: adapter loading, tokenizer, pooling, engine control.
+# vLLM's own routes beyond the inference ones: adapter loading, tokenizer, pooling, engine control, and the
+# Responses API's stored responses (kept in one engine process's memory).
 VLLM_ROUTES = [
     ("POST", "/v1/load_lora_adapter"),
     ("POST", "/v1/unload_lora_adapter"),
@@ -295,7 +296,9 @@ VLLM_ROUTES = [
     ("POST", "/detokenize"),
     ("POST", "/v1/embeddings"),
     ("POST", "/pooling"),
-    ("POST", "/v1/responses"),
+    ("GET", "/v1/responses/resp_1"),
+    ("POST", "/v1/responses/resp_1/cancel"),
+    ("DELETE", "/v1/responses/resp_1"),
     ("POST", "/invocations"),
     ("POST", "/collective_rpc"),
     ("POST", "/reset_prefix_cache"),

@@ -9,8 +9,10 @@ call no model, so the 401 and 403 paths are fuzzed too.
 
 What is fuzzed, and how:
 - every operation, with schemathesis's positive and negative data (bodies, path and query values);
-- the inference routes also with generated bodies aimed at the real base model (`max_tokens` and `n`
-  capped so vLLM answers quickly): otherwise every `model` is random and the answer always a 404;
+- the inference routes also with generated bodies aimed at the real base model (`max_tokens` and `n`,
+  or the Responses API's `max_output_tokens`, capped so vLLM answers quickly): otherwise every `model`
+  is random and the answer always a 404;
+- `GET /v1/models/{model_id}` also with the base model's id, so its 200s are checked too;
 - the admin routes on `{name}` also with the one registered adapter's name, so its 200s are checked
   against the document, and it is registered again whenever a fuzzed DELETE has removed it. `pin` is
   fuzzed with generated names only: pinning the real adapter would load it into the shared vLLM,
@@ -85,7 +87,16 @@ def _on_real_model(case: schemathesis.Case) -> schemathesis.Case:
         if body.get("max_completion_tokens") is not None:
             body["max_completion_tokens"] = min(body["max_completion_tokens"], 4)
         body["n"] = min(body.get("n", 1), 2)
+        if case.path == "/v1/responses":  # its own field; `max_tokens` and `n` are not its
+            body["max_output_tokens"] = min(body.get("max_output_tokens") or 4, 4)
+            body.pop("max_tokens")
+            body.pop("n")
         case.body = body
+    return case
+
+
+def _on_real_model_id(case: schemathesis.Case) -> schemathesis.Case:
+    case.path_parameters = {**(case.path_parameters or {}), "model_id": BASE}
     return case
 
 
@@ -99,6 +110,8 @@ def _strategy(operation: Any) -> st.SearchStrategy[schemathesis.Case]:
     strategies = [positive, operation.as_strategy(GenerationMode.NEGATIVE)]
     if operation.path.startswith("/v1/") and operation.method.upper() == "POST":
         strategies.append(positive.map(_on_real_model))
+    if "{model_id}" in operation.path:
+        strategies.append(positive.map(_on_real_model_id))
     if "{name}" in operation.path and not operation.path.endswith("/pin"):
         strategies.append(positive.map(_on_real_adapter))
     return st.one_of(strategies)
@@ -115,7 +128,7 @@ def test_every_operation_answers_as_documented(fuzzed: tuple[str, Path]) -> None
     url, root = fuzzed
     schema = schemathesis.openapi.from_url(url + "/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 21, [op.label for op in operations]
+    assert len(operations) == 23, [op.label for op in operations]
     session = requests.Session()
     seen: dict[str, Counter[int]] = {}
     failures: list[str] = []
@@ -131,9 +144,10 @@ def test_every_operation_answers_as_documented(fuzzed: tuple[str, Path]) -> None
     for label, counts in seen.items():
         print(f"  {label}: {dict(sorted(counts.items()))}")
     assert not failures, "\n\n".join(failures)
-    for route in ("POST /v1/chat/completions", "POST /v1/completions"):
+    for route in ("POST /v1/chat/completions", "POST /v1/completions", "POST /v1/responses"):
         assert seen[route][200] and seen[route][400] and seen[route][401] and seen[route][404], seen[route]
     assert seen["GET /admin/adapters/{name}"][200] and seen["GET /admin/adapters/{name}"][404]
+    assert seen["GET /v1/models/{model_id}"][200] and seen["GET /v1/models/{model_id}"][404]
 
 
 def _fuzz(operation: Any, url: str, root: Path, session: requests.Session, statuses: Counter[int]) -> None:

@@ -68,13 +68,30 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return documented
 
 
+#: What a chat or text completion's stream sends.
+COMPLETION_EVENTS = (
+    '`data: {chunk}` events, ending with `data: [DONE]` (or one `data: {"error": ...}` event).'
+)
+#: What a Responses API stream sends.
+RESPONSE_EVENTS = (
+    "`event: <type>` + `data: {event}`: `response.created`, `response.in_progress`, "
+    "`response.output_text.delta`, ..., `response.completed` (its `response` holds `usage`); no `[DONE]`. "
+    'A failure after the first byte is one `data: {"error": ...}` event.'
+)
+
+
 def ok(
-    model: type[BaseModel], description: str, *, status: int = 200, stream: bool = False
+    model: type[BaseModel],
+    description: str,
+    *,
+    status: int = 200,
+    stream: bool = False,
+    events: str = COMPLETION_EVENTS,
 ) -> dict[int | str, dict[str, Any]]:
-    """`responses=` for a success in `model`'s shape; `stream`: or server-sent events (`"stream": true`)."""
+    """`responses=` for a success in `model`'s shape; `stream`: or server-sent events (`"stream": true`),
+    as `events` describes them."""
     response: dict[str, Any] = {"model": model, "description": description}
     if stream:
-        events = '`data: {chunk}` events, ending with `data: [DONE]` (or one `data: {"error": ...}` event).'
         # For text/event-stream, OpenAPI's schema describes one event (its `data`, `event`, `id` fields).
         event = {
             "type": "object",
@@ -130,6 +147,25 @@ class Completion(_Open):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class ResponseUsage(_Open):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+
+
+class ResponseObject(_Open):
+    """A Responses API answer (`POST /v1/responses`), as vLLM writes it; `model` is the name the client
+    asked for."""
+
+    id: str
+    object: Literal["response"]
+    created_at: float
+    model: str
+    status: str | None = None
+    output: list[Any]
+    usage: ResponseUsage | None = None
 
 
 class ModelCard(BaseModel):

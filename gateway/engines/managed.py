@@ -60,6 +60,8 @@ def vllm_command(engine: EngineSettings, model: str, served_name: str) -> list[s
     ]
     if engine.max_model_len:
         cmd += ["--max-model-len", str(engine.max_model_len)]
+    if engine.tool_call_parser:  # chat `tools`: `tool_choice` auto, required, or a named function
+        cmd += ["--enable-auto-tool-choice", "--tool-call-parser", engine.tool_call_parser]
     return cmd + list(engine.extra_args)
 
 
