@@ -74,14 +74,17 @@ def finish_adapter_folder(
 
 
 def register_adapter(url: str, name: str, folder: Path, token: str | None, timeout: float = 60.0) -> Any:
-    """POST {"name", "source": absolute folder} to `<url>/admin/adapters` (the gateway's admin client);
-    return the JSON answer."""
-    from gateway.admin_client import AdminError, call
+    """Register the finished folder with the gateway at `url` (`gateway.admin_client.register_folder`: by
+    path to a gateway on this machine that can read it, else uploaded); return the JSON answer."""
+    import httpx
+
+    from gateway.admin_client import AdminError, register_folder
 
     base = url.rstrip("/").removesuffix("/admin/adapters")
-    body = {"name": name, "source": str(Path(folder).resolve())}
     try:
-        return call(base, token, "POST", "/admin/adapters", body=body, timeout=timeout)
+        return register_folder(
+            base, token, name, folder, timeout=httpx.Timeout(timeout, read=max(timeout, 600.0))
+        )
     except AdminError as exc:
         details = ", ".join(f"{k}: {v}" for k, v in (("code", exc.code), ("param", exc.param)) if v)
         raise RegisterError(exc.message + (f" ({details})" if details else "")) from exc

@@ -44,6 +44,7 @@ async def build_registry(settings: Settings) -> Registry:
         max_rank=settings.engine.max_lora_rank,
         max_bytes=settings.registry.max_adapter_bytes,
         allowed_roots=settings.allowed_roots(),
+        s3_buckets=settings.registry.s3_buckets,
     )
     registry = Registry(store, blobs, base, base_name, limits)
     await registry.refresh()

@@ -66,6 +66,12 @@ def serve(
     vllm_arg: Annotated[
         list[str] | None, typer.Option(help="Extra vLLM argument, repeatable (--vllm-arg=--dtype=float32).")
     ] = None,
+    allowed_root: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A folder local registrations may come from, beside registry.allowed_roots (repeatable)."
+        ),
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
     workers: Annotated[
         int | None,
@@ -108,6 +114,9 @@ def serve(
         engine=engine,
         auth={"insecure_admin": insecure_admin},
     )
+    if allowed_root:
+        roots = [*settings.registry.allowed_roots, *(p.expanduser().resolve() for p in allowed_root)]
+        settings.registry.allowed_roots = roots
     if problem := admin_exposure_problem(settings):
         typer.echo(f"lora-gateway serve: {problem}", err=True)
         raise typer.Exit(2)

@@ -1,11 +1,16 @@
 """`lora-gateway adapters ...`: the adapter registry of a running gateway, through its admin API.
 
     lora-gateway adapters register sql /srv/adapters/sql --description "SQL v2" --pin
+    lora-gateway adapters register sql ./out/sql --url https://gw.example   # uploaded: no shared disk
     lora-gateway adapters register sql hf://acme/sql-lora --revision main      # recorded as the commit sha
+    lora-gateway adapters register sql s3://models/sql-lora                 # each object's version recorded
     lora-gateway adapters list
     lora-gateway adapters show sql
     lora-gateway adapters alias sql 1          # `sql` resolves to version 1 ...
     lora-gateway adapters alias sql --clear    # ... and back to the newest version
+    lora-gateway adapters alias sql --weights 3=90,4=10   # a canary, sticky per end user
+    lora-gateway adapters promote sql@4 --eval held_out.jsonl --min-gain 0.02   # only if 4 is better
+    lora-gateway adapters rollback sql         # the routing before the last change
     lora-gateway adapters pin sql | unpin sql
     lora-gateway adapters remove sql --version 1      # or the whole adapter without --version
 
@@ -19,12 +24,13 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
 
 import typer
 
-from gateway.admin_client import AdminError, call
+from gateway.admin_client import AdminError, call, register_folder
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -80,41 +86,99 @@ def _resolves_to(adapter: dict[str, Any]) -> str:
     current = adapter.get("current_version")
     if current is None:
         return "nothing"
+    if weights := adapter.get("alias_weights"):
+        total = sum(weights.values())
+        parts = [f"{adapter['name']}@{v} {100 * w / total:.0f}%" for v, w in weights.items()]
+        return ", ".join(parts) + " (canary)"
     how = "alias" if adapter.get("alias_version") else "newest"
     return f"{adapter['name']}@{current} ({how})"
 
 
+def _alias_column(adapter: dict[str, Any]) -> str:
+    if weights := adapter.get("alias_weights"):
+        return ",".join(f"{v}={w}" for v, w in weights.items())
+    return str(adapter.get("alias_version") or "-")
+
+
+def parse_weights(text: str) -> dict[str, int]:
+    """`3=90,4=10` -> {"3": 90, "4": 10}; a typer.BadParameter on anything else."""
+    weights: dict[str, int] = {}
+    for part in text.split(","):
+        version, sep, weight = part.strip().partition("=")
+        if not sep or not version.strip().isdigit() or not weight.strip().isdigit():
+            raise typer.BadParameter(f"{part.strip()!r}: expected VERSION=WEIGHT, as in 3=90,4=10")
+        weights[str(int(version))] = int(weight)
+    return weights
+
+
 def source_arg(source: str) -> str:
-    """hf:// goes as is; a local path goes as an absolute path (the gateway checks it against its roots)."""
-    if source.startswith("hf://"):
+    """hf:// and s3:// go as they are; a local path as an absolute path."""
+    if is_remote_source(source):
         return source
     return os.path.abspath(os.path.expanduser(source.removeprefix("file://")))
+
+
+def is_remote_source(source: str) -> bool:
+    """A source the gateway fetches itself (hf://, s3://), not a folder on this machine."""
+    return source.startswith(("hf://", "s3://"))
 
 
 @adapters_app.command()
 def register(
     name: Annotated[str, typer.Argument(help="The name clients put in `model`.")],
-    source: Annotated[str, typer.Argument(help="A PEFT folder under an allowed root, or hf://org/repo.")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A PEFT folder (sent by path or uploaded), hf://org/repo[@rev] or s3://bucket/prefix."
+        ),
+    ],
     revision: Annotated[str | None, typer.Option(help="hf:// only: branch, tag or commit.")] = None,
     description: Annotated[str, typer.Option(help="Free text kept with the version.")] = "",
     pin: Annotated[bool, typer.Option("--pin", help="Keep it resident on every engine.")] = False,
     force: Annotated[
         bool, typer.Option("--force", help="Accept an adapter trained for another base (recorded).")
     ] = False,
+    upload: Annotated[
+        bool | None,
+        typer.Option(
+            "--upload/--no-upload",
+            help="A folder: send its files (--upload) or only its path (--no-upload). Default: the path to a "
+            "gateway on this machine, uploading if it cannot read the folder; the files to any other.",
+        ),
+    ] = None,
     url: UrlOpt = DEFAULT_URL,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Register a new version of NAME from SOURCE (validated before anything reaches vLLM)."""
-    body = {
-        "name": name,
-        "source": source_arg(source),
-        "revision": revision,
-        "description": description,
-        "pin": pin,
-        "force": force,
-    }
-    data = run(url, token, "POST", "/admin/adapters", body=body)
+    if is_remote_source(source):
+        body = {
+            "name": name,
+            "source": source,
+            "revision": revision,
+            "description": description,
+            "pin": pin,
+            "force": force,
+        }
+        data = run(url, token, "POST", "/admin/adapters", body=body)
+    else:
+        if revision:
+            raise typer.BadParameter("--revision only applies to hf:// sources")
+        try:
+            data = register_folder(
+                url,
+                token,
+                name,
+                source_arg(source),
+                upload=upload,
+                description=description,
+                pin=pin,
+                force=force,
+            )
+        except AdminError as exc:
+            details = ", ".join(f"{k}: {v}" for k, v in (("code", exc.code), ("param", exc.param)) if v)
+            typer.echo(f"error: {exc.message}" + (f" ({details})" if details else ""), err=True)
+            raise typer.Exit(1) from None
     if as_json:
         return emit_json(data)
     v = data["registered"]
@@ -148,7 +212,7 @@ def list_cmd(url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, as_json: JsonOpt
                 str(a["current_version"] or "-"),
                 ",".join(ready),
                 "yes" if a["pinned"] else "no",
-                str(a["alias_version"] or "-"),
+                _alias_column(a),
                 _when(a["updated_at"]),
             ]
         )
@@ -239,19 +303,106 @@ def unpin(
 def alias(
     name: Annotated[str, typer.Argument(help="Adapter name.")],
     version: Annotated[int | None, typer.Argument(help="The version NAME should resolve to.")] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(help="A canary: VERSION=WEIGHT,... (3=90,4=10), each end user kept on one version."),
+    ] = None,
     clear: Annotated[bool, typer.Option("--clear", help="Resolve to the newest version again.")] = False,
     url: UrlOpt = DEFAULT_URL,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Make NAME resolve to VERSION instead of the newest one (--clear undoes it)."""
-    if (version is None) == (not clear):
-        typer.echo("error: give either VERSION or --clear", err=True)
+    """Make NAME resolve to VERSION, or split it between versions by --weights (--clear undoes it)."""
+    if sum(x is not None and x is not False for x in (version, weights, clear)) != 1:
+        typer.echo("error: give one of VERSION, --weights or --clear", err=True)
         raise typer.Exit(2)
     if clear:
         a = run(url, token, "DELETE", _path(name, "alias"))
+    elif weights is not None:
+        a = run(url, token, "PUT", _path(name, "alias"), body={"weights": parse_weights(weights)})
     else:
         a = run(url, token, "PUT", _path(name, "alias"), body={"version": version})
     if as_json:
         return emit_json(a)
     typer.echo(f"{name} resolves to {_resolves_to(a)}")
+
+
+@adapters_app.command()
+def rollback(
+    name: Annotated[str, typer.Argument(help="Adapter name.")],
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Put back NAME's routing as it was before its last alias change, promotion or canary."""
+    a = run(url, token, "POST", _path(name, "rollback"))
+    if as_json:
+        return emit_json(a)
+    typer.echo(f"{name} resolves to {_resolves_to(a)}")
+
+
+@adapters_app.command()
+def promote(
+    model: Annotated[str, typer.Argument(help="The version to promote, as NAME@VERSION (sql@4).")],
+    eval_data: Annotated[
+        Path | None,
+        typer.Option("--eval", help="Held-out JSONL: promote only if the version scores better on it."),
+    ] = None,
+    min_gain: Annotated[
+        float, typer.Option(help="With --eval: how much better than the current version (and the base).")
+    ] = 0.02,
+    metric: Annotated[str, typer.Option(help="With --eval: token_f1 or exact_match.")] = "token_f1",
+    max_tokens: Annotated[int, typer.Option(help="With --eval: greedy generation length.")] = 64,
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", envvar="LORA_GATEWAY_API_KEY", help="With --eval: an inference API key."),
+    ] = None,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make NAME resolve to VERSION (ending a canary). With --eval, only when it beats what NAME serves
+    now by --min-gain; the scores are stored on the version either way (`adapters show`)."""
+    from gateway.rollout import promote_with_eval, split_model
+
+    try:
+        name, version = split_model(model)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if eval_data is None:
+        a = run(url, token, "PUT", _path(name, "alias"), body={"version": version})
+        if as_json:
+            return emit_json(a)
+        typer.echo(f"{name} resolves to {_resolves_to(a)}")
+        return
+    from adapters.data import DatasetError
+
+    try:
+        p = promote_with_eval(
+            url, token, api_key, model, eval_data, metric=metric, min_gain=min_gain, max_tokens=max_tokens,
+            progress=lambda line: typer.echo(line, err=as_json),
+        )  # fmt: skip
+    except AdminError as exc:
+        details = ", ".join(f"{k}: {v}" for k, v in (("code", exc.code), ("param", exc.param)) if v)
+        typer.echo(f"error: {exc.message}" + (f" ({details})" if details else ""), err=True)
+        raise typer.Exit(1) from None
+    except (ValueError, DatasetError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        emit_json(
+            {
+                "promoted": p.promoted,
+                "reason": p.reason,
+                "metric": p.metric,
+                "scores": {
+                    k: {"exact_match": r.exact_match, "token_f1": r.token_f1} for k, r in p.scores.items()
+                },
+            }
+        )
+    elif p.promoted:
+        typer.echo(f"promoted {model}: {p.metric} {p.reason}")
+    else:
+        typer.echo(f"not promoted, nothing changed: {p.metric} {p.reason}")
+    if not p.promoted:
+        raise typer.Exit(1)

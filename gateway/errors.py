@@ -181,6 +181,8 @@ REFUSAL_CLASSES: dict[str, type[GatewayError]] = {
     "key_not_found": NotFoundError,
     "key_exists": ConflictError,
     "key_in_config": ConflictError,
+    "nothing_to_roll_back": ConflictError,
+    "source_unavailable": UpstreamError,  # the Hub or the S3 endpoint cannot be reached, or refuses us
 }
 
 

@@ -97,6 +97,21 @@ class Metrics:
             buckets=TTFT_BUCKETS,
             registry=r,
         )
+        # Per adapter version, so a canary's versions can be compared: `model` is a registered name and
+        # `version` one of its versions (bounded by what operators register).
+        self.version_requests = Counter(
+            "lora_gateway_version_requests",
+            "Requests answered by adapter name, version and HTTP status.",
+            ["model", "version", "status"],
+            registry=r,
+        )
+        self.version_latency = Histogram(
+            "lora_gateway_version_request_duration_seconds",
+            "End-to-end request latency by adapter name and version, for requests a canary placed.",
+            ["model", "version"],
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
         self.in_flight = Gauge(
             "lora_gateway_requests_in_flight", "Requests being answered now.", ["model"], registry=r
         )

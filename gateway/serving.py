@@ -104,6 +104,7 @@ class Call:
         "span",
         "upstream_span",
         "admitted",
+        "user",
     )
 
     def __init__(self, state: GatewayState, route: str, headers: Mapping[str, str] | None = None) -> None:
@@ -125,6 +126,8 @@ class Call:
         self.span: RequestSpan | None = tracing.start_request(route, headers or {}) if tracing else None
         self.upstream_span: ChildSpan | None = None
         self.admitted = False  # passed `admit`: its usage counts
+        # Who the end user is, for a canary's sticky choice; the body's `user` field comes first.
+        self.user = (headers or {}).get(state.settings.registry.sticky_header) if headers else None
         metrics = state.metrics
         metrics.child(metrics.in_flight, UNKNOWN).inc()
 
@@ -142,11 +145,13 @@ class Call:
     def resolve(self, payload: dict[str, Any]) -> Target | None:
         """The registry's target for `payload["model"]`; a registered name labels this request's metrics."""
         model = payload.get("model")
+        user = payload.get("user")
+        user = user if isinstance(user, str) and user else self.user
         if self.span is None:
-            target = self.state.registry.resolve(model) if isinstance(model, str) else None
+            target = self.state.registry.resolve(model, user) if isinstance(model, str) else None
         else:
             with self.span.child("resolve") as span:
-                target = self.state.registry.resolve(model) if isinstance(model, str) else None
+                target = self.state.registry.resolve(model, user) if isinstance(model, str) else None
                 span.set(**{"lora_gateway.found": target is not None})
         if target is not None:
             metrics = self.state.metrics
@@ -341,6 +346,10 @@ class Call:
             metrics.child(metrics.key_tokens, key_label, "completion").inc(completion)
         target = self.target
         version = target.adapter.version if target is not None and target.adapter is not None else 0
+        if version:
+            metrics.child(metrics.version_requests, label, str(version), str(status)).inc()
+            if target is not None and target.canary:  # histograms only while a canary runs: bounded
+                metrics.child(metrics.version_latency, label, str(version)).observe(latency)
         if self.admission is not None:
             state.limiter.release(self.admission)
             if prompt or completion:

@@ -198,6 +198,11 @@ class RegistrySettings(BaseModel):
         default_factory=list,
         description="Folders local registrations may come from (adapters_dir, cache_dir always are).",
     )
+    s3_buckets: list[str] = Field(
+        default_factory=list,
+        description="Buckets s3://bucket/prefix registrations may come from; empty: any bucket the gateway's "
+        "AWS credentials reach (the standard AWS chain; AWS_ENDPOINT_URL for an S3-compatible store).",
+    )
     max_adapter_bytes: int = Field(2 * 1024**3, description="Largest adapter accepted, in bytes.")
     max_resident: int | None = Field(
         None,
@@ -214,6 +219,11 @@ class RegistrySettings(BaseModel):
         ge=0,
         description="A load that has waited this long for a slot, with every resident adapter busy, drains "
         "one (it takes no new requests and is evicted once idle): no adapter starves behind busy ones.",
+    )
+    sticky_header: str = Field(
+        "x-lora-gateway-user",
+        description="Header naming the end user when the body has no `user`: a canary keeps each user on "
+        "one version (lower case).",
     )
     seed_adapters_dir: bool = Field(True, description="Register the adapters found in adapters_dir at start.")
     url: str | None = Field(

@@ -68,7 +68,21 @@ def test_adapter_lifecycle(gw: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
 
     assert cli(url, "alias", "sql", "1").stdout == "sql resolves to sql@1 (alias)\n"
     assert cli(url, "alias", "sql", "--clear").stdout == "sql resolves to sql@2 (newest)\n"
-    assert "either VERSION or --clear" in cli(url, "alias", "sql", code=2).stderr
+    assert "one of VERSION, --weights or --clear" in cli(url, "alias", "sql", code=2).stderr
+    assert "one of VERSION" in cli(url, "alias", "sql", "1", "--weights", "1=5", code=2).stderr
+
+    out = cli(url, "alias", "sql", "--weights", "1=90,2=10").stdout
+    assert out == "sql resolves to sql@1 90%, sql@2 10% (canary)\n"
+    assert cli(url, "list").stdout.splitlines()[1].split()[:5] == ["sql", "1", "1,2", "yes", "1=90,2=10"]
+    assert "resolves to: sql@1 90%, sql@2 10% (canary)" in cli(url, "show", "sql").stdout
+    assert "VERSION=WEIGHT" in cli(url, "alias", "sql", "--weights", "1:90", code=2).stderr
+    err = cli(url, "alias", "sql", "--weights", "1=90,7=10", code=1).stderr
+    assert "(code: version_not_found, param: version)" in err
+    assert cli(url, "promote", "sql@2").stdout == "sql resolves to sql@2 (alias)\n"
+    assert cli(url, "rollback", "sql").stdout == "sql resolves to sql@1 90%, sql@2 10% (canary)\n"
+    assert cli(url, "rollback", "sql").stdout == "sql resolves to sql@2 (alias)\n"
+    assert "NAME@VERSION" in cli(url, "promote", "sql", code=2).stderr
+    assert cli(url, "alias", "sql", "--clear").stdout == "sql resolves to sql@2 (newest)\n"
     assert cli(url, "unpin", "sql").stdout == "sql unpinned\n"
     assert cli(url, "pin", "sql").stdout.startswith("sql pinned")
 
@@ -94,8 +108,10 @@ def test_errors_print_the_message_and_code_and_exit_1(gw: tuple[str, Path], tmp_
 
     err = cli(url, "register", "big", str(root / "rank32"), code=1).stderr
     assert "max LoRA rank 16" in err and err.rstrip().endswith("(code: rank_too_large, param: r)")
-    err = cli(url, "register", "far", str(tmp_path), code=1).stderr
+    err = cli(url, "register", "far", str(tmp_path), "--no-upload", code=1).stderr
     assert "(code: source_not_allowed, param: source)" in err
+    err = cli(url, "register", "far", str(tmp_path), code=1).stderr  # then uploaded: it holds no files
+    assert "holds no files. (code: source_not_found, param: source)" in err
     err = cli(url, "register", "bad name", str(root / "v1"), code=1).stderr
     assert "(code: invalid_name, param: name)" in err
     err = cli(url, "alias", "sql", "3", code=1).stderr

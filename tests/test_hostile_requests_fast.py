@@ -366,7 +366,8 @@ def listener() -> Iterator[_CountingServer]:
 def test_a_url_source_is_refused_and_never_fetched(
     make_gateway: MakeGateway, listener: _CountingServer
 ) -> None:
-    """SSRF: registration takes `hf://` or a folder under the allowed roots. A URL naming any other scheme
+    """SSRF: registration takes `hf://`, `s3://bucket/prefix` (to the endpoint the gateway's AWS settings
+    name) or a folder under the allowed roots. A URL naming any other scheme, or an S3 URL naming a host
     (here a listener on loopback, as an attacker would name a metadata service) is 400 `invalid_source`
     before anything is looked up, and nothing ever connects to it."""
     gw = make_gateway(auth={"admin_token": ADMIN})

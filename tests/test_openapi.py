@@ -17,6 +17,7 @@ def test_schema_lists_the_inference_and_admin_routes(tmp_path: Path) -> None:
     paths = create_app(settings).openapi()["paths"]
     assert "post" in paths["/v1/chat/completions"] and "post" in paths["/v1/completions"]
     assert "get" in paths["/v1/models"] and "get" in paths["/health"]
+    assert "post" in paths["/v1/responses"] and "get" in paths["/v1/models/{model_id}"]
     assert "post" in paths["/admin/adapters"] and "get" in paths["/admin/engines"]
 
 
@@ -54,6 +55,7 @@ def test_inference_routes_document_their_bodies_statuses_and_streams(tmp_path: P
     for path, body in (
         ("/v1/chat/completions", "ChatCompletionRequest"),
         ("/v1/completions", "CompletionRequest"),
+        ("/v1/responses", "ResponsesRequest"),
     ):
         op = schema["paths"][path]["post"]
         ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
@@ -63,6 +65,16 @@ def test_inference_routes_document_their_bodies_statuses_and_streams(tmp_path: P
         assert op["security"] == [{"ApiKey": []}]
     assert {"model", "messages"} <= set(components["ChatCompletionRequest"]["required"])
     assert {"model", "prompt"} <= set(components["CompletionRequest"]["required"])
+    assert {"model", "input"} <= set(components["ResponsesRequest"]["required"])
+    assert "max_output_tokens" in components["ResponsesRequest"]["properties"]
+    assert "max_tokens" not in components["ResponsesRequest"]["properties"]
+    events = schema["paths"]["/v1/responses"]["post"]["responses"]["200"]["content"]["text/event-stream"]
+    assert "response.completed" in events["schema"]["properties"]["data"]["description"]
+    retrieve = schema["paths"]["/v1/models/{model_id}"]["get"]
+    assert retrieve["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ModelCard"
+    )
+    assert {"401", "404"} <= set(retrieve["responses"]) and retrieve["security"] == [{"ApiKey": []}]
     api_key = schema["components"]["securitySchemes"]["ApiKey"]
     assert (api_key["type"], api_key["scheme"]) == ("http", "bearer")
 
@@ -84,7 +96,8 @@ def test_admin_routes_document_credentials_bodies_and_answers(tmp_path: Path) ->
             assert {"400", "413"} <= set(op["responses"]), (method, path)
             body = op["requestBody"]["content"]["application/json"]["schema"]
             assert body["additionalProperties"] is False, (method, path)
-            assert body.get("required") or method == "patch", (method, path)  # a PATCH changes what it names
+            # A PATCH changes what it names; the alias takes one of two fields (`oneOf`).
+            assert body.get("required") or body.get("oneOf") or method == "patch", (method, path)
 
 
 def test_every_success_documents_its_shape(tmp_path: Path) -> None:

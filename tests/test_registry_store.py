@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.validate import AdapterValidationError
+from adapters.validate import AdapterRefusedError, AdapterValidationError
 from gateway.registry.blobs import BlobStore
 from gateway.registry.service import Registry, RegistryLimits
 from gateway.registry.sqlite import SCHEMA_VERSION, SqliteStore
@@ -30,6 +30,7 @@ from gateway.registry.store import (
     RegistryError,
     RegistryNotFoundError,
     RegistryStore,
+    Routing,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,6 +129,67 @@ def test_alias_errors(store: SqliteStore) -> None:
     store.remove_version("sql", 1)
     with pytest.raises(RegistryNotFoundError):
         store.set_alias("sql", 1)
+
+
+def _split_shares(store: RegistryStore, model: str, users: int = 2000) -> dict[int, float]:
+    """How `Registry.resolve` shares `users` distinct end users between the versions of `model`."""
+    with tempfile.TemporaryDirectory() as blobs:
+        registry = Registry(store, BlobStore(blobs), None, "tiny-llama", RegistryLimits(16, 1 << 20, ()))
+        asyncio.run(registry.refresh())
+        counts: dict[int, int] = {}
+        for i in range(users):
+            target = registry.resolve(model, f"user-{i}")
+            assert target is not None and target.adapter is not None
+            counts[target.adapter.version] = counts.get(target.adapter.version, 0) + 1
+            again = registry.resolve(model, f"user-{i}")
+            assert again is not None and again.adapter == target.adapter, "the same user, another version"
+    return {v: n / users for v, n in counts.items()}
+
+
+def test_weights_split_a_name_and_retiring_drops_a_version(store: SqliteStore) -> None:
+    for n in (1, 2, 3):
+        add(store, "sql", n)
+    a = store.set_routing("sql", Routing(weights={1: 90, 2: 10}))
+    assert a.weights == {1: 90, 2: 10} and a.current is not None and a.current.version == 1
+    shares = _split_shares(store, "sql")
+    assert set(shares) == {1, 2} and abs(shares[2] - 0.10) < 0.03, shares
+    assert resolve(store, "sql@3").version == 3, "a pinned version is not split"
+    store.remove_version("sql", 2)
+    assert store.get_adapter("sql").weights is None, "one live version left: no split"
+    assert resolve(store, "sql").version == 1, "the remaining weighted version serves"
+    for bad in ({}, {1: -1}, {1: 0}, {7: 10}, {1: 10**7}, dict.fromkeys(range(1, 10), 1)):
+        with pytest.raises(AdapterRefusedError) as info:
+            store.set_routing("sql", Routing(weights=bad))
+        assert info.value.code in {"invalid_weights", "version_not_found"}, bad
+    assert store.get_adapter("sql").alias_weights == {1: 90, 2: 10}, "refused writes change nothing"
+
+
+def test_rollback_puts_back_the_previous_routing(store: SqliteStore) -> None:
+    add(store, "sql", 1)
+    add(store, "sql", 2)
+    with pytest.raises(AdapterRefusedError) as info:
+        store.rollback("sql")
+    assert info.value.code == "nothing_to_roll_back"
+    store.set_alias("sql", 1)
+    store.set_routing("sql", Routing(weights={1: 50, 2: 50}))
+    a = store.set_alias("sql", 2)  # promoted
+    assert a.previous_routing == Routing(None, {1: 50, 2: 50})
+    a = store.rollback("sql")
+    assert a.alias_version is None and a.weights == {1: 50, 2: 50}
+    assert store.rollback("sql").alias_version == 2, "a second rollback undoes the first"
+    store.remove_version("sql", 1)
+    with pytest.raises(RegistryNotFoundError):
+        store.rollback("sql")  # its previous routing names a retired version
+
+
+def test_evaluation_is_kept_on_the_version(store: SqliteStore) -> None:
+    add(store, "sql", 1)
+    scores = {"metric": "exact_match", "score": 0.5, "compared": {"base": {"exact_match": 0.1}}}
+    v = store.set_evaluation("sql", 1, scores)
+    assert v.evaluation == scores
+    assert store.get_adapter("sql").versions[0].evaluation == scores
+    with pytest.raises(RegistryNotFoundError):
+        store.set_evaluation("sql", 9, scores)
 
 
 def test_pin(store: SqliteStore) -> None:

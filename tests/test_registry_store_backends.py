@@ -72,6 +72,9 @@ CORE: list[Callable[[RegistryStore], None]] = [
     sqlite_suite.test_resolve,
     sqlite_suite.test_alias_overrides_newest,
     sqlite_suite.test_alias_errors,
+    sqlite_suite.test_weights_split_a_name_and_retiring_drops_a_version,
+    sqlite_suite.test_rollback_puts_back_the_previous_routing,
+    sqlite_suite.test_evaluation_is_kept_on_the_version,
     sqlite_suite.test_pin,
     sqlite_suite.test_remove_version,
     sqlite_suite.test_remove_adapter_keeps_version_numbers,
@@ -223,7 +226,7 @@ def test_sqlite_v1_file_is_migrated(tmp_path: Path) -> None:
     conn.commit()
     conn.close()
     with SqliteStore(db) as s:
-        assert s.schema_version() == SQLITE_SCHEMA_VERSION == 4
+        assert s.schema_version() == SQLITE_SCHEMA_VERSION == 5
         assert resolve(s, "sql").digest == digest(1)
         token = s.change_token()
         add(s, "sql", 2)

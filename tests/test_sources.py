@@ -16,7 +16,7 @@ from safetensors.numpy import save
 
 from adapters.validate import BaseModelSpec, validate_adapter_dir
 from gateway.registry.blobs import BlobStore
-from gateway.registry.sources import SourceError, resolve_hf, resolve_local, resolve_source
+from gateway.registry.sources import SourceError, parse_hf_uri, resolve_hf, resolve_local, resolve_source
 
 OLD = "1" * 40
 NEW = "2" * 40
@@ -152,7 +152,8 @@ def test_local_errors(roots: tuple[Path, Path]) -> None:
         (lambda: resolve_source("team/sql", revision="main", allowed_roots=[allowed]), "invalid_source"),
         # URLs of any scheme but hf:// and file:// are refused before any lookup (nothing is fetched by URL)
         (lambda: resolve_source("http://169.254.169.254/latest", allowed_roots=[allowed]), "invalid_source"),
-        (lambda: resolve_source("s3://bucket/team/sql", allowed_roots=[allowed]), "invalid_source"),
+        (lambda: resolve_source("gs://bucket/team/sql", allowed_roots=[allowed]), "invalid_source"),
+        (lambda: resolve_source("HTTPS://example.com/x", allowed_roots=[allowed]), "invalid_source"),
         (lambda: resolve_source("file:///etc", allowed_roots=[allowed]), "source_not_allowed"),
     ]
     for call, expected in cases:
@@ -266,6 +267,70 @@ def test_subfolder(cache: Path) -> None:
     src = resolve_hf("hf://acme/multi/sql", cache_dir=cache, offline=True)
     assert src.source == "hf://acme/multi/sql" and src.path.name == "sql"
     assert sorted(os.listdir(src.path)) == sorted(PATTERNS)
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        # huggingface_hub's form: the revision right after org/repo, then the subfolder
+        ("hf://acme/multi@v1/sql", ("acme/multi", "sql", "v1")),
+        ("hf://acme/multi@v1/sql/deep/", ("acme/multi", "sql/deep", "v1")),
+        ("hf://acme/multi@v1", ("acme/multi", "", "v1")),
+        ("hf://acme/multi@v1/", ("acme/multi", "", "v1")),
+        ("hf://acme/multi@refs%2Fpr%2F1/sql", ("acme/multi", "sql", "refs/pr/1")),
+        (f"hf://acme/multi@{OLD}/sql", ("acme/multi", "sql", OLD)),
+        # the older form: the subfolder first, everything after the @ is the revision
+        ("hf://acme/multi/sql@v1", ("acme/multi", "sql", "v1")),
+        ("hf://acme/multi/sql/deep@refs/pr/1", ("acme/multi", "sql/deep", "refs/pr/1")),
+        ("hf://acme/multi/sql", ("acme/multi", "sql", None)),
+        ("hf://acme/multi", ("acme/multi", "", None)),
+    ],
+)
+def test_parse_hf_uri_both_forms(uri: str, expected: tuple[str, str, str | None]) -> None:
+    assert parse_hf_uri(uri) == expected
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "hf://acme/multi@",
+        "hf://acme/multi@/sql",
+        "hf://acme/multi@v1/../x",
+        "hf://acme/multi@v1/a//b",
+        "hf://acme/multi@v1/sql@v2",
+        "hf://acme/multi@%2E%2E%2F%2E%2E/sql",  # `../..` once decoded
+        "hf://acme/multi@v%401/sql",
+        "hf://acme/multi/sql@",
+    ],
+)
+def test_parse_hf_uri_refuses_malformed(uri: str) -> None:
+    with pytest.raises(SourceError) as info:
+        parse_hf_uri(uri)
+    assert code(info) == "invalid_source", uri
+
+
+def test_revision_then_subfolder_resolves_through_the_cache(cache: Path) -> None:
+    """`hf://org/repo@rev/sub` and `hf://org/repo/sub@rev` are the same snapshot folder."""
+    old = {f"sql/{name}": data for name, data in adapter_files(readme="old\n").items()}
+    new = {f"sql/{name}": data for name, data in adapter_files(readme="new\n").items()}
+    put_snapshot(cache, "acme/multi", OLD, old, refs=("v1", "refs/pr/1"))
+    put_snapshot(cache, "acme/multi", NEW, new, refs=("main",))
+    for uri in ["hf://acme/multi@v1/sql", "hf://acme/multi/sql@v1", "hf://acme/multi@refs%2Fpr%2F1/sql"]:
+        src = resolve_hf(uri, cache_dir=cache, offline=True)
+        assert (src.source, src.revision) == ("hf://acme/multi/sql", OLD), uri
+        assert src.path == (cache / "models--acme--multi" / "snapshots" / OLD / "sql").resolve()
+        assert (src.path / "README.md").read_text() == "old\n"
+    assert resolve_hf("hf://acme/multi@v1/sql", cache_dir=cache, offline=True).requested_revision == "v1"
+    pr = resolve_hf("hf://acme/multi@refs%2Fpr%2F1/sql", cache_dir=cache, offline=True)
+    assert pr.requested_revision == "refs/pr/1"
+    src = resolve_source("hf://acme/multi@main/sql", hf_cache_dir=cache, hf_offline=True)
+    assert src.revision == NEW and (src.path / "README.md").read_text() == "new\n"
+    with pytest.raises(SourceError) as info:
+        resolve_hf("hf://acme/multi@v1/other", cache_dir=cache, offline=True)
+    assert code(info) == "source_not_found"
+    with pytest.raises(SourceError) as info:
+        resolve_hf("hf://acme/multi@v1/sql", "main", cache_dir=cache, offline=True)
+    assert code(info) == "invalid_source", "two different revisions"
 
 
 def test_snapshot_link_leaving_the_cache_is_refused(cache: Path, tmp_path: Path) -> None:

@@ -5,7 +5,11 @@ GET    /admin/adapters                    list
 GET    /admin/adapters/{name}             show, with every version
 DELETE /admin/adapters/{name}[?version=N] retire the adapter, or one version; in-flight requests finish
 POST   /admin/adapters/{name}/pin|unpin   keep it resident on every engine (restored after restarts)
-PUT    /admin/adapters/{name}/alias       {"version": N}: `name` resolves to N; DELETE to clear
+PUT    /admin/adapters/{name}/alias       {"version": N}: `name` resolves to N; DELETE to clear;
+                                          {"weights": {"3": 90, "4": 10}}: a canary, sticky per user
+POST   /admin/adapters/{name}/rollback    put back the routing the last alias change replaced
+PUT    /admin/adapters/{name}/versions/{v}/evaluation   held-out scores, kept on the version
+POST   /admin/adapters (tar or multipart) upload the adapter's files (gateway/api/upload.py)
 GET    /admin/engines                     state, resident adapters, in-flight counts, last loads
 
 A refusal (validation, source, no such adapter or version) is raised by the registry as an
@@ -18,12 +22,15 @@ runs a router's dependencies, so an unauthenticated client could otherwise make 
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Security
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gateway.api import upload
 from gateway.api.body import parse_json, read_body
 from gateway.api.responses import (
     ADMIN_TOKEN,
@@ -36,8 +43,9 @@ from gateway.api.responses import (
     ok,
 )
 from gateway.auth import require_admin
-from gateway.errors import NotFoundError, validation_error
+from gateway.errors import InvalidRequestError, NotFoundError, validation_error
 from gateway.registry.service import describe_adapter, describe_version
+from gateway.registry.store import AdapterVersion, Routing
 from gateway.state import GatewayState
 
 # `ADMIN_TOKEN` only declares the credential in the OpenAPI document; `require_admin` checks it.
@@ -57,10 +65,53 @@ class RegisterRequest(BaseModel):
     force: bool = Field(False, description="Accept an adapter trained for another base (recorded).")
 
 
-class AliasRequest(BaseModel):
+class UploadRequest(BaseModel):
+    """The fields of an upload (query parameters of a tar stream, or form fields of a multipart body)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(ge=1)
+    name: str = Field(min_length=1, max_length=64)
+    description: str = Field("", max_length=2000)
+    pin: bool = False
+    force: bool = Field(False, description="Accept an adapter trained for another base (recorded).")
+    origin: str = Field("", max_length=500, description="Where the files came from (recorded).")
+
+
+class AliasRequest(BaseModel):
+    # One of the two, as the schema says: {"version": N} or {"weights": {...}}.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"oneOf": [{"required": ["version"]}, {"required": ["weights"]}]},
+    )
+
+    version: int | None = Field(None, ge=1, description="`name` resolves to this version.")
+    weights: dict[int, int] | None = Field(
+        None,
+        description='A canary: {"3": 90, "4": 10} sends requests for `name` to those versions in those '
+        "proportions, each end user (`user`, else the sticky header) always to the same one.",
+    )
+
+    def routing(self) -> Routing:
+        if (self.version is None) == (self.weights is None):
+            raise InvalidRequestError("Give either `version` or `weights`.", param="version")
+        return Routing(self.version, self.weights)
+
+
+class EvaluationRequest(BaseModel):
+    """Scores of a version on a held-out set, as `lora-gateway adapters promote --eval` measured them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(max_length=500, description="What was evaluated on (a file name, a digest).")
+    metric: str = Field(max_length=64, description="The score compared: exact_match or token_f1.")
+    score: float = Field(description="This version's score.")
+    scores: dict[str, float | int | None] = Field(
+        default_factory=dict, max_length=32, description="Every score measured for this version."
+    )
+    compared: dict[str, dict[str, float | int | None | str]] = Field(
+        default_factory=dict, max_length=8, description="The same scores of what it was compared with."
+    )
+    decision: str | None = Field(None, max_length=500, description="promoted, or why not.")
 
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -86,16 +137,36 @@ def _documented(schema: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": content}}
 
 
+def _documented_register() -> dict[str, Any]:
+    """JSON naming a source, or the files themselves: a tar stream (fields as query parameters) or a
+    multipart form (fields and one part per file)."""
+    doc = _documented(RegisterRequest)
+    fields = UploadRequest.model_json_schema()
+    binary = {"type": "string", "format": "binary"}
+    doc["requestBody"]["content"]["application/x-tar"] = {"schema": binary}
+    multipart = {
+        **fields,
+        "properties": {**fields["properties"], "file": {"type": "array", "items": binary}},
+        "required": ["name", "file"],
+    }
+    doc["requestBody"]["content"]["multipart/form-data"] = {"schema": multipart}
+    return doc
+
+
 @router.post(
     "/adapters",
     response_model=None,
     status_code=201,
-    openapi_extra=_documented(RegisterRequest),
+    openapi_extra=_documented_register(),
     responses={**ok(Registered, "Registered: the new version.", status=201), **errors(400, 404, 413, 503)},
 )
 async def register(request: Request) -> JSONResponse:
-    body = await _body(request, RegisterRequest)
+    """Register from a source the gateway reads (JSON), or from the files in the body itself (a tar
+    stream or a multipart form: gateway/api/upload.py)."""
     state = _state(request)
+    if upload.is_upload(request.headers.get("content-type")):
+        return await _register_upload(request, state)
+    body = await _body(request, RegisterRequest)
     version = await state.registry.register(
         body.name,
         body.source,
@@ -104,7 +175,34 @@ async def register(request: Request) -> JSONResponse:
         pin=body.pin or None,
         force=body.force,
     )
-    adapter = state.registry.adapter(body.name)
+    return _registered(state, body.name, version)
+
+
+async def _register_upload(request: Request, state: GatewayState) -> JSONResponse:
+    settings = state.settings
+    received = await upload.receive(
+        request, settings.data_dir / "uploads", settings.registry.max_adapter_bytes
+    )
+    try:
+        try:
+            fields = UploadRequest.model_validate(received.fields)
+        except ValidationError as exc:
+            raise validation_error(exc.errors()) from exc
+        version = await state.registry.register_upload(
+            fields.name,
+            received.folder,
+            origin=fields.origin,
+            description=fields.description,
+            pin=fields.pin or None,
+            force=fields.force,
+        )
+    finally:
+        await asyncio.to_thread(received.remove)
+    return _registered(state, fields.name, version)
+
+
+def _registered(state: GatewayState, name: str, version: AdapterVersion) -> JSONResponse:
+    adapter = state.registry.adapter(name)
     return JSONResponse(
         {"registered": describe_version(version), "adapter": describe_adapter(adapter) if adapter else None},
         status_code=201,
@@ -175,8 +273,31 @@ async def unpin(name: str, request: Request) -> dict[str, Any]:
 )
 async def set_alias(name: str, request: Request) -> dict[str, Any]:
     body = await _body(request, AliasRequest)
-    adapter = await _state(request).registry.set_alias(name, body.version)
+    adapter = await _state(request).registry.set_routing(name, body.routing())
     return describe_adapter(adapter)
+
+
+@router.post(
+    "/adapters/{name}/rollback",
+    response_model=None,
+    responses={**ok(AdapterOut, "The adapter, routed as before its last alias change."), **errors(404, 409)},
+)
+async def rollback(name: str, request: Request) -> dict[str, Any]:
+    adapter = await _state(request).registry.rollback(name)
+    return describe_adapter(adapter)
+
+
+@router.put(
+    "/adapters/{name}/versions/{version}/evaluation",
+    response_model=None,
+    openapi_extra=_documented(EvaluationRequest),
+    responses={**ok(AdapterOut, "The adapter, the version's scores stored."), **errors(400, 404, 413)},
+)
+async def set_evaluation(name: str, version: int, request: Request) -> dict[str, Any]:
+    body = await _body(request, EvaluationRequest)
+    registry = _state(request).registry
+    await registry.set_evaluation(name, version, body.model_dump() | {"evaluated_at": time.time()})
+    return _adapter_or_404(_state(request), name)
 
 
 @router.delete(

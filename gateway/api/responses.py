@@ -213,13 +213,27 @@ class AdapterVersionOut(BaseModel):
     status: str
     created_at: float
     engine_name: str
+    evaluation: dict[str, Any] | None = Field(
+        description="Held-out scores stored by `lora-gateway adapters promote --eval`, else null."
+    )
+
+
+class RoutingOut(BaseModel):
+    version: int | None
+    weights: dict[str, int] | None
 
 
 class AdapterOut(BaseModel):
     name: str
     pinned: bool
     alias_version: int | None
-    current_version: int | None
+    alias_weights: dict[str, int] | None = Field(
+        description="A canary: version -> weight over ready versions, else null."
+    )
+    previous_routing: RoutingOut | None = Field(description="What `rollback` would put back.")
+    current_version: int | None = Field(
+        description="What `name` resolves to (during a canary: the version with the largest weight)."
+    )
     versions: list[AdapterVersionOut]
     created_at: float
     updated_at: float

@@ -29,6 +29,7 @@ class Target:
     requested: str
     engine_model: str
     adapter: AdapterRef | None = None
+    canary: bool = False  # the version was picked by a weighted split (gateway/registry/split.py)
 
     @property
     def label(self) -> str:

@@ -29,8 +29,9 @@ Database errors after opening are psycopg's own (`psycopg.OperationalError`, ...
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -48,17 +49,22 @@ from gateway.registry.store import (
     KeyExistsError,
     KeyRecord,
     RegistryError,
+    Routing,
     UsageRow,
     adapter_from_row,
     check_new_version,
+    evaluation_sql,
     key_from_row,
     key_not_found,
     key_row,
     key_update_values,
     require_listed,
     require_ready,
+    rollback_values,
     rotate_sql,
     rotate_values,
+    routing_sql,
+    routing_values,
     upsert_uses_sql,
     usage_query,
     usage_rows,
@@ -147,6 +153,14 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             )""",
             "CREATE INDEX usage_by_hour ON usage (hour)",
             "CREATE TABLE registry_settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        ],
+    ),
+    (
+        4,
+        [
+            "ALTER TABLE adapters ADD COLUMN alias_weights TEXT",
+            "ALTER TABLE adapters ADD COLUMN previous_routing TEXT",
+            "ALTER TABLE versions ADD COLUMN evaluation TEXT",
         ],
     ),
 ]
@@ -293,22 +307,28 @@ class PostgresStore:
 
     def set_alias(self, name: str, version: int) -> Adapter:
         """Make `name` resolve to `version` (which must be ready) instead of the newest version."""
-        with self._write() as c:
-            require_ready(self._lock(c, name), version)
-            c.execute(
-                "UPDATE adapters SET alias_version = %s, updated_at = %s WHERE name = %s",
-                (version, self._clock(), name),
-            )
-            return require_listed(self._load(c, name), name)
+        return self.set_routing(name, Routing(version))
 
     def clear_alias(self, name: str) -> Adapter:
+        return self.set_routing(name, Routing())
+
+    def set_routing(self, name: str, routing: Routing) -> Adapter:
+        """One version, weights over versions, or the newest (`Routing()`); the old routing is kept."""
         with self._write() as c:
-            self._lock(c, name)
-            c.execute(
-                "UPDATE adapters SET alias_version = NULL, updated_at = %s WHERE name = %s",
-                (self._clock(), name),
-            )
+            c.execute(routing_sql("%s"), routing_values(self._lock(c, name), routing, self._clock()))
             return require_listed(self._load(c, name), name)
+
+    def rollback(self, name: str) -> Adapter:
+        """Put back the routing the last change replaced."""
+        with self._write() as c:
+            c.execute(routing_sql("%s"), rollback_values(self._lock(c, name), self._clock()))
+            return require_listed(self._load(c, name), name)
+
+    def set_evaluation(self, name: str, version: int, evaluation: Mapping[str, Any]) -> AdapterVersion:
+        with self._write() as c:
+            require_ready(self._lock(c, name), version)
+            c.execute(evaluation_sql("%s"), (json.dumps(dict(evaluation)), name, version))
+            return require_ready(require_listed(self._load(c, name), name), version)
 
     def set_pinned(self, name: str, pinned: bool) -> Adapter:
         with self._write() as c:

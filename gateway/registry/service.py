@@ -32,8 +32,9 @@ from adapters.validate import (
 )
 from gateway.registry.blobs import BlobStore
 from gateway.registry.catalog import AdapterRef, Target
-from gateway.registry.sources import SourceError, resolve_source
-from gateway.registry.store import Adapter, AdapterVersion, RegistryStore
+from gateway.registry.sources import ResolvedSource, SourceError, check_contained, resolve_source
+from gateway.registry.split import Split
+from gateway.registry.store import Adapter, AdapterVersion, RegistryStore, Routing
 
 log = logging.getLogger("lora_gateway.registry")
 
@@ -47,6 +48,7 @@ class RegistryLimits:
     max_rank: int
     max_bytes: int
     allowed_roots: Sequence[Path]
+    s3_buckets: Sequence[str] = ()  # s3:// sources: allowed buckets, empty = any (registry.s3_buckets)
 
 
 class Registry:
@@ -71,15 +73,22 @@ class Registry:
         self._names: dict[str, AdapterRef] = {}  # "sql" -> its current version
         self._labels: frozenset[str] = frozenset({base_name})  # metric label values: base + names
         self._versions: dict[str, AdapterRef] = {}  # "sql@3" -> that version
+        self._splits: dict[str, Split] = {}  # "sql" -> its canary's versions and weights
         self._adapters: dict[str, Adapter] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._listeners: list[Callable[[], Any]] = []
         self._token: str | None = None  # the store's change token at the last refresh
 
     # --- the catalog (request path: memory only) -------------------------------------------------
-    def resolve(self, model: str) -> Target | None:
+    def resolve(self, model: str, user: str | None = None) -> Target | None:
+        """`model` -> what to run on. A name under a canary picks a version per request, by `user`
+        (sticky) when given (gateway/registry/split.py)."""
         if model == self.base_name:
             return Target(model, self.base_name)
+        split = self._splits.get(model) if self._splits else None
+        if split is not None:
+            picked = split.pick(user)
+            return Target(model, picked.engine_name, picked, canary=True)
         ref = self._names.get(model) or self._versions.get(model)
         return Target(model, ref.engine_name, ref) if ref else None
 
@@ -118,15 +127,19 @@ class Registry:
         adapters = await asyncio.to_thread(self.store.list_adapters)
         names: dict[str, AdapterRef] = {}
         versions: dict[str, AdapterRef] = {}
+        splits: dict[str, Split] = {}
         for adapter in adapters:
             current = adapter.current
+            refs: dict[int, AdapterRef] = {}
             for v in adapter.ready_versions:
-                ref = self._ref(adapter, v)
+                ref = refs[v.version] = self._ref(adapter, v)
                 versions[v.model_id] = ref
                 if current is not None and v.version == current.version:
                     names[adapter.name] = ref
+            if weights := adapter.weights:
+                splits[adapter.name] = Split(adapter.name, [refs[v] for v in weights], list(weights.values()))
         self._adapters = {a.name: a for a in adapters}
-        self._names, self._versions = names, versions
+        self._names, self._versions, self._splits = names, versions, splits
         self._labels = frozenset({self.base_name, *names})
         for listener in self._listeners:
             result = listener()
@@ -173,7 +186,22 @@ class Registry:
     def _register_blocking(
         self, name: str, source: str, revision: str | None, description: str, pin: bool | None, force: bool
     ) -> AdapterVersion:
-        resolved = resolve_source(source, revision=revision, allowed_roots=self.limits.allowed_roots)
+        resolved = resolve_source(
+            source,
+            revision=revision,
+            allowed_roots=self.limits.allowed_roots,
+            s3_buckets=self.limits.s3_buckets,
+            max_bytes=self.limits.max_bytes,
+        )
+        try:
+            return self._store_resolved(name, resolved, description, pin, force)
+        finally:
+            if resolved.cleanup is not None:  # s3: the downloaded folder, copied by stage() or refused
+                resolved.cleanup()
+
+    def _store_resolved(
+        self, name: str, resolved: ResolvedSource, description: str, pin: bool | None, force: bool
+    ) -> AdapterVersion:
         self._validate(resolved.path, force)  # the source as given: refuses pickles, .py files, ...
         staged = self.blobs.stage(resolved.path, max_bytes=self.limits.max_bytes)
         try:
@@ -193,6 +221,36 @@ class Registry:
             forced_base=info.base_mismatch_forced,
             pinned=pin,
         )
+
+    async def register_upload(
+        self,
+        name: str,
+        folder: Path,
+        *,
+        origin: str = "",
+        description: str = "",
+        pin: bool | None = None,
+        force: bool = False,
+    ) -> AdapterVersion:
+        """Register the files a client uploaded into `folder` (gateway/api/upload.py), validated and stored
+        exactly as a local folder's; recorded with the source `upload:<origin>`. The caller removes
+        `folder`."""
+        validate_adapter_name(name, reserved={self.base_name})
+        if self.base is None:
+            msg = "The base model's config.json is not available; cannot validate."
+            raise AdapterRefusedError(msg, "engine_unavailable")
+        check_contained(folder, folder)
+        resolved = ResolvedSource("upload", folder, f"upload:{origin}", None, None, folder)
+        async with self._lock(name):
+            version = await asyncio.to_thread(self._store_resolved, name, resolved, description, pin, force)
+            await self.refresh()
+        log.info(
+            "registered %s (digest %s), uploaded from %s",
+            version.model_id,
+            version.digest[:12],
+            origin or "?",
+        )
+        return version
 
     def _validate(self, folder: Path, force: bool) -> AdapterInfo:
         assert self.base is not None
@@ -231,13 +289,29 @@ class Registry:
         return adapter
 
     async def set_alias(self, name: str, version: int | None) -> Adapter:
+        return await self.set_routing(name, Routing(version))
+
+    async def set_routing(self, name: str, routing: Routing) -> Adapter:
+        """`name` -> one version, weights over versions (a canary), or the newest (`Routing()`)."""
         async with self._lock(name):
-            if version is None:
-                adapter = await asyncio.to_thread(self.store.clear_alias, name)
-            else:
-                adapter = await asyncio.to_thread(self.store.set_alias, name, version)
+            adapter = await asyncio.to_thread(self.store.set_routing, name, routing)
             await self.refresh()
+        log.info("%s now routes to %s", name, routing.describe())
         return adapter
+
+    async def rollback(self, name: str) -> Adapter:
+        """Put back the routing the last change replaced (`nothing_to_roll_back` if none)."""
+        async with self._lock(name):
+            adapter = await asyncio.to_thread(self.store.rollback, name)
+            await self.refresh()
+        log.info("%s rolled back to %s", name, adapter.routing.describe())
+        return adapter
+
+    async def set_evaluation(self, name: str, version: int, evaluation: dict[str, Any]) -> AdapterVersion:
+        async with self._lock(name):
+            record = await asyncio.to_thread(self.store.set_evaluation, name, version, evaluation)
+            await self.refresh()
+        return record
 
     async def remove(self, name: str, version: int | None = None) -> list[AdapterVersion]:
         async with self._lock(name):
@@ -277,6 +351,7 @@ def describe_version(v: AdapterVersion) -> dict[str, Any]:
         "status": v.status,
         "created_at": v.created_at,
         "engine_name": engine_name(v.digest),
+        "evaluation": v.evaluation,
     }
 
 
@@ -286,6 +361,8 @@ def describe_adapter(a: Adapter) -> dict[str, Any]:
         "name": a.name,
         "pinned": a.pinned,
         "alias_version": a.alias_version,
+        "alias_weights": {str(k): w for k, w in a.weights.items()} if a.weights else None,
+        "previous_routing": a.previous_routing.describe() if a.previous_routing else None,
         "current_version": current.version if current else None,
         "versions": [describe_version(v) for v in a.versions],
         "created_at": a.created_at,

@@ -1,12 +1,14 @@
-"""Turn a registration source into a local folder: a path under an allowed root, or `hf://org/repo`.
+"""Turn a registration source into a local folder: a path under an allowed root, `hf://org/repo`, or
+`s3://bucket/prefix`.
 
 Local paths (absolute, or relative to one of the allowed roots, `file://` prefix optional) are refused
 with `source_not_allowed` when they contain `..`, lie outside every root, or when the folder or any
 entry inside it is a symlink resolving outside the root. Hard links cannot be told apart and are
 trusted: an allowed root is a place only operators write to.
 
-`hf://org/repo[/subfolder][@revision]` (or a separate `revision`) is resolved to a commit sha, which
-is returned so the registry records exactly what it serves:
+`hf://org/repo[@revision][/subfolder]` (huggingface_hub's own form, the revision URL-encoded:
+`refs%2Fpr%2F1`), `hf://org/repo[/subfolder][@revision]` (the older form), or a separate `revision`, is
+resolved to a commit sha, which is returned so the registry records exactly what it serves:
 - online: `HfApi().model_info(repo, revision=...).sha`, then `snapshot_download(revision=<sha>)` with
   `allow_patterns` limited to the adapter files (a moving branch cannot change between the two calls);
 - offline (`HF_HUB_OFFLINE=1`, read at call time): from the cache as huggingface_hub lays it out,
@@ -14,13 +16,19 @@ is returned so the registry records exactly what it serves:
   linking into `blobs/` (which may link on into the cache-wide `<cache>/blobs/`; any link leaving the
   cache is refused). A full or unique abbreviated sha is accepted as is.
 
-Any other URL (`http://`, `https://`, `s3://`, ...) is refused with `invalid_source` before anything is
+`s3://bucket[/prefix]` (AWS S3 or an S3-compatible store: gateway/registry/s3.py) is downloaded into a
+temporary folder, which `ResolvedSource.cleanup` removes, pinned to the objects' version ids or ETags.
+Only the endpoint the operator configured (the AWS chain: AWS_ENDPOINT_URL, ...) is ever called, and
+`s3_buckets`, when given, limits the buckets.
+
+Any other URL (`http://`, `https://`, `gs://`, ...) is refused with `invalid_source` before anything is
 looked up: this module fetches nothing by URL, so a registration cannot make the gateway call an address
 an attacker chose (SSRF), and such a string is never read as a relative path either.
 
 Errors are `SourceError` (an `AdapterRefusedError`) with codes `invalid_source`,
-`source_not_allowed`, `source_not_found`, `revision_not_found`, `source_unavailable` (Hub unreachable
-and nothing cached). Blocking (hub calls, file walks): call through a thread.
+`source_not_allowed`, `source_not_found`, `revision_not_found`, `source_unavailable` (Hub or S3
+unreachable, credentials refused, and nothing cached), `too_large` (an S3 object over the cap).
+Blocking (hub and S3 calls, file walks): call through a thread.
 """
 
 from __future__ import annotations
@@ -28,14 +36,16 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import unquote
 
 from adapters.validate import STORED_FILES, AdapterRefusedError
 
 HF_SCHEME = "hf://"
+S3_SCHEME = "s3://"
 _REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
 _REPO_RE = re.compile(rf"{_REPO_PART}/{_REPO_PART}")
 _REVISION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,255}")
@@ -52,12 +62,14 @@ class SourceError(AdapterRefusedError):
 
 @dataclass(frozen=True)
 class ResolvedSource:
-    kind: str  # "local" | "hf"
+    kind: str  # "local" | "hf" | "s3"
     path: Path  # folder holding the adapter files
-    source: str  # what to record: the absolute path, or "hf://org/repo[/subfolder]"
-    revision: str | None  # the commit sha for hf, None for local
+    source: str  # what to record: the absolute path, "hf://org/repo[/subfolder]" or "s3://bucket[/prefix]"
+    revision: str | None  # the commit sha for hf, the objects' digest for s3 (s3.py), None for local
     requested_revision: str | None  # what was asked for ("main", a tag, a sha), hf only
     root: Path  # every file under `path` resolves inside this folder
+    # Removes what resolving made (s3: the temporary download folder); call it once `path` was copied.
+    cleanup: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
 
 def resolve_source(
@@ -69,14 +81,19 @@ def resolve_source(
     hf_offline: bool | None = None,
     hf_token: str | bool | None = None,
     hf_api: Any = None,
+    s3_buckets: Sequence[str] = (),
+    max_bytes: int | None = None,
 ) -> ResolvedSource:
-    """Dispatch on the scheme: `hf://...` goes to the Hub (or its cache), `file://` or no scheme is a local
-    path, any other URL is refused."""
+    """Dispatch on the scheme: `hf://...` goes to the Hub (or its cache), `s3://...` to S3 (only the buckets
+    in `s3_buckets` when it is not empty; no object over `max_bytes`), `file://` or no scheme is a local
+    path, any other URL is refused.
+
+    Call `cleanup` on the result (when set) once its files were copied."""
     scheme = _URL_RE.match(source)
-    if scheme and scheme.group(0).lower() not in (HF_SCHEME, "file://"):
+    if scheme and scheme.group(0).lower() not in (HF_SCHEME, S3_SCHEME, "file://"):
         raise SourceError(
-            f"{scheme.group(0)} sources are not fetched: register hf://org/repo or a folder under the "
-            "allowed roots.",
+            f"{scheme.group(0)} sources are not fetched: register hf://org/repo, s3://bucket/prefix or a "
+            "folder under the allowed roots.",
             "invalid_source",
             "source",
         )
@@ -86,6 +103,10 @@ def resolve_source(
         )
     if revision:
         raise SourceError("A revision only applies to hf:// sources.", "invalid_source", "revision")
+    if scheme and scheme.group(0).lower() == S3_SCHEME:
+        from gateway.registry.s3 import resolve_s3  # boto3 is imported only when S3 is used
+
+        return resolve_s3(source, buckets=s3_buckets, max_bytes=max_bytes)
     return resolve_local(source, allowed_roots)
 
 
@@ -145,13 +166,20 @@ def _within(path: Path, root: Path) -> bool:
 
 
 def parse_hf_uri(uri: str) -> tuple[str, str, str | None]:
-    """`hf://org/repo/sub/dir@rev` -> ("org/repo", "sub/dir", "rev")."""
+    """`hf://org/repo@rev/sub/dir` or `hf://org/repo/sub/dir@rev` -> ("org/repo", "sub/dir", "rev").
+
+    When what precedes the first `@` is exactly `org/repo` (huggingface_hub's form), the first segment
+    after it is the revision, URL-decoded (huggingface_hub writes `refs/pr/1` as `refs%2Fpr%2F1`), and the
+    rest is the subfolder; otherwise (the older form) everything after the `@` is the revision."""
     rest, at, revision = uri.removeprefix(HF_SCHEME).partition("@")
     parts = rest.strip("/").split("/")
     repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
+    if at and len(parts) == 2:
+        encoded, _, subfolder = revision.partition("/")
+        revision, subfolder = unquote(encoded), subfolder.strip("/")
     if not _REPO_RE.fullmatch(repo_id) or "--" in repo_id or ".." in repo_id:
         raise SourceError(f"{uri!r} is not hf://org/repo.", "invalid_source", "source")
-    if subfolder and any(p in ("", ".", "..") for p in subfolder.split("/")):
+    if subfolder and any(p in ("", ".", "..") or "@" in p for p in subfolder.split("/")):
         raise SourceError(f"{uri!r} has a malformed subfolder.", "invalid_source", "source")
     if at:
         _check_revision(revision)

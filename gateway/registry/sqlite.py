@@ -10,10 +10,11 @@ the same file (they wait up to `busy_timeout_s`). All methods block: call them t
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,17 +28,22 @@ from gateway.registry.store import (
     KeyExistsError,
     KeyRecord,
     RegistryError,
+    Routing,
     UsageRow,
     adapter_from_row,
     check_new_version,
+    evaluation_sql,
     key_from_row,
     key_not_found,
     key_row,
     key_update_values,
     require_listed,
     require_ready,
+    rollback_values,
     rotate_sql,
     rotate_values,
+    routing_sql,
+    routing_values,
     upsert_uses_sql,
     usage_query,
     usage_rows,
@@ -129,6 +135,14 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             )""",
             "CREATE INDEX usage_by_hour ON usage (hour)",
             "CREATE TABLE registry_settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        ],
+    ),
+    (
+        5,
+        [
+            "ALTER TABLE adapters ADD COLUMN alias_weights TEXT",
+            "ALTER TABLE adapters ADD COLUMN previous_routing TEXT",
+            "ALTER TABLE versions ADD COLUMN evaluation TEXT",
         ],
     ),
 ]
@@ -273,22 +287,30 @@ class SqliteStore:
 
     def set_alias(self, name: str, version: int) -> Adapter:
         """Make `name` resolve to `version` (which must be ready) instead of the newest version."""
+        return self.set_routing(name, Routing(version))
+
+    def clear_alias(self, name: str) -> Adapter:
+        return self.set_routing(name, Routing())
+
+    def set_routing(self, name: str, routing: Routing) -> Adapter:
+        """One version, weights over versions, or the newest (`Routing()`); the old routing is kept."""
         with self._tx() as c:
-            self._require_ready(c, name, version)
             c.execute(
-                "UPDATE adapters SET alias_version = ?, updated_at = ? WHERE name = ?",
-                (version, self._clock(), name),
+                routing_sql("?"), routing_values(self._require_adapter(c, name), routing, self._clock())
             )
             return self._require_adapter(c, name)
 
-    def clear_alias(self, name: str) -> Adapter:
+    def rollback(self, name: str) -> Adapter:
+        """Put back the routing the last change replaced."""
         with self._tx() as c:
-            self._require_adapter(c, name)
-            c.execute(
-                "UPDATE adapters SET alias_version = NULL, updated_at = ? WHERE name = ?",
-                (self._clock(), name),
-            )
+            c.execute(routing_sql("?"), rollback_values(self._require_adapter(c, name), self._clock()))
             return self._require_adapter(c, name)
+
+    def set_evaluation(self, name: str, version: int, evaluation: Mapping[str, Any]) -> AdapterVersion:
+        with self._tx() as c:
+            self._require_ready(c, name, version)
+            c.execute(evaluation_sql("?"), (json.dumps(dict(evaluation)), name, version))
+            return self._require_ready(c, name, version)
 
     def set_pinned(self, name: str, pinned: bool) -> Adapter:
         with self._tx() as c:

@@ -1,14 +1,20 @@
 """The registry's durable state, behind `RegistryStore`: SQLite here, Postgres in `postgres.py`.
 
-    adapter  name, pinned, alias_version, last_version
+    adapter  name, pinned, alias_version, alias_weights, previous_routing, last_version
       └── version 1, 2, 3, ...   per name, increasing, never reused (not even after removal)
             digest, source, revision, description, rank, size_bytes, forced_base,
-            status ("ready" | "retired"), created_at
+            status ("ready" | "retired"), created_at, evaluation
 
 `name` resolves to the alias's version when one is set, else to the newest ready version; `name@3`
-resolves to version 3 while it is ready. Removing retires: rows stay as history, but only ready
-versions count as references to a blob (`referenced_digests()`), and an adapter without ready versions
-is neither listed nor resolvable (its pin and alias are cleared).
+resolves to version 3 while it is ready. With `alias_weights` ({3: 90, 4: 10}, a canary) `name` is split
+between those versions per request (the registry picks, sticky per end user: gateway/registry/split.py);
+a retired version drops out of the split. Every routing change (`set_routing`) keeps the routing it
+replaced in `previous_routing`, which `rollback` restores (and a second rollback undoes the first).
+`evaluation` holds the held-out scores `lora-gateway adapters promote --eval` measured for a version.
+
+Removing retires: rows stay as history, but only ready versions count as references to a blob
+(`referenced_digests()`), and an adapter without ready versions is neither listed nor resolvable (its
+pin and alias are cleared).
 
 `change_token()` is a cheap string that changes with every committed write (a counter in the one-row
 table `registry_meta`, bumped inside each write's transaction, plus a random id of the database), so
@@ -75,11 +81,25 @@ class AdapterVersion:
     forced_base: bool
     status: str
     created_at: float
+    evaluation: dict[str, Any] | None = None  # held-out scores (`adapters promote --eval`)
 
     @property
     def model_id(self) -> str:
         """The pinned model string, `name@version`."""
         return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where `name` sends requests: one version (an alias), weights over versions (a canary), or, with
+    neither, the newest ready version."""
+
+    version: int | None = None
+    weights: dict[int, int] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        weights = {str(k): v for k, v in self.weights.items()} if self.weights else None
+        return {"version": self.version, "weights": weights}
 
 
 @dataclass(frozen=True)
@@ -90,6 +110,22 @@ class Adapter:
     versions: tuple[AdapterVersion, ...]  # every version, oldest first, retired ones included
     created_at: float
     updated_at: float
+    alias_weights: dict[int, int] | None = None  # a canary: version -> weight
+    previous_routing: Routing | None = None  # what the last routing change replaced (for rollback)
+
+    @property
+    def routing(self) -> Routing:
+        return Routing(self.alias_version, self.alias_weights)
+
+    @property
+    def weights(self) -> dict[int, int] | None:
+        """The canary's weights over ready versions (retired ones dropped), None unless two or more
+        versions have a positive weight."""
+        if not self.alias_weights:
+            return None
+        ready = {v.version for v in self.ready_versions}
+        live = {v: w for v, w in sorted(self.alias_weights.items()) if v in ready and w > 0}
+        return live if len(live) >= 2 else None
 
     @property
     def ready_versions(self) -> tuple[AdapterVersion, ...]:
@@ -97,8 +133,17 @@ class Adapter:
 
     @property
     def current(self) -> AdapterVersion | None:
-        """What `name` resolves to: the alias's version, else the newest ready one."""
+        """What `name` resolves to: the alias's version, else the newest ready one. During a canary, the
+        version with the largest weight (the older on a tie): the one listings and pins treat as `name`."""
         ready = self.ready_versions
+        weights = self.weights or (
+            {v: w for v, w in self.alias_weights.items() if w > 0} if self.alias_weights else None
+        )
+        if weights:
+            best = max(sorted(weights), key=lambda v: weights[v])
+            for v in ready:
+                if v.version == best:
+                    return v
         for v in ready:
             if v.version == self.alias_version:
                 return v
@@ -166,6 +211,9 @@ class RegistryStore(Protocol):
     def get_version(self, name: str, version: int) -> AdapterVersion | None: ...
     def set_alias(self, name: str, version: int) -> Adapter: ...
     def clear_alias(self, name: str) -> Adapter: ...
+    def set_routing(self, name: str, routing: Routing) -> Adapter: ...
+    def rollback(self, name: str) -> Adapter: ...
+    def set_evaluation(self, name: str, version: int, evaluation: Mapping[str, Any]) -> AdapterVersion: ...
     def set_pinned(self, name: str, pinned: bool) -> Adapter: ...
     def remove_version(self, name: str, version: int) -> AdapterVersion: ...
     def remove_adapter(self, name: str) -> list[AdapterVersion]: ...
@@ -333,6 +381,91 @@ def require_listed(adapter: Adapter | None, name: str) -> Adapter:
     return adapter
 
 
+#: Versions one canary may split between, and the largest weight (weights are relative).
+MAX_SPLIT_VERSIONS = 8
+MAX_WEIGHT = 1_000_000
+
+
+def routing_sql(placeholder: str) -> str:
+    """The statement both backends change an adapter's routing with."""
+    p = placeholder
+    return (
+        f"UPDATE adapters SET alias_version = {p}, alias_weights = {p}, previous_routing = {p},"
+        f" updated_at = {p} WHERE name = {p}"
+    )
+
+
+def evaluation_sql(placeholder: str) -> str:
+    p = placeholder
+    return f"UPDATE versions SET evaluation = {p} WHERE name = {p} AND version = {p}"
+
+
+def check_routing(adapter: Adapter, routing: Routing) -> Routing:
+    """`routing` checked against `adapter`'s ready versions (`version_not_found`, `invalid_weights`)."""
+    if routing.version is not None:
+        require_ready(adapter, routing.version)
+    if routing.weights is None:
+        return routing
+    weights = routing.weights
+    if not weights or len(weights) > MAX_SPLIT_VERSIONS:
+        raise AdapterRefusedError(
+            f"Give between 1 and {MAX_SPLIT_VERSIONS} versions with their weights.",
+            "invalid_weights",
+            "weights",
+        )
+    for version, weight in weights.items():
+        require_ready(adapter, version)
+        if not 0 <= weight <= MAX_WEIGHT:
+            raise AdapterRefusedError(
+                f"Weight {weight} of version {version} is not between 0 and {MAX_WEIGHT}.",
+                "invalid_weights",
+                "weights",
+            )
+    if sum(weights.values()) <= 0:
+        raise AdapterRefusedError("At least one weight must be positive.", "invalid_weights", "weights")
+    if routing.version is not None:
+        raise AdapterRefusedError("Give a version or weights, not both.", "invalid_weights", "weights")
+    return Routing(None, dict(sorted(weights.items())))
+
+
+def routing_values(adapter: Adapter, routing: Routing, now: float) -> tuple[Any, ...]:
+    """The values of `routing_sql` moving `adapter` to `routing` (checked), keeping what it replaces."""
+    new = check_routing(adapter, routing)
+    return (new.version, _weights_json(new.weights), _routing_json(adapter.routing), now, adapter.name)
+
+
+def rollback_values(adapter: Adapter, now: float) -> tuple[Any, ...]:
+    """The values of `routing_sql` putting back `adapter`'s previous routing (`nothing_to_roll_back`)."""
+    previous = adapter.previous_routing
+    if previous is None:
+        raise AdapterRefusedError(
+            f"Adapter {adapter.name!r} has no earlier routing to roll back to.",
+            "nothing_to_roll_back",
+            "name",
+        )
+    return routing_values(adapter, previous, now)
+
+
+def _weights_json(weights: Mapping[int, int] | None) -> str | None:
+    return json.dumps({str(k): v for k, v in weights.items()}) if weights else None
+
+
+def _routing_json(routing: Routing) -> str:
+    return json.dumps(routing.describe())
+
+
+def _weights_from(text: str | None) -> dict[int, int] | None:
+    return {int(k): int(v) for k, v in json.loads(text).items()} if text else None
+
+
+def _routing_from(text: str | None) -> Routing | None:
+    if not text:
+        return None
+    data = json.loads(text)
+    weights = data.get("weights")
+    return Routing(data.get("version"), {int(k): int(v) for k, v in weights.items()} if weights else None)
+
+
 def require_ready(adapter: Adapter, version: int) -> AdapterVersion:
     """`adapter`'s ready `version`, else `version_not_found`."""
     for v in adapter.ready_versions:
@@ -358,6 +491,7 @@ def version_from_row(row: sqlite3.Row | Mapping[str, Any]) -> AdapterVersion:
         forced_base=bool(r["forced_base"]),
         status=r["status"],
         created_at=r["created_at"],
+        evaluation=json.loads(r["evaluation"]) if r.get("evaluation") else None,
     )
 
 
@@ -371,4 +505,6 @@ def adapter_from_row(row: sqlite3.Row | Mapping[str, Any], versions: list[Adapte
         versions=tuple(versions),
         created_at=r["created_at"],
         updated_at=r["updated_at"],
+        alias_weights=_weights_from(r.get("alias_weights")),
+        previous_routing=_routing_from(r.get("previous_routing")),
     )
