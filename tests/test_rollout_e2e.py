@@ -22,6 +22,9 @@ from typer.testing import CliRunner, Result
 from gateway.cli import app
 from tests.conftest import serve_app
 from tests.registry_helpers import register, registry_settings, write_adapter
+from tests.s3_server import new_bucket, s3_client, s3_endpoint, s3_env
+
+__all__ = ["s3_endpoint"]  # the session fixture, used below
 
 pytestmark = pytest.mark.engine
 
@@ -67,6 +70,40 @@ def test_an_uploaded_adapter_is_served(
         assert answers[0].model == "uploaded"
         assert answers[0].choices[0].text == answers[1].choices[0].text, "the uploaded bytes are served"
         assert answers[0].choices[0].text != answers[2].choices[0].text, "an adapter, not the base"
+
+
+def test_an_s3_adapter_is_served(
+    vllm_url: str,
+    cache_dir: Path,
+    tiny_cache: dict[str, Path],
+    tmp_path: Path,
+    s3_endpoint: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An adapter put in a bucket of a real S3-compatible server, registered by s3:// through the admin
+    API, is what vLLM serves: the same answers as the same bytes registered from a folder."""
+    s3_env(monkeypatch, s3_endpoint)
+    client = s3_client()
+    bucket = new_bucket(client, versioned=True)
+    folder = write_adapter(tiny_cache["base"], tmp_path / "gateway-side" / "same", seed=515)
+    for path in folder.iterdir():
+        client.put_object(Bucket=bucket, Key=f"team/sql/{path.name}", Body=path.read_bytes())
+    settings = registry_settings(vllm_url, cache_dir, tmp_path, folder.parent)
+    with serve_app(settings) as url:
+        out = cli(url, "register", "from-s3", f"s3://{bucket}/team/sql").stdout
+        assert out.startswith("registered from-s3@1") and f"source: s3://{bucket}/team/sql @ " in out
+        v = json.loads(cli(url, "show", "from-s3", "--json").stdout)["versions"][0]
+        assert re.fullmatch(r"[0-9a-f]{64}", v["revision"]), "the objects' versions, recorded"
+        by_path = register(url, "by-path", folder)["registered"]
+        assert by_path["digest"] == v["digest"], "the same bytes"
+        prompt = {"prompt": "show users older than 30", "max_tokens": 8, "temperature": 0}
+        texts = [
+            httpx.post(url + "/v1/completions", json={"model": m, **prompt}, timeout=120).json()["choices"][
+                0
+            ]["text"]
+            for m in ("from-s3", "tiny-llama")
+        ]
+        assert texts[0] != texts[1], "served as an adapter"
 
 
 def test_a_weighted_canary_splits_by_user_and_rolls_back(
