@@ -62,9 +62,10 @@ ClientFactory = Callable[[Settings], EngineClient]
 
 
 async def build_state(settings: Settings, engine_client: ClientFactory = UpstreamClient) -> GatewayState:
-    metrics = Metrics()
+    metrics = Metrics(histogram_models=settings.metrics.histogram_models)
     client = engine_client(settings)
     registry = await build_registry(settings)
+    metrics.set_fixed({registry.base_name})
     pool = EnginePool(settings, client, metrics)
     shared = (
         SharedUse(registry.store, interval_s=settings.registry.share_use_interval_s)

@@ -3,15 +3,23 @@
 Label values come only from known names: a `model` label is the base model's name or a registered
 adapter's name; anything else a client sends is counted under `__unknown__`, so a flood of made-up
 model names cannot create new time series. Buckets are vLLM's own, so dashboards line up.
+
+Cost bounded whatever the number of adapters: counters and gauges have a series per registered adapter
+(a few lines each), but histograms (about 25 lines a series) only for the base model and the
+`metrics.histogram_models` busiest adapters; every other adapter's observations go to one `__other__`
+series (`Metrics.detail`). With 1,000 adapters a scrape stays in the tens of thousands of lines instead of
+over 100,000.
 """
 
 from __future__ import annotations
 
+import heapq
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 UNKNOWN = "__unknown__"
+OTHER = "__other__"  # histogram observations of adapters outside the busiest `histogram_models`
 NO_KEY = "-"  # the `key` label of requests made with no API key (open inference)
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py): end-to-end request latency and time to first token.
@@ -67,9 +75,16 @@ FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, histogram_models: int = 20, rank_every: int = 2000) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        # Which models have histogram series of their own (see the module docstring).
+        self.histogram_models = histogram_models
+        self._rank_every = rank_every
+        self._fixed: frozenset[str] = frozenset({UNKNOWN})  # always their own (set_fixed adds the base)
+        self._detailed: set[str] = set()
+        self._hits: dict[str, float] = {}
+        self._observed = 0
         r = self.registry
         self.requests = Counter(
             "lora_gateway_requests",
@@ -191,6 +206,50 @@ class Metrics:
         self.resident_adapters = Gauge(
             "lora_gateway_resident_adapters", "Adapters loaded in an engine now.", ["engine"], registry=r
         )
+
+        self._per_model = {
+            id(m): m for m in (self.latency, self.ttft, self.adapter_load_duration, self.adapter_wait)
+        }
+
+    def set_fixed(self, names: set[str] | frozenset[str]) -> None:
+        """Models that always have histogram series of their own (the base model)."""
+        self._fixed = frozenset({UNKNOWN, *names})
+
+    def detail(self, model: str, *, count: bool = True) -> str:
+        """The label a histogram observation of `model` goes under: `model` itself while it is among the
+        busiest `histogram_models` adapters (or fixed), else `__other__`. `count`: this is a request
+        (ranks `model`); loads and waits ask without counting."""
+        if model in self._fixed:
+            return model
+        if count:
+            self._hits[model] = self._hits.get(model, 0.0) + 1.0
+            self._observed += 1
+            if self._observed >= self._rank_every:
+                self._rank()
+        detailed = self._detailed
+        if model in detailed:
+            return model
+        if len(detailed) < self.histogram_models:
+            detailed.add(model)
+            return model
+        return OTHER
+
+    def _rank(self) -> None:
+        """Keep the busiest adapters since the last rankings (counts halve each time: recent traffic weighs
+        more); remove the histogram series of those that dropped out."""
+        self._observed = 0
+        hits = self._hits
+        top = set(heapq.nlargest(self.histogram_models, hits, key=hits.__getitem__))
+        for gone in self._detailed - top:
+            self._forget(gone)
+        self._detailed = top
+        self._hits = {m: n / 2 for m, n in hits.items() if n >= 2}
+
+    def _forget(self, model: str) -> None:
+        for key in [k for k in self._children if k[0] in self._per_model and model in k[1]]:
+            metric = self._per_model[key[0]]
+            metric.remove(*key[1])
+            del self._children[key]
 
     def child(self, metric: Any, *values: str) -> Any:
         """`metric.labels(*values)`, cached: the request path asks for the same few series every time,

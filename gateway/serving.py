@@ -304,7 +304,8 @@ class Call:
 
     def _first_chunk(self, seconds: float) -> None:
         self.ttft = seconds
-        self.state.metrics.child(self.state.metrics.ttft, self.label).observe(seconds)
+        metrics = self.state.metrics
+        metrics.child(metrics.ttft, metrics.detail(self.label, count=False)).observe(seconds)
 
     def let_go(self, *, aborted: bool = False) -> None:
         """Give back what this request holds on its engine (before a retry, or when it ends). `aborted`:
@@ -332,7 +333,7 @@ class Call:
         metrics.child(metrics.requests, route, label, str(status)).inc()
         if error:
             metrics.child(metrics.errors, route, label, error).inc()
-        metrics.child(metrics.latency, route, label).observe(latency)
+        metrics.child(metrics.latency, route, metrics.detail(label)).observe(latency)
         prompt = int((usage or {}).get("prompt_tokens") or 0)
         completion = int((usage or {}).get("completion_tokens") or 0)
         if prompt or completion:

@@ -268,6 +268,16 @@ class UsageSettings(BaseModel):
     )
 
 
+class MetricsSettings(BaseModel):
+    histogram_models: int = Field(
+        20,
+        ge=0,
+        description="Adapters (the busiest, re-ranked as traffic moves) with latency, TTFT, load and wait "
+        "histograms of their own; the others share one `__other__` series, so /metrics stays bounded "
+        "whatever the number of adapters. Counters stay per adapter.",
+    )
+
+
 class Settings(BaseSettings):
     """Everything the gateway reads at start."""
 
@@ -298,6 +308,7 @@ class Settings(BaseSettings):
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     usage: UsageSettings = Field(default_factory=UsageSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     access_log: bool = Field(
         True, description="One JSON line per inference request on stdout (gateway/tenancy/access.py)."
     )

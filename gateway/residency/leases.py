@@ -133,7 +133,8 @@ class Leases:
                         self._shared.touch(engine.base_url, key, state.in_flight.get(key, 0))
                 break
         self._hold(engine, state, key)
-        self._metrics.adapter_wait.labels(ref.name).observe(_now() - started)
+        metrics = self._metrics
+        metrics.child(metrics.adapter_wait, metrics.detail(ref.name, count=False)).observe(_now() - started)
         return Lease(self, engine, key)
 
     def _hold(self, engine: Engine, state: EngineResidency, key: str) -> None:

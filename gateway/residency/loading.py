@@ -96,7 +96,8 @@ class Loader:
                 ) from exc
         elapsed = time.perf_counter() - started
         self._metrics.adapter_loads.labels(ref.name, "ok").inc()
-        self._metrics.adapter_load_duration.labels(ref.name).observe(elapsed)
+        metrics = self._metrics
+        metrics.child(metrics.adapter_load_duration, metrics.detail(ref.name, count=False)).observe(elapsed)
         state.touched[ref.engine_name] = time.monotonic()
         state.resident.add(ref.engine_name)
         state.last_load_at[ref.engine_name] = time.time()
