@@ -4,6 +4,7 @@
     lora-gateway adapters register sql ./out/sql --url https://gw.example   # uploaded: no shared disk
     lora-gateway adapters register sql hf://acme/sql-lora --revision main      # recorded as the commit sha
     lora-gateway adapters register sql s3://models/sql-lora                 # each object's version recorded
+    lora-gateway adapters register-dir /srv/adapters --skip-existing --jobs 8   # every folder in it
     lora-gateway adapters list
     lora-gateway adapters show sql
     lora-gateway adapters alias sql 1          # `sql` resolves to version 1 ...
@@ -405,4 +406,76 @@ def promote(
     else:
         typer.echo(f"not promoted, nothing changed: {p.metric} {p.reason}")
     if not p.promoted:
+        raise typer.Exit(1)
+
+
+@adapters_app.command("register-dir")
+def register_dir(
+    folder: Annotated[
+        Path, typer.Argument(help="A folder of PEFT adapter folders; each is registered under its name.")
+    ],
+    prefix: Annotated[str, typer.Option(help="Put before each folder's name (team-a- -> team-a-sql).")] = "",
+    skip_existing: Annotated[
+        bool, typer.Option("--skip-existing", help="Leave names that are registered already as they are.")
+    ] = False,
+    jobs: Annotated[int, typer.Option(min=1, max=32, help="Registrations in flight at once.")] = 4,
+    upload: Annotated[
+        bool | None,
+        typer.Option(
+            "--upload/--no-upload", help="As for `register`: files or paths (default: decided per gateway)."
+        ),
+    ] = None,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register every adapter folder in FOLDER (one new version each), `jobs` at a time, with progress;
+    exit 1 if any was refused (the others are registered)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    subs = sorted(p for p in folder.expanduser().iterdir() if (p / "adapter_config.json").is_file())
+    if not subs:
+        typer.echo(f"error: no adapter folders (with adapter_config.json) in {folder}", err=True)
+        raise typer.Exit(2)
+    existing: set[str] = set()
+    if skip_existing:
+        existing = {a["name"] for a in run(url, token, "GET", "/admin/adapters")["data"]}
+    todo = [(prefix + p.name, p) for p in subs if prefix + p.name not in existing]
+    started = time.monotonic()
+    done: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+
+    def one(item: tuple[str, Path]) -> tuple[str, Any, AdminError | None]:
+        name, path = item
+        try:
+            return name, register_folder(url, token, name, path, upload=upload), None
+        except AdminError as exc:
+            return name, None, exc
+
+    with ThreadPoolExecutor(jobs) as pool:
+        for i, (name, data, exc) in enumerate(pool.map(one, todo), 1):
+            if exc is None:
+                done.append({"name": name, "model": data["registered"]["model"]})
+            else:
+                failed.append({"name": name, "message": exc.message, "code": exc.code})
+                typer.echo(f"error: {name}: {exc.message} (code: {exc.code})", err=True)
+            if not as_json and (i % 50 == 0 or i == len(todo)):
+                rate = i / max(time.monotonic() - started, 1e-9)
+                typer.echo(
+                    f"registered {len(done)}/{len(todo)}, {len(failed)} refused ({rate:.0f}/s)", err=True
+                )
+    if as_json:
+        emit_json(
+            {
+                "registered": done,
+                "refused": failed,
+                "skipped": sorted(existing & {prefix + p.name for p in subs}),
+            }
+        )
+    else:
+        took = time.monotonic() - started
+        typer.echo(
+            f"{len(done)} registered, {len(failed)} refused, {len(subs) - len(todo)} skipped in {took:.1f} s"
+        )
+    if failed:
         raise typer.Exit(1)

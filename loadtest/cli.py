@@ -12,6 +12,7 @@
     lora-gateway loadtest thrash --base tiny --random-adapters 16 --resident 8 --out out/thrash
     lora-gateway loadtest routing --replicas 2 --random-adapters 8 --resident 2 --out out/routing
     lora-gateway loadtest chaos --clients 24 --duration 60 --replicas 1 --out out/chaos
+    lora-gateway loadtest scale --adapters 4,1000 --concurrency 1,8,32 --out out/scale   # many adapters
     lora-gateway loadtest benchmark --out docs/benchmarks      # everything in docs/benchmarks.md
     lora-gateway loadtest fast-upstream --port 8001
 
@@ -257,6 +258,15 @@ def benchmark(
         out=out / "routing",
         requests=requests,
     )
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def scale(ctx: typer.Context) -> None:
+    """Many adapters on one base (loadtest/scale/run.py): the registry with 1,000 adapters, and vLLM's own
+    benchmark through the gateway with N adapters against 4. Options: `python -m loadtest.scale.run -h`."""
+    from loadtest.scale.run import main
+
+    main(list(ctx.args))
 
 
 # in the order of `lora-gateway loadtest --help`

@@ -129,3 +129,17 @@ def test_source_argument(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert source_arg("team/sql") == str(tmp_path / "team" / "sql")
     assert source_arg(f"file://{tmp_path}/a") == str(tmp_path / "a")
     assert source_arg("~/adapters/sql") == str(tmp_path / "home" / "adapters" / "sql")
+
+
+def test_register_dir_registers_every_folder_and_reports_refusals(gw: tuple[str, Path]) -> None:
+    url, root = gw
+    result = cli(url, "register-dir", str(root), "--prefix", "team-", "--jobs", "2", code=1)
+    assert result.stdout.startswith("2 registered, 1 refused, 0 skipped in ")
+    assert "error: team-rank32: " in result.stderr and "(code: rank_too_large)" in result.stderr
+    listed = json.loads(cli(url, "list", "--json").stdout)["data"]
+    assert sorted(a["name"] for a in listed) == ["team-v1", "team-v2"]
+    again = cli(url, "register-dir", str(root), "--prefix", "team-", "--skip-existing", "--json", code=1)
+    data = json.loads(again.stdout)
+    assert data["registered"] == [] and data["skipped"] == ["team-v1", "team-v2"]
+    assert [r["name"] for r in data["refused"]] == ["team-rank32"]
+    assert "no adapter folders" in cli(url, "register-dir", str(root / "v1"), code=2).stderr

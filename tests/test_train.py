@@ -244,7 +244,8 @@ def test_sft_writes_a_plain_peft_adapter_with_report(
         assert evaluation[who]["exact_match"] is not None and evaluation[who]["token_f1"] is not None
     assert evaluation["base"]["loss"] != evaluation["adapter"]["loss"]
 
-    registered = {"name": "sql", "description": "", "pin": False, "force": False, "source": str(out.resolve())}
+    source = str(out.resolve())
+    registered = {"name": "sql", "description": "", "pin": False, "force": False, "source": source}
     assert calls == [("/admin/adapters", registered, "Bearer t0k")]  # by path: the gateway is on loopback
 
 
