@@ -95,6 +95,13 @@ def _resolves_to(adapter: dict[str, Any]) -> str:
     return f"{adapter['name']}@{current} ({how})"
 
 
+def _routed(name: str, adapter: dict[str, Any], as_json: bool) -> None:
+    """What a routing change answers: the adapter as JSON, or where its name goes now."""
+    if as_json:
+        return emit_json(adapter)
+    typer.echo(f"{name} resolves to {_resolves_to(adapter)}")
+
+
 def _alias_column(adapter: dict[str, Any]) -> str:
     if weights := adapter.get("alias_weights"):
         return ",".join(f"{v}={w}" for v, w in weights.items())
@@ -323,9 +330,7 @@ def alias(
         a = run(url, token, "PUT", _path(name, "alias"), body={"weights": parse_weights(weights)})
     else:
         a = run(url, token, "PUT", _path(name, "alias"), body={"version": version})
-    if as_json:
-        return emit_json(a)
-    typer.echo(f"{name} resolves to {_resolves_to(a)}")
+    _routed(name, a, as_json)
 
 
 @adapters_app.command()
@@ -337,9 +342,7 @@ def rollback(
 ) -> None:
     """Put back NAME's routing as it was before its last alias change, promotion or canary."""
     a = run(url, token, "POST", _path(name, "rollback"))
-    if as_json:
-        return emit_json(a)
-    typer.echo(f"{name} resolves to {_resolves_to(a)}")
+    _routed(name, a, as_json)
 
 
 @adapters_app.command()
@@ -372,10 +375,7 @@ def promote(
         raise typer.BadParameter(str(exc)) from None
     if eval_data is None:
         a = run(url, token, "PUT", _path(name, "alias"), body={"version": version})
-        if as_json:
-            return emit_json(a)
-        typer.echo(f"{name} resolves to {_resolves_to(a)}")
-        return
+        return _routed(name, a, as_json)
     from adapters.data import DatasetError
 
     try:

@@ -23,6 +23,7 @@ from gateway.proxy import (
 )
 from gateway.serving import cap_max_tokens
 from gateway.settings import EngineSettings, Settings
+from tests.test_proxy import run as proxy_run
 
 USAGE = {
     "input_tokens": 15,
@@ -61,11 +62,7 @@ STREAM = (
 
 
 def run(rewriter: SseRewriter, cuts: list[int]) -> bytes:
-    out, last = b"", 0
-    for cut in [*cuts, len(STREAM)]:
-        out += rewriter.feed(STREAM[last:cut])
-        last = cut
-    return out + rewriter.flush()
+    return proxy_run(rewriter, cuts, STREAM)
 
 
 def test_responses_events_get_the_clients_model_and_give_their_usage_across_any_cut() -> None:

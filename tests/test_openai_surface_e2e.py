@@ -184,6 +184,18 @@ def test_a_keys_max_tokens_bounds_max_output_tokens(keyed: str) -> None:
             client.responses.create(model="demo-b", input=QUESTION, max_output_tokens=2)
 
 
+# The arguments of the tool and the answer of the structured output alike.
+QUERY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "table": {"type": "string", "enum": ["users", "orders"]},
+        "min_age": {"type": "integer"},
+    },
+    "required": ["table", "min_age"],
+    "additionalProperties": False,
+}
+
+
 # -- chat: tools and response_format
 
 COUNT_USERS = {
@@ -192,15 +204,7 @@ COUNT_USERS = {
         "name": "count_users",
         "description": "Count the rows of a table whose age is above min_age.",
         "strict": True,  # vLLM constrains the arguments to `parameters` only for strict tools
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "table": {"type": "string", "enum": ["users", "orders"]},
-                "min_age": {"type": "integer"},
-            },
-            "required": ["table", "min_age"],
-            "additionalProperties": False,
-        },
+        "parameters": QUERY_SCHEMA,
     },
 }
 
@@ -259,15 +263,7 @@ QUERY_SCHEMA = {
     "json_schema": {
         "name": "query",
         "strict": True,
-        "schema": {
-            "type": "object",
-            "properties": {
-                "table": {"type": "string", "enum": ["users", "orders"]},
-                "min_age": {"type": "integer"},
-            },
-            "required": ["table", "min_age"],
-            "additionalProperties": False,
-        },
+        "schema": QUERY_SCHEMA,
     },
 }
 

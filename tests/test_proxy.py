@@ -21,10 +21,11 @@ STREAM = (
 )
 
 
-def run(rewriter: SseRewriter, cuts: list[int]) -> bytes:
+def run(rewriter: SseRewriter, cuts: list[int], stream: bytes = STREAM) -> bytes:
+    """`stream` fed to `rewriter` in pieces cut at `cuts`, and what it gave back."""
     out, last = b"", 0
-    for cut in [*cuts, len(STREAM)]:
-        out += rewriter.feed(STREAM[last:cut])
+    for cut in [*cuts, len(stream)]:
+        out += rewriter.feed(stream[last:cut])
         last = cut
     return out + rewriter.flush()
 

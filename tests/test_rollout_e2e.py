@@ -129,7 +129,7 @@ def test_a_weighted_canary_splits_by_user_and_rolls_back(
             return 1
 
         before = version_counts(url, "chat")
-        with ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(16) as pool:
             assert sum(pool.map(lambda i: ask(f"user-{i}"), range(1000))) == 1000
         split = version_counts(url, "chat") - before
         assert split.total() == 1000, split

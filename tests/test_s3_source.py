@@ -23,6 +23,7 @@ from gateway.registry.sqlite import SqliteStore
 from loadtest.servers.serving import free_port
 from tests.s3_server import new_bucket, require_auth, s3_client, s3_endpoint, s3_env  # noqa: F401
 from tests.test_sources import adapter_files
+from tests.test_validate import BASE_CONFIG
 
 EXTRA = {
     "training_args.bin": b"\x80\x04pickle",  # never downloaded, so never refused either (as hf:// does)
@@ -241,15 +242,7 @@ def test_revision_is_refused_for_s3() -> None:
 
 def tiny_base(folder: Path) -> BaseModelSpec:
     folder.mkdir()
-    config = {
-        "hidden_size": 256,
-        "intermediate_size": 512,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "head_dim": 64,
-        "vocab_size": 512,
-    }
+    config = BASE_CONFIG
     (folder / "config.json").write_text(json.dumps(config))
     return BaseModelSpec.from_model_dir(folder, "tiny-llama")
 
