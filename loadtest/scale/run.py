@@ -196,7 +196,45 @@ def serving_part(
                 row["adapter_loads"] = _loads(gw.url) - loads0  # during this run
                 rows.append(row)
                 log(json.dumps(row))
+        if a.zipf:
+            rows += _zipf_part(profile, gw.url, names, counts, a)
         rows.append({"profile": profile, "check": _check_answers(gw.url, names, served)})
+    return rows
+
+
+def _zipf_part(
+    profile: str, url: str, names: list[str], counts: list[int], a: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """The project's own harness (loadtest/harness), zipf:1.1 over N adapters against 4, streaming, every
+    answer checked against the same request sent alone (`--verify`)."""
+    from loadtest.harness.sweep import SweepConfig, run_sweep
+    from loadtest.harness.workload import WorkloadSpec
+
+    rows = []
+    for li, conc in enumerate(a.concurrency):
+        for n in counts if li % 2 == 0 else list(reversed(counts)):
+            workload = WorkloadSpec(
+                models=names[:n], mix="zipf:1.1", prompt_tokens=a.input_len, max_tokens=a.output_len,
+                stream=True, endpoint="completions", seed=li, ignore_eos=True,
+                extra_body={"return_token_ids": True},  # answers compared token by token, as compare does
+            )  # fmt: skip
+            cfg = SweepConfig(
+                target=url, workload=workload, mode="concurrency", levels=[float(conc)],
+                requests=max(a.num_prompts, 4 * conc), timeout_s=300, warmup=0, client="aiohttp", verify=True,
+            )  # fmt: skip
+            entry = run_sweep(cfg).payload["levels"][0]
+            summary, verify = entry["summary"], entry["verify"]
+            row = {
+                "profile": profile, "mix": "zipf:1.1", "concurrency": conc, "adapters": n,
+                "completed": summary["requests"]["completed"], "failed": summary["requests"]["failed"],
+                "request_throughput": summary["request_throughput"],
+                "output_throughput": summary["output_token_throughput"],
+                "median_ttft_ms": summary["ttft_ms"].get("p50"), "p99_ttft_ms": summary["ttft_ms"].get("p99"),
+                "checked": verify["checked"], "wrong": verify["wrong"], "near_ties": verify["near_ties"],
+                "wrong_model": verify["wrong_model"], "adapter_loads": None,
+            }  # fmt: skip
+            rows.append(row)
+            log(json.dumps(row))
     return rows
 
 
@@ -242,6 +280,8 @@ def _check_answers(url: str, names: list[str], base: str) -> dict[str, Any]:
 
 def report(payload: dict[str, Any], out: Path) -> None:
     rows = [r for r in payload["serving"] if "adapters" in r]
+    for r in rows:
+        r.setdefault("mix", "uniform")
     lines = [
         "# Many adapters on one base",
         "",
@@ -257,19 +297,22 @@ def report(payload: dict[str, Any], out: Path) -> None:
         "",
         "## Serving",
         "",
-        "| profile | clients | adapters | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms | loads | req/s vs 4 "
-        "| p99 TTFT vs 4 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| profile | mix | clients | adapters | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms | loads "
+        "| wrong | req/s vs 4 | p99 TTFT vs 4 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         four = next(x for x in rows if x["profile"] == r["profile"] and x["concurrency"] == r["concurrency"]
-                    and x["adapters"] == min(payload["adapter_counts"]))  # fmt: skip
+                    and x["mix"] == r["mix"] and x["adapters"] == min(payload["adapter_counts"]))  # fmt: skip
         ratio = r["request_throughput"] / four["request_throughput"] if four["request_throughput"] else 0
         ttft = r["p99_ttft_ms"] / four["p99_ttft_ms"] if four["p99_ttft_ms"] else 0
+        loads = "-" if r["adapter_loads"] is None else f"{r['adapter_loads']:.0f}"
+        wrong = f"{r['wrong']} of {r['checked']} ({r['near_ties']} near ties)" if "checked" in r else "-"
         lines.append(
-            f"| {r['profile']} | {r['concurrency']} | {r['adapters']} | {r['request_throughput']:.1f} | "
-            f"{r['output_throughput']:.0f} | {r['median_ttft_ms']:.0f} | {r['p99_ttft_ms']:.0f} | "
-            f"{r['adapter_loads']:.0f} | {ratio:.2f}x | {ttft:.2f}x |"
+            f"| {r['profile']} | {r['mix']} | {r['concurrency']} | {r['adapters']} | "
+            f"{r['request_throughput']:.1f} | {r['output_throughput']:.0f} | "
+            f"{r['median_ttft_ms']:.0f} | {r['p99_ttft_ms']:.0f} | "
+            f"{loads} | {wrong} | {ratio:.2f}x | {ttft:.2f}x |"
         )
     for c in (r for r in payload["serving"] if "check" in r):
         lines += ["", f"Answers checked ({c['profile']}): {json.dumps(c['check'])}"]
@@ -283,9 +326,11 @@ def report(payload: dict[str, Any], out: Path) -> None:
         fig, ax = plt.subplots(figsize=(7, 4))
         for profile in sorted({r["profile"] for r in rows}):
             for n in payload["adapter_counts"]:
-                pts = [(r["concurrency"], r["request_throughput"]) for r in rows
-                       if r["profile"] == profile and r["adapters"] == n]  # fmt: skip
-                ax.plot(*zip(*pts, strict=True), marker="o", label=f"{profile}, {n} adapters")
+                for mix in sorted({r["mix"] for r in rows}):
+                    mine = [r for r in rows if (r["profile"], r["adapters"], r["mix"]) == (profile, n, mix)]
+                    pts = sorted((r["concurrency"], r["request_throughput"]) for r in mine)
+                    if pts:
+                        ax.plot(*zip(*pts, strict=True), marker="o", label=f"{profile} {mix}, {n} adapters")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("clients")
         ax.set_ylabel("requests/s")
@@ -307,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--jobs", type=int, default=4)
     p.add_argument("--skip-registry", action="store_true")
+    p.add_argument("--zipf", action="store_true", help="also zipf:1.1 through the harness, answers checked")
     p.add_argument("--out", type=Path, default=Path("out/scale"))
     a = p.parse_args(argv)
     from adapters.tiny import TINY_NAME, build_tiny
