@@ -86,5 +86,4 @@ def register_adapter(url: str, name: str, folder: Path, token: str | None, timeo
             base, token, name, folder, timeout=httpx.Timeout(timeout, read=max(timeout, 600.0))
         )
     except AdminError as exc:
-        details = ", ".join(f"{k}: {v}" for k, v in (("code", exc.code), ("param", exc.param)) if v)
-        raise RegisterError(exc.message + (f" ({details})" if details else "")) from exc
+        raise RegisterError(exc.describe()) from exc

@@ -33,6 +33,11 @@ class AdminError(Exception):
         super().__init__(message)
         self.message, self.code, self.param = message, code, param
 
+    def describe(self) -> str:
+        """`message (code: ..., param: ...)`, as the CLIs print a refusal."""
+        details = ", ".join(f"{k}: {v}" for k, v in (("code", self.code), ("param", self.param)) if v)
+        return self.message + (f" ({details})" if details else "")
+
 
 def call(
     url: str,

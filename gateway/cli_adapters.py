@@ -26,7 +26,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 from urllib.parse import quote
 
 import typer
@@ -47,14 +47,18 @@ TokenOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the admin API's JSON answer.")]
 
 
+def fail(exc: AdminError) -> NoReturn:
+    """The gateway's refusal on stderr (message, code, param), exit status 1."""
+    typer.echo(f"error: {exc.describe()}", err=True)
+    raise typer.Exit(1) from None
+
+
 def run(url: str, token: str | None, method: str, path: str, **kw: Any) -> Any:
     """`gateway.admin_client.call`, turning an error into a message on stderr and exit status 1."""
     try:
         return call(url, token, method, path, **kw)
     except AdminError as exc:
-        details = ", ".join(f"{k}: {v}" for k, v in (("code", exc.code), ("param", exc.param)) if v)
-        typer.echo(f"error: {exc.message}" + (f" ({details})" if details else ""), err=True)
-        raise typer.Exit(1) from None
+        fail(exc)
 
 
 def _path(name: str, action: str = "") -> str:
@@ -184,9 +188,7 @@ def register(
                 force=force,
             )
         except AdminError as exc:
-            details = ", ".join(f"{k}: {v}" for k, v in (("code", exc.code), ("param", exc.param)) if v)
-            typer.echo(f"error: {exc.message}" + (f" ({details})" if details else ""), err=True)
-            raise typer.Exit(1) from None
+            fail(exc)
     if as_json:
         return emit_json(data)
     v = data["registered"]
@@ -384,9 +386,7 @@ def promote(
             progress=lambda line: typer.echo(line, err=as_json),
         )  # fmt: skip
     except AdminError as exc:
-        details = ", ".join(f"{k}: {v}" for k, v in (("code", exc.code), ("param", exc.param)) if v)
-        typer.echo(f"error: {exc.message}" + (f" ({details})" if details else ""), err=True)
-        raise typer.Exit(1) from None
+        fail(exc)
     except (ValueError, DatasetError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -125,16 +125,8 @@ def promote_with_eval(
 
 
 def _base_name(url: str, api_key: str | None, name: str) -> str:
-    """The base model `name` is served on: its card's `parent` in /v1/models."""
-    import httpx
-
-    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        r = httpx.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
-        r.raise_for_status()
-    except httpx.HTTPError as exc:
-        raise AdminError(f"Cannot list the gateway's models: {exc}", "gateway_unreachable") from exc
-    for card in r.json().get("data", []):
+    """The base model `name` is served on: its card's `parent` in /v1/models (with the inference key)."""
+    for card in call(url, api_key, "GET", "/v1/models").get("data", []):
         if card.get("id") == name and card.get("parent"):
             return str(card["parent"])
     raise AdminError(f"{name} is not among the models this API key may call.", "model_not_found", "model")

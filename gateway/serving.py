@@ -104,7 +104,7 @@ class Call:
         "span",
         "upstream_span",
         "admitted",
-        "user",
+        "headers",
     )
 
     def __init__(self, state: GatewayState, route: str, headers: Mapping[str, str] | None = None) -> None:
@@ -126,8 +126,7 @@ class Call:
         self.span: RequestSpan | None = tracing.start_request(route, headers or {}) if tracing else None
         self.upstream_span: ChildSpan | None = None
         self.admitted = False  # passed `admit`: its usage counts
-        # Who the end user is, for a canary's sticky choice; the body's `user` field comes first.
-        self.user = (headers or {}).get(state.settings.registry.sticky_header) if headers else None
+        self.headers = headers  # read again only for a name under a canary (`_user`)
         metrics = state.metrics
         metrics.child(metrics.in_flight, UNKNOWN).inc()
 
@@ -145,8 +144,9 @@ class Call:
     def resolve(self, payload: dict[str, Any]) -> Target | None:
         """The registry's target for `payload["model"]`; a registered name labels this request's metrics."""
         model = payload.get("model")
-        user = payload.get("user")
-        user = user if isinstance(user, str) and user else self.user
+        user = (
+            self._user(payload) if isinstance(model, str) and self.state.registry.has_split(model) else None
+        )
         if self.span is None:
             target = self.state.registry.resolve(model, user) if isinstance(model, str) else None
         else:
@@ -160,6 +160,13 @@ class Call:
             metrics.child(metrics.in_flight, self.label).inc()
             self.target = target
         return target
+
+    def _user(self, payload: dict[str, Any]) -> str | None:
+        """Who the end user is, for a canary's sticky choice: the body's `user`, else the sticky header."""
+        user = payload.get("user")
+        if isinstance(user, str) and user:
+            return user
+        return self.headers.get(self.state.settings.registry.sticky_header) if self.headers else None
 
     async def admit(
         self, key: KeyEntry | None, target: Target, parsed: InferenceParams, payload: dict[str, Any]

@@ -80,12 +80,16 @@ class Registry:
         self._token: str | None = None  # the store's change token at the last refresh
 
     # --- the catalog (request path: memory only) -------------------------------------------------
+    def has_split(self, model: str) -> bool:
+        """Whether `model` is a name under a canary (its request's user decides the version)."""
+        return model in self._splits
+
     def resolve(self, model: str, user: str | None = None) -> Target | None:
         """`model` -> what to run on. A name under a canary picks a version per request, by `user`
         (sticky) when given (gateway/registry/split.py)."""
         if model == self.base_name:
             return Target(model, self.base_name)
-        split = self._splits.get(model) if self._splits else None
+        split = self._splits.get(model)
         if split is not None:
             picked = split.pick(user)
             return Target(model, picked.engine_name, picked, canary=True)
@@ -171,10 +175,7 @@ class Registry:
     ) -> AdapterVersion:
         """Validate and store a new version of `name`. Raises an `AdapterRefusedError` on refusal; code
         `engine_unavailable` while the base's shapes are unknown (nothing to validate against yet)."""
-        validate_adapter_name(name, reserved={self.base_name})
-        if self.base is None:
-            msg = "The base model's config.json is not available; cannot validate."
-            raise AdapterRefusedError(msg, "engine_unavailable")
+        self._check_registrable(name)
         async with self._lock(name):
             version = await asyncio.to_thread(
                 self._register_blocking, name, source, revision, description, pin, force
@@ -182,6 +183,13 @@ class Registry:
             await self.refresh()
         log.info("registered %s (digest %s) from %s", version.model_id, version.digest[:12], version.source)
         return version
+
+    def _check_registrable(self, name: str) -> None:
+        """A valid name, not the base's; the base's shapes known (else `engine_unavailable`: try again)."""
+        validate_adapter_name(name, reserved={self.base_name})
+        if self.base is None:
+            msg = "The base model's config.json is not available; cannot validate."
+            raise AdapterRefusedError(msg, "engine_unavailable")
 
     def _register_blocking(
         self, name: str, source: str, revision: str | None, description: str, pin: bool | None, force: bool
@@ -235,10 +243,7 @@ class Registry:
         """Register the files a client uploaded into `folder` (gateway/api/upload.py), validated and stored
         exactly as a local folder's; recorded with the source `upload:<origin>`. The caller removes
         `folder`."""
-        validate_adapter_name(name, reserved={self.base_name})
-        if self.base is None:
-            msg = "The base model's config.json is not available; cannot validate."
-            raise AdapterRefusedError(msg, "engine_unavailable")
+        self._check_registrable(name)
         check_contained(folder, folder)
         resolved = ResolvedSource("upload", folder, f"upload:{origin}", None, None, folder)
         async with self._lock(name):

@@ -121,11 +121,13 @@ class Adapter:
     def weights(self) -> dict[int, int] | None:
         """The canary's weights over ready versions (retired ones dropped), None unless two or more
         versions have a positive weight."""
-        if not self.alias_weights:
-            return None
         ready = {v.version for v in self.ready_versions}
-        live = {v: w for v, w in sorted(self.alias_weights.items()) if v in ready and w > 0}
+        live = {v: w for v, w in self._positive_weights.items() if v in ready}
         return live if len(live) >= 2 else None
+
+    @property
+    def _positive_weights(self) -> dict[int, int]:
+        return {v: w for v, w in sorted((self.alias_weights or {}).items()) if w > 0}
 
     @property
     def ready_versions(self) -> tuple[AdapterVersion, ...]:
@@ -136,11 +138,9 @@ class Adapter:
         """What `name` resolves to: the alias's version, else the newest ready one. During a canary, the
         version with the largest weight (the older on a tie): the one listings and pins treat as `name`."""
         ready = self.ready_versions
-        weights = self.weights or (
-            {v: w for v, w in self.alias_weights.items() if w > 0} if self.alias_weights else None
-        )
+        weights = self.weights or self._positive_weights
         if weights:
-            best = max(sorted(weights), key=lambda v: weights[v])
+            best = max(weights, key=weights.__getitem__)  # sorted: the older on a tie
             for v in ready:
                 if v.version == best:
                     return v

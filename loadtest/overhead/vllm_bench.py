@@ -20,6 +20,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,20 @@ from loadtest.servers.processes import LoraOptions, gateway_process, vllm_proces
 KEEP = ("request_throughput", "output_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "p99_itl_ms")
 
 
-def bench_once(url: str, model: str, tokenizer: str, a: argparse.Namespace, seed: int) -> dict[str, Any]:
+def bench_once(
+    url: str,
+    model: str,
+    tokenizer: str,
+    a: argparse.Namespace,
+    seed: int,
+    *,
+    concurrency: int | None = None,
+    num_prompts: int | None = None,
+    extra: Sequence[str] = (),
+    keep: Sequence[str] = KEEP,
+) -> dict[str, Any]:
+    """One `vllm.benchmarks.serve` run (random prompts of `a.input_len`, `a.output_len` tokens out); the
+    result's `keep` fields and `completed`. `extra`: more of its arguments (`--lora-modules ...`)."""
     from vllm.benchmarks import serve
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -43,12 +57,13 @@ def bench_once(url: str, model: str, tokenizer: str, a: argparse.Namespace, seed
             "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions",
             "--model", model, "--tokenizer", tokenizer, "--dataset-name", "random",
             "--random-input-len", str(a.input_len), "--random-output-len", str(a.output_len),
-            "--num-prompts", str(a.num_prompts), "--max-concurrency", str(a.concurrency),
-            "--ignore-eos", "--disable-tqdm", "--seed", str(seed), "--temperature", "0",
+            "--num-prompts", str(num_prompts or a.num_prompts),
+            "--max-concurrency", str(concurrency or a.concurrency),
+            "--ignore-eos", "--disable-tqdm", "--seed", str(seed), "--temperature", "0", *extra,
         ]
     )  # fmt: skip
     result = serve.main(args)
-    return {k: result.get(k) for k in KEEP} | {"completed": result.get("completed")}
+    return {k: result.get(k) for k in keep} | {"completed": result.get("completed")}
 
 
 def main(argv: list[str] | None = None) -> None:

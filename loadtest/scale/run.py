@@ -39,7 +39,11 @@ from typing import Any
 import httpx
 import psutil
 
+from loadtest.overhead import relay_cpu
+from loadtest.overhead.vllm_bench import bench_once
 from loadtest.servers.processes import LoraOptions, gateway_process, vllm_process
+
+KEEP = ("failed", "request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms")
 
 PROFILES: dict[str, dict[str, Any]] = {
     # The gateway's defaults: vLLM keeps 4 adapters in memory and 2 in a batch.
@@ -61,25 +65,11 @@ def log(msg: str) -> None:
 def bench(
     url: str, model: str, tokenizer: str, loras: list[str], a: argparse.Namespace, conc: int, seed: int
 ) -> dict:
-    from vllm.benchmarks import serve
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = FlexibleArgumentParser()
-    serve.add_cli_args(parser)
-    prompts = max(a.num_prompts, 4 * conc)
-    args = parser.parse_args(
-        [
-            "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions",
-            "--model", model, "--tokenizer", tokenizer, "--dataset-name", "random",
-            "--random-input-len", str(a.input_len), "--random-output-len", str(a.output_len),
-            "--num-prompts", str(prompts), "--max-concurrency", str(conc),
-            "--ignore-eos", "--disable-tqdm", "--seed", str(seed), "--temperature", "0",
-            "--lora-modules", *loras,
-        ]
+    """vLLM's benchmark (loadtest/overhead/vllm_bench.py), each request on one of `loras` at random."""
+    return bench_once(
+        url, model, tokenizer, a, seed, concurrency=conc, num_prompts=max(a.num_prompts, 4 * conc),
+        extra=["--lora-modules", *loras], keep=KEEP,
     )  # fmt: skip
-    r = serve.main(args)
-    keep = ("completed", "failed", "request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms")
-    return {k: r.get(k) for k in keep}
 
 
 def registry_part(paths: list[Path], work: Path, a: argparse.Namespace) -> dict[str, Any]:
@@ -250,8 +240,7 @@ def _settle(url: str, timeout: float = 900) -> None:
 
 
 def _cpu(pid: int) -> float:
-    t = psutil.Process(pid).cpu_times()
-    return t.user + t.system
+    return sum(relay_cpu._cpu(pid))  # user + system, the process and its children
 
 
 def _loads(url: str) -> float:
