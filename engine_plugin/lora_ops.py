@@ -104,14 +104,21 @@ class LinearWeights:
     slices (x is shared). `b_t[i][slot]` is slice i's B transposed, (rank, out_i): a view, no copy. When
     it is small (`BLOCK_BYTES` for all slots), `b_cat[slot]` holds every slice's B on a block diagonal,
     (n_slices * rank, sum of out_i), so one product expands every slice too: for a fused qkv that is 2 calls
-    instead of 4, which is what a small model's step time is made of. vLLM loads an adapter by copying into
-    the stacks in place, which bumps their version counters; `current` tells whether this layout still
-    matches them.
+    instead of 4, which is what a small model's step time is made of.
+
+    vLLM loads an adapter into a slot by copying into the stacks in place, which bumps their version
+    counters; `refresh` brings the layout back in line. Given which adapter each slot holds (vLLM's
+    `lora_index_to_id`, passed to the punica wrapper every step), it lays out again only the slots whose
+    adapter changed, or whose first weights did (an adapter reloaded in place under the same id): with many
+    adapters and many slots, one or two slots change per step, and laying out all of them each time cost a
+    quarter of the engine's time (docs/benchmarks.md, "A thousand adapters"). Without ids, every slot.
     """
 
-    __slots__ = ("a", "b", "versions", "a_cat", "b_t", "b_cat", "rank", "packed")
+    __slots__ = ("a", "b", "versions", "a_cat", "b_t", "b_cat", "rank", "packed", "ids", "probes")
 
-    def __init__(self, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor]) -> None:
+    def __init__(
+        self, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], ids: Sequence[object] = ()
+    ) -> None:
         self.a, self.b = tuple(lora_a), tuple(lora_b)
         self.versions = self._versions()
         self.rank = self.a[0].shape[-2]
@@ -125,24 +132,59 @@ class LinearWeights:
             slots, r = self.a_cat.shape[0], self.rank
             outs = [bt.shape[2] for bt in self.b_t]
             if slots * len(outs) * r * sum(outs) * self.b_t[0].element_size() <= BLOCK_BYTES:
-                block = self.b_t[0].new_zeros(slots, len(outs) * r, sum(outs))
-                col = 0
-                for i, bt in enumerate(self.b_t):
-                    block[:, i * r : (i + 1) * r, col : col + outs[i]] = bt
-                    col += outs[i]
-                self.b_cat = block
+                self.b_cat = self.b_t[0].new_zeros(slots, len(outs) * r, sum(outs))
+                self._block(slice(None))
         self.packed = packed_weights(self.a_cat, self.b_cat)
+        self.ids = tuple(ids)
+        self.probes = self._probes()
+
+    def _block(self, slot: int | slice) -> None:
+        assert self.b_cat is not None
+        r, col = self.rank, 0
+        for i, bt in enumerate(self.b_t):
+            out = bt.shape[2]
+            self.b_cat[slot, i * r : (i + 1) * r, col : col + out] = bt[slot]
+            col += out
 
     def _versions(self) -> tuple[int, ...]:
         return tuple(t._version for t in self.a) + tuple(t._version for t in self.b)
 
-    def current(self, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor]) -> bool:
+    def _probes(self) -> list[torch.Tensor]:
+        """The first weights of every slot, per stack: (L, PROBE) each, copies."""
+        n = self.a[0].shape[0]
+        return [t.reshape(n, -1)[:, :PROBE].clone() for t in (*self.a, *self.b)]
+
+    def same_tensors(self, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor]) -> bool:
         return (
             len(lora_a) == len(self.a)
             and all(x is y for x, y in zip(lora_a, self.a, strict=False))
             and all(x is y for x, y in zip(lora_b, self.b, strict=False))
-            and self._versions() == self.versions
         )
+
+    def current(self, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor]) -> bool:
+        return self.same_tensors(lora_a, lora_b) and self._versions() == self.versions
+
+    def refresh(self, ids: Sequence[object]) -> None:
+        """The stacks were written since the layout (same tensors, new versions): lay out again the slots
+        whose adapter id or first weights changed."""
+        ids = tuple(ids)
+        probes = self._probes()
+        changed = torch.zeros(probes[0].shape[0], dtype=torch.bool)
+        for old, new in zip(self.probes, probes, strict=True):
+            changed |= (old != new).any(dim=1)
+        slots = {int(k) for k in changed.nonzero().flatten().tolist()}
+        slots |= {k for k, (x, y) in enumerate(zip(self.ids, ids, strict=True)) if x != y}
+        for k in sorted(slots):
+            self.a_cat[k] = torch.cat([a[k, 0] if a.dim() == 4 else a[k] for a in self.a], dim=0).t()
+            if self.b_cat is not None and len(self.b_t) > 1:
+                self._block(k)
+            if self.packed is not None:
+                self.packed[k] = _pack_slot(self.a_cat, self.b_cat, k)  # type: ignore[arg-type]
+        self.ids, self.probes, self.versions = ids, probes, self._versions()
+
+
+#: Weights per slot and stack compared when the stacks change (catches an adapter reloaded in place).
+PROBE = 16
 
 
 def sgl_supported(dtype: torch.dtype) -> bool:
@@ -168,9 +210,10 @@ def _pad(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return out
 
 
-def packed_weights(
-    a_cat: torch.Tensor, b_cat: torch.Tensor | None
-) -> list[tuple[torch.Tensor, int, torch.Tensor, int]] | None:
+Packed = tuple[torch.Tensor, int, torch.Tensor, int]  # A, its out features, B, its out features
+
+
+def packed_weights(a_cat: torch.Tensor, b_cat: torch.Tensor | None) -> list[Packed] | None:
     """Per slot: A and the block-diagonal B packed for `weight_packed_linear` (out features a multiple of
     16, in features of 32; zero padding), or None where that kernel cannot run."""
     if b_cat is None or not sgl_supported(a_cat.dtype):
@@ -178,13 +221,15 @@ def packed_weights(
     width = b_cat.shape[2]
     if width % 16 or a_cat.shape[1] % 32:
         return None
+    return [_pack_slot(a_cat, b_cat, slot) for slot in range(a_cat.shape[0])]
+
+
+def _pack_slot(a_cat: torch.Tensor, b_cat: torch.Tensor, slot: int) -> Packed:
+    width = b_cat.shape[2]
     n_a = -(-a_cat.shape[2] // 32) * 32  # S * rank, padded: it is B's in features too
-    out = []
-    for slot in range(a_cat.shape[0]):
-        a = _pad(a_cat[slot].t(), n_a, a_cat.shape[1])  # (n_a, in)
-        b = _pad(b_cat[slot].t(), width, n_a)  # (sum of out_i, n_a)
-        out.append((torch.ops._C.convert_weight_packed(a), n_a, torch.ops._C.convert_weight_packed(b), width))
-    return out
+    a = _pad(a_cat[slot].t(), n_a, a_cat.shape[1])  # (n_a, in)
+    b = _pad(b_cat[slot].t(), width, n_a)  # (sum of out_i, n_a)
+    return torch.ops._C.convert_weight_packed(a), n_a, torch.ops._C.convert_weight_packed(b), width
 
 
 def _packed_linear(x: torch.Tensor, weight: torch.Tensor, n: int) -> torch.Tensor:
@@ -199,15 +244,26 @@ BLOCK_BYTES = 4 * 2**20
 
 
 def linear_weights(
-    lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], cache: WeightCache | None
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    cache: WeightCache | None,
+    ids: Sequence[object] | None = None,
 ) -> LinearWeights:
-    """The layer's `LinearWeights`, rebuilt only when vLLM has written into its stacks since."""
+    """The layer's `LinearWeights`, laid out again only where vLLM has written into its stacks since:
+    the slots that changed when `ids` (the adapter in each slot) is given, else all of them."""
+    if ids is not None and len(ids) != lora_a[0].shape[0]:
+        ids = None  # not one id per slot: lay out every slot
     if cache is None:
         return LinearWeights(lora_a, lora_b)
     key = id(lora_a[0])
     w = cache.get(key)
-    if w is None or not w.current(lora_a, lora_b):
-        w = cache[key] = LinearWeights(lora_a, lora_b)
+    if w is None or not w.same_tensors(lora_a, lora_b) or (ids is None and not w.current(lora_a, lora_b)):
+        w = cache[key] = LinearWeights(lora_a, lora_b, ids or ())
+    elif ids is not None and (w._versions() != w.versions or tuple(ids) != w.ids):
+        if len(w.ids) == len(ids):
+            w.refresh(ids)
+        else:  # laid out without ids before
+            w = cache[key] = LinearWeights(lora_a, lora_b, ids)
     return w
 
 
@@ -221,6 +277,7 @@ def lora_linear(
     groups: Groups,
     offset_start: int = 0,
     cache: WeightCache | None = None,
+    ids: Sequence[object] | None = None,
 ) -> None:
     """y[:, slice i] += (x @ A_i.T * scale) @ B_i.T for every row's own adapter (vLLM's `add_lora_linear`).
 
@@ -229,7 +286,7 @@ def lora_linear(
     """
     if not groups:
         return
-    w = linear_weights(lora_a, lora_b, cache)
+    w = linear_weights(lora_a, lora_b, cache, ids)
     r = w.rank
     dtype = w.a_cat.dtype
     if w.packed is not None and scale == 1.0 and x.dtype == dtype == y.dtype:

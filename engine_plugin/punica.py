@@ -22,9 +22,11 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         self._token_groups: lora_ops.Groups = []
         self._sampler_groups: lora_ops.Groups = []
         self._weights: lora_ops.WeightCache = {}  # per LoRA layer: its stacks laid out for GEMMs
+        self._slot_ids: tuple[object, ...] | None = None  # the adapter in each slot (vLLM's lora_index_to_id)
 
-    def update_metadata(self, *args: Any, **kwargs: Any) -> None:
-        super().update_metadata(*args, **kwargs)
+    def update_metadata(self, mapping: Any, lora_index_to_id: Any, *args: Any, **kwargs: Any) -> None:
+        super().update_metadata(mapping, lora_index_to_id, *args, **kwargs)
+        self._slot_ids = tuple(lora_index_to_id)
         self._token_groups = lora_ops.group_rows(self.token_lora_indices)
         self._sampler_groups = lora_ops.group_rows(self.sampler_indices)
 
@@ -85,6 +87,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             output_slices,
             self._token_groups,
             cache=self._weights,
+            ids=self._slot_ids,
         )
 
     def add_lora_logits(  # type: ignore[override]

@@ -266,6 +266,39 @@ def test_the_weight_cache_follows_adapter_loads_into_the_stacks() -> None:
     torch.testing.assert_close(run(), want(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_with_slot_ids_the_cache_lays_out_again_only_the_slots_that_changed(dtype: torch.dtype) -> None:
+    """With many adapters, vLLM writes one or two slots a step: the layout follows them slot by slot (in
+    place, not rebuilt), including an adapter reloaded in place under the same id."""
+    outs = (64, 32, 32)
+    g = torch.Generator().manual_seed(3)
+    a = tuple((torch.randn(SLOTS, 1, 16, 64, generator=g) * 0.1).to(dtype) for _ in outs)
+    b = tuple((torch.randn(SLOTS, 1, o, 16, generator=g) * 0.1).to(dtype) for o in outs)
+    slots = [0, 1, 2, 3, -1, 2]
+    x = torch.randn(len(slots), 64, generator=g).to(dtype)
+    groups = lora_ops.group_rows(torch.tensor(slots))
+    cache: lora_ops.WeightCache = {}
+
+    def run(ids: list[int | None]) -> torch.Tensor:
+        y = torch.zeros(len(slots), sum(outs), dtype=dtype)
+        lora_ops.lora_linear(y, x, a, b, 1.0, outs, groups, cache=cache, ids=ids)
+        return y
+
+    def want() -> torch.Tensor:
+        xs = x.float()
+        return torch.cat([expected(xs, a[i].float(), b[i].float(), slots, 1.0) for i in range(3)], dim=1)
+
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
+    torch.testing.assert_close(run([10, 11, 12, 13]).float(), want(), **tol)
+    layout = next(iter(cache.values()))
+    # a new adapter in slot 1; then the one in slot 3 reloaded in place (same id)
+    for ids, slot in (([10, 21, 12, 13], 1), ([10, 21, 12, 13], 3)):
+        for t in (*a, *b):
+            t[slot].copy_((torch.randn(t[slot].shape, generator=g) * 0.1).to(dtype))  # vLLM's set_lora
+        torch.testing.assert_close(run(ids).float(), want(), **tol)
+        assert next(iter(cache.values())) is layout, "laid out again in place, slot by slot"
+
+
 @pytest.mark.skipif(
     not lora_ops.sgl_supported(torch.bfloat16), reason="needs AMX (vLLM's packed bf16 kernel)"
 )
@@ -293,3 +326,41 @@ def test_in_bfloat16_a_rows_delta_does_not_depend_on_its_batch() -> None:
     assert torch.equal(batched, alone)
     want = torch.cat([expected(x.float(), a[i].float(), b[i].float(), slots, 1.0) for i in range(3)], dim=1)
     torch.testing.assert_close(batched.float(), base.float() + want, atol=0.05, rtol=0.02)
+
+
+def test_a_cached_adapter_is_activated_without_copying_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM looked each adapter of a step up in a copy of its whole cache; the patch finds a cached one
+    directly and does what vLLM's own branch for it does (touch, activate); any other goes to vLLM."""
+    from vllm.lora import worker_manager
+    from vllm.lora.request import LoRARequest
+
+    from engine_plugin import lora_cache
+
+    cls = worker_manager.LRUCacheWorkerLoRAManager
+    original_calls: list[int] = []
+    monkeypatch.setattr(cls, "add_adapter", lambda self, req: original_calls.append(req.lora_int_id) or True)
+    assert lora_cache.install() and lora_cache.install()  # once, idempotent
+
+    class Manager:  # the LoRA model manager's three calls involved
+        def __init__(self) -> None:
+            self.cached, self.activated, self.copies = {7: object()}, [], 0
+
+        def get_adapter(self, lora_id: int) -> object | None:
+            return self.cached.get(lora_id)
+
+        def activate_adapter(self, lora_id: int) -> bool:
+            self.activated.append(lora_id)
+            return True
+
+        def list_adapters(self) -> dict:
+            self.copies += 1
+            return dict(self.cached)
+
+    worker = cls.__new__(cls)
+    worker._adapter_manager = Manager()
+    assert worker.add_adapter(LoRARequest("a", 7, "/x")) is True
+    assert worker._adapter_manager.activated == [7] and worker._adapter_manager.copies == 0
+    assert original_calls == []
+    worker.add_adapter(LoRARequest("b", 8, "/y"))  # not cached: vLLM loads it
+    worker.add_adapter(LoRARequest("a", 7, "/x", load_inplace=True))  # reloaded in place: vLLM's path too
+    assert original_calls == [8, 7]
