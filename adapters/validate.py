@@ -92,6 +92,9 @@ def _err(code: str, param: str | None, message: str) -> AdapterValidationError:
     return AdapterValidationError(message, code, param)
 
 
+DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "float64": 8}
+
+
 @dataclass(frozen=True)
 class BaseModelSpec:
     """The dimensions of a Llama-like base model: which modules an adapter may target, and their shapes."""
@@ -106,6 +109,7 @@ class BaseModelSpec:
     num_hidden_layers: int
     path: str | None = None
     aliases: frozenset[str] = frozenset()
+    weight_bytes: int = 2  # of one weight in the model's dtype (config.json's `dtype`/`torch_dtype`)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], name: str, path: str | None = None) -> BaseModelSpec:
@@ -122,6 +126,7 @@ class BaseModelSpec:
                 num_hidden_layers=int(config["num_hidden_layers"]),
                 path=path,
                 aliases=frozenset(a for a in [config.get("_name_or_path")] if isinstance(a, str) and a),
+                weight_bytes=DTYPE_BYTES.get(str(config.get("dtype") or config.get("torch_dtype")), 2),
             )
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
             raise ValueError(f"base model config for {name!r} is not Llama-like: {exc!r}") from exc
@@ -153,6 +158,13 @@ class BaseModelSpec:
             }
         )
         return {**linear, "lm_head": (h, self.vocab_size), "embed_tokens": (self.vocab_size, h)}
+
+    def lora_bytes(self, rank: int) -> int:
+        """The weights of a rank-`rank` LoRA on all 7 linear layers of every decoder layer, in the model's
+        dtype: the most an adapter the engine accepts at `--max-lora-rank` `rank` holds (embeddings and
+        lm_head aside, which vLLM's LoRA does not take)."""
+        per_layer = sum(i + o for name, (i, o) in self.modules.items() if name in LINEAR_MODULES)
+        return rank * per_layer * self.num_hidden_layers * self.weight_bytes
 
     def module_paths(self) -> list[str]:
         """Full module names as PEFT matches them (`model.layers.0.self_attn.q_proj`, `lm_head`, ...)."""

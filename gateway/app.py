@@ -92,10 +92,18 @@ async def build_state(settings: Settings, engine_client: ClientFactory = Upstrea
             if ref.pinned or (len(pool.engines) == 1 and i < settings.preload_count()):
                 residency.want(engine, ref)
 
+    seen = {ref.engine_name for ref in registry.versions()}
+
     async def follow_registry() -> None:
         registered = {ref.engine_name: ref for ref in registry.versions()}
         for e in list(pool.engines):
             await residency.sync(e, registered)
+        # Registered since: with one engine, loaded ahead of their first request while vLLM's memory has
+        # room, as the start-up preload does (with several, routing places adapters where asked for).
+        new = [ref for key, ref in registered.items() if key not in seen]
+        seen.update(registered)
+        if new and len(pool.engines) == 1:
+            residency.prefetch(pool.engines[0], new)
 
     registry.on_change(follow_registry)
     router = Router(

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -29,6 +29,7 @@ from pydantic_settings import (
 
 from adapters.artifacts import default_cache_dir
 from adapters.validate import VLLM_MAX_LORA_RANKS
+from gateway.engines.sizing import LoraSizing, size_loras
 
 ENV_PREFIX = "LORA_GATEWAY_"
 # Adapters registered with one engine by default. Registering is cheap (vLLM keeps only
@@ -73,9 +74,35 @@ class EngineSettings(BaseModel):
         "`Authorization: Bearer` on every engine call. Managed: unset = a new random key at each start of "
         "vLLM. Attached: the key the vLLM was started with (unset: only the gateway may reach it).",
     )
-    max_loras: int = Field(2, ge=1, description="vLLM --max-loras: adapters in one batch.")
+    max_loras: int | None = Field(
+        None,
+        ge=1,
+        description="vLLM --max-loras: adapters in one batch. Unset: managed, as many as "
+        "engine.lora_slots_memory_mib holds at max_lora_rank, at most 32 (gateway/engines/sizing.py); "
+        "attached, vLLM's own default (1): set it to the number that vLLM was started with.",
+    )
+    lora_slots_memory_mib: int = Field(
+        2048,
+        ge=1,
+        description="Managed, max_loras unset: device memory for vLLM's batch slots (each holds one adapter "
+        "at max_lora_rank; on a GPU it comes out of the KV cache).",
+    )
     max_lora_rank: int = Field(16, description="vLLM --max-lora-rank.")
-    max_cpu_loras: int = Field(4, ge=1, description="vLLM --max-cpu-loras: adapters cached in CPU memory.")
+    max_cpu_loras: int | None = Field(
+        None,
+        ge=1,
+        description="vLLM --max-cpu-loras: adapters kept in host memory. Unset: managed, sized from memory "
+        "(engine.lora_cache_memory of host memory over the size of a max_lora_rank adapter of the base, "
+        "at most 4096; gateway/engines/sizing.py); attached, vLLM's own default (max_loras): set it to the "
+        "number that vLLM was started with.",
+    )
+    lora_cache_memory: float = Field(
+        0.1,
+        gt=0,
+        le=0.9,
+        description="Managed, max_cpu_loras unset: the share of host memory (the cgroup's limit if lower) "
+        "vLLM's adapter cache is sized to.",
+    )
     max_model_len: int | None = Field(None, description="vLLM --max-model-len.")
     tool_call_parser: str | None = Field(
         None,
@@ -302,6 +329,7 @@ class Settings(BaseSettings):
     adapters_dir: Path | None = Field(
         None, description="Folder of PEFT adapter folders served at start. Default: the demo adapters."
     )
+    _lora_sizing: LoraSizing | None = PrivateAttr(None)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
@@ -374,14 +402,47 @@ class Settings(BaseSettings):
         roots = [*self.registry.allowed_roots, self.resolved_adapters_dir(), self.cache_dir]
         return [Path(r).expanduser().absolute() for r in roots]
 
+    def cpu_loras(self) -> int:
+        """vLLM's --max-cpu-loras: engine.max_cpu_loras, or sized from memory (managed; attached: vLLM's
+        default) when unset."""
+        return self.lora_sizing().cpu_loras
+
+    def batch_loras(self) -> int:
+        """vLLM's --max-loras: engine.max_loras, or sized from memory (managed; attached: vLLM's default)."""
+        return self.lora_sizing().max_loras
+
+    def lora_sizing(self) -> LoraSizing:
+        """Both, and how they were chosen; reads the base model's config.json once, if anything is unset."""
+        if self._lora_sizing is None:
+            e = self.engine
+            if e.max_loras is not None and e.max_cpu_loras is not None:
+                sizing = LoraSizing(e.max_loras, e.max_cpu_loras, "set in engine.*")
+            elif e.mode == "attached":  # vLLM's own defaults: --max-loras 1, --max-cpu-loras = --max-loras
+                slots = e.max_loras or 1
+                sizing = LoraSizing(slots, e.max_cpu_loras or slots, "attached: vLLM's defaults where unset")
+            else:
+                from gateway.registry.service import load_base_spec
+
+                spec = load_base_spec(self.resolved_engine_model(), self.base_model_name())
+                sizing = size_loras(
+                    spec.lora_bytes(e.max_lora_rank) if spec else None,
+                    rank=e.max_lora_rank,
+                    slots_bytes=e.lora_slots_memory_mib * 2**20,
+                    cache_fraction=e.lora_cache_memory,
+                    max_loras=e.max_loras,
+                    cpu_loras=e.max_cpu_loras,
+                )
+            self._lora_sizing = sizing
+        return self._lora_sizing
+
     def max_resident(self) -> int:
-        return self.registry.max_resident or max(DEFAULT_MAX_RESIDENT, self.engine.max_cpu_loras)
+        return self.registry.max_resident or max(DEFAULT_MAX_RESIDENT, self.cpu_loras())
 
     def preload_count(self) -> int:
         """Adapters loaded without a request asking for them (pinned ones aside): at start with one
         engine, and after any engine restarts. What vLLM keeps in memory, no more: the rest would only
         push each other out of its cache before anyone asked for them."""
-        return min(self.max_resident(), self.engine.max_cpu_loras)
+        return min(self.max_resident(), self.cpu_loras())
 
     def resolved_engine_model(self) -> str:
         from adapters.tiny import tiny_model_dir

@@ -175,6 +175,26 @@ async def test_after_a_restart_pinned_and_most_recent_adapters_come_back_the_res
 
 
 @in_loop
+async def test_a_prefetch_loads_into_free_room_only_and_evicts_nothing() -> None:
+    vllm, residency, engine, _ = setup(max_resident=4, restore_limit=2)
+    view = residency.view(engine)
+    lease = await residency.acquire(engine, A)  # busy: a prefetch must not push it out
+    residency.prefetch(engine, [A, B, C])
+    await asyncio.sleep(1)
+    assert loads(vllm) == ["lora-a", "lora-b"], "A is there already; B fills the room; C finds none"
+    assert view.resident == {"lora-a", "lora-b"}
+    lease.release()
+    engine.status.state = EngineState.STARTING  # a prefetch into an engine that is not ready does nothing
+    residency.prefetch(engine, [C])
+    await asyncio.sleep(1)
+    assert "lora-c" not in loads(vllm)
+    engine.status.state = EngineState.READY
+    vllm.loaded.clear()  # restarted: the prefetched B is wanted, as a start-up preload's are
+    await residency.on_probe(engine, ProbeResult(set()))
+    assert {"lora-b"} <= view.resident
+
+
+@in_loop
 async def test_a_listing_older_than_an_eviction_does_not_bring_it_back() -> None:
     vllm, residency, engine, _ = setup(max_resident=1)
     view = residency.view(engine)

@@ -51,13 +51,13 @@ def vllm_command(engine: EngineSettings, model: str, served_name: str) -> list[s
         "--port",
         str(engine.port),
         "--enable-lora",
-        "--max-loras",
-        str(engine.max_loras),
         "--max-lora-rank",
         str(engine.max_lora_rank),
-        "--max-cpu-loras",
-        str(engine.max_cpu_loras),
     ]
+    if engine.max_loras is not None:  # unset: vLLM's default (the pool fills in the sized numbers)
+        cmd += ["--max-loras", str(engine.max_loras)]
+    if engine.max_cpu_loras is not None:
+        cmd += ["--max-cpu-loras", str(engine.max_cpu_loras)]
     if engine.max_model_len:
         cmd += ["--max-model-len", str(engine.max_model_len)]
     if engine.tool_call_parser:  # chat `tools`: `tool_choice` auto, required, or a named function

@@ -40,9 +40,15 @@ class EnginePool:
         e = settings.engine
         if e.mode == "managed":
             model, served = settings.resolved_engine_model(), settings.base_model_name()
+            sizing = settings.lora_sizing()
+            log.info(
+                "vLLM --max-loras %d --max-cpu-loras %d (%s)", sizing.max_loras, sizing.cpu_loras, sizing.how
+            )
             for i in range(e.replicas):
+                update = {"max_loras": sizing.max_loras, "max_cpu_loras": sizing.cpu_loras}
+                replica = e.replica(i).model_copy(update=update)
                 self.engines.append(
-                    ManagedEngine(f"engine{i}", e.replica(i), model, served, client, metrics=metrics)
+                    ManagedEngine(f"engine{i}", replica, model, served, client, metrics=metrics)
                 )
         elif not e.resolve_dns:
             for i, url in enumerate(e.attached_urls()):

@@ -2,7 +2,7 @@
 
     request path        acquire(engine, adapter) -> Lease; release()      leases.py
     engine probes       on_probe(listing), on_state_lost(reason), forget   reconcile.py
-    registry changes    want(adapter), sync(registered)                    reconcile.py
+    registry changes    want(adapter), sync(registered), prefetch(adapters)  reconcile.py
     vLLM's routes       load, unload                                       loading.py
     decisions           evict, drain, lift, believe, restore (pure)        policy.py
     other gateways      their use of the same engines, via the registry    shared.py
@@ -99,6 +99,10 @@ class Residency:
     def want(self, engine: Engine, ref: AdapterRef) -> None:
         """Ask for `ref` to be resident on this engine whenever it is (re)ready."""
         self._reconciler.want(engine, ref)
+
+    def prefetch(self, engine: Engine, refs: list[AdapterRef]) -> None:
+        """Load `refs` ahead of their first request while vLLM's memory has room (background)."""
+        self._reconciler.prefetch(engine, refs)
 
     async def sync(self, engine: Engine, registered: dict[str, AdapterRef]) -> None:
         """Follow the registry: pins, retired versions (unloaded once idle), pinned adapters loaded now."""

@@ -13,6 +13,8 @@ on_state_lost(engine)      the engine says what it had loaded is gone (its proce
 forget(engine, adapter)    vLLM answered a request that it does not have the adapter
 sync(engine, registered)   the registry changed: pins follow it, pinned adapters load now, versions no
   longer registered retire (unloaded once their last lease is released).
+prefetch(engine, refs)     adapters just registered load ahead of their first request, into free room only
+  (fewer resident than vLLM keeps in memory), in the background.
 """
 
 from __future__ import annotations
@@ -119,6 +121,32 @@ class Reconciler:
                     (await self._leases.acquire(engine, ref)).release()
                 except GatewayError as exc:
                     log.warning("engine %s: could not load pinned %s: %s", engine.name, key, exc.message)
+
+    def prefetch(self, engine: Engine, refs: list[AdapterRef]) -> None:
+        """Load `refs` ahead of their first request, in the background, one at a time, while fewer than
+        `restore_limit` (what vLLM keeps in memory) are resident: into free room only, nothing is evicted
+        for them. What comes next stays wanted, as the start-up preload's are (restored after a restart)."""
+        state = self._states.of(engine)
+        todo = [ref for ref in refs if ref.engine_name not in state.resident]
+        if not todo or not engine.ready:
+            return
+
+        async def run() -> None:
+            for ref in todo:
+                if not engine.ready or len(state.resident) + state.loading >= self.restore_limit:
+                    return
+                if ref.engine_name in state.resident:
+                    continue
+                state.wanted[ref.engine_name] = ref
+                try:
+                    (await self._leases.acquire(engine, ref)).release()
+                except GatewayError as exc:
+                    log.warning("engine %s: could not prefetch %s: %s", engine.name, ref.name, exc.message)
+                    return
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def on_idle(self, engine: Engine, key: str) -> None:
         """The last lease of `key` was released: a retiring adapter is unloaded now."""
