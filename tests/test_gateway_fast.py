@@ -125,7 +125,8 @@ def test_no_other_replica_means_502_after_one_try(make_gateway: MakeGateway) -> 
 
 
 def test_an_adapter_vllm_lost_is_loaded_again_and_the_request_retried(make_gateway: MakeGateway) -> None:
-    gw = make_gateway(engine={"health_interval_s": 300})  # no probe notices the loss first
+    # no probe notices the loss first; vLLM keeps both demo adapters (both preloaded: demo-b's leases stay 0)
+    gw = make_gateway(engine={"health_interval_s": 300, "max_cpu_loras": 4})
     assert gw.chat("demo-a").status_code == 200
     [before] = [e["leases"] for e in gw.engines()]
     gw.client.engines[A].adapters.clear()  # vLLM restarted, or someone unloaded it
