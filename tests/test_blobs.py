@@ -97,6 +97,19 @@ def test_same_content_same_digest_wherever_it_comes_from(tmp_path: Path) -> None
     assert leftovers(store) == []
 
 
+def test_digest_of_reads_in_place_what_stage_would_store(tmp_path: Path) -> None:
+    """A start that finds its adapters folder unchanged compares digests without copying anything."""
+    store = BlobStore(tmp_path / "store")
+    src = write_adapter(tmp_path / "src")
+    assert store.digest_of(src) == store.stage(src).digest
+    assert store.digest_of(write_adapter(tmp_path / "other", seed=1)) != store.digest_of(src)
+    assert store.list_digests() == []
+    (src / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterValidationError) as err:
+        store.digest_of(src)
+    assert err.value.code == "missing_file"
+
+
 def test_symlinked_source_files_are_stored_as_copies(tmp_path: Path) -> None:
     real = write_adapter(tmp_path / "real")
     src = tmp_path / "links"

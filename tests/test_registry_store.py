@@ -359,3 +359,48 @@ def test_concurrent_registrations_from_threads(store: SqliteStore) -> None:
     versions = [v.version for v in store.get_adapter("sql").versions]
     assert versions == list(range(1, 81))
     assert len({v.digest for v in store.get_adapter("sql").versions}) == 80
+
+
+def test_seeding_registers_new_and_changed_folders_once_and_skips_bad_ones(tmp_path: Path) -> None:
+    """A start reads adapters_dir: new folders are registered (one snapshot rebuild for all of them), an
+    unchanged one is not registered again, a changed one gets a version, a bad one is skipped."""
+    import json as _json
+
+    from adapters.validate import BaseModelSpec
+    from tests.test_sources import adapter_files
+    from tests.test_validate import BASE_CONFIG
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text(_json.dumps(BASE_CONFIG))
+    base = BaseModelSpec.from_model_dir(tmp_path / "base", "tiny-llama")
+    folder = tmp_path / "adapters"
+
+    def write(name: str, files: dict[str, bytes]) -> None:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for file, data in files.items():
+            (folder / name / file).write_bytes(data)
+
+    for name in ("a", "b", "c"):
+        write(name, adapter_files())
+    write("bad", {"adapter_config.json": b"{}"})
+    store = SqliteStore(tmp_path / "registry.sqlite3")
+    try:
+        limits = RegistryLimits(16, 1 << 20, (folder.absolute(),))
+        registry = Registry(store, BlobStore(tmp_path / "blobs"), base, "tiny-llama", limits)
+        refreshes = 0
+        refresh = registry.refresh
+
+        async def counted() -> None:
+            nonlocal refreshes
+            refreshes += 1
+            await refresh()
+
+        registry.refresh = counted  # type: ignore[method-assign]
+        assert asyncio.run(registry.seed(folder)) == ["a", "b", "c"]
+        assert refreshes == 1 and {r.name for r in registry.adapters()} == {"a", "b", "c"}
+        assert asyncio.run(registry.seed(folder)) == [] and refreshes == 1, "unchanged: nothing written"
+        write("b", adapter_files(r=4))  # retrained
+        assert asyncio.run(registry.seed(folder)) == ["b"]
+        assert [v.version for v in registry.adapter("b").versions] == [1, 2]  # type: ignore[union-attr]
+    finally:
+        store.close()

@@ -172,15 +172,18 @@ class Registry:
         description: str = "",
         pin: bool | None = None,
         force: bool = False,
+        refresh: bool = True,
     ) -> AdapterVersion:
         """Validate and store a new version of `name`. Raises an `AdapterRefusedError` on refusal; code
-        `engine_unavailable` while the base's shapes are unknown (nothing to validate against yet)."""
+        `engine_unavailable` while the base's shapes are unknown (nothing to validate against yet).
+        `refresh=False` leaves the in-memory snapshot to the caller's one `refresh()` (a bulk seed)."""
         self._check_registrable(name)
         async with self._lock(name):
             version = await asyncio.to_thread(
                 self._register_blocking, name, source, revision, description, pin, force
             )
-            await self.refresh()
+            if refresh:
+                await self.refresh()
         log.info("registered %s (digest %s) from %s", version.model_id, version.digest[:12], version.source)
         return version
 
@@ -275,16 +278,17 @@ class Registry:
         added: list[str] = []
         for sub in await asyncio.to_thread(_adapter_folders, folder):
             try:
-                staged = await asyncio.to_thread(self.blobs.stage, sub, max_bytes=self.limits.max_bytes)
-                self.blobs.discard(staged)
+                digest = await asyncio.to_thread(self.blobs.digest_of, sub, max_bytes=self.limits.max_bytes)
                 current = self._names.get(sub.name)
-                if current is not None and current.engine_name == engine_name(staged.digest):
+                if current is not None and current.engine_name == engine_name(digest):
                     continue
-                await self.register(sub.name, str(sub))
+                await self.register(sub.name, str(sub), refresh=False)  # one snapshot at the end
             except (AdapterValidationError, SourceError) as exc:
                 log.error("not registering %s from %s: %s", sub.name, folder, exc)
                 continue
             added.append(sub.name)
+        if added:
+            await self.refresh()
         return added
 
     async def set_pinned(self, name: str, pinned: bool) -> Adapter:
