@@ -329,7 +329,7 @@ class Settings(BaseSettings):
     adapters_dir: Path | None = Field(
         None, description="Folder of PEFT adapter folders served at start. Default: the demo adapters."
     )
-    _lora_sizing: LoraSizing | None = PrivateAttr(None)
+    _lora_sizing: tuple[str, LoraSizing] | None = PrivateAttr(None)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
@@ -413,7 +413,8 @@ class Settings(BaseSettings):
 
     def lora_sizing(self) -> LoraSizing:
         """Both, and how they were chosen; reads the base model's config.json once, if anything is unset."""
-        if self._lora_sizing is None:
+        key = self.engine.model_dump_json()  # a copy with other engine settings sizes again
+        if self._lora_sizing is None or self._lora_sizing[0] != key:
             e = self.engine
             if e.max_loras is not None and e.max_cpu_loras is not None:
                 sizing = LoraSizing(e.max_loras, e.max_cpu_loras, "set in engine.*")
@@ -432,8 +433,8 @@ class Settings(BaseSettings):
                     max_loras=e.max_loras,
                     cpu_loras=e.max_cpu_loras,
                 )
-            self._lora_sizing = sizing
-        return self._lora_sizing
+            self._lora_sizing = (key, sizing)
+        return self._lora_sizing[1]
 
     def max_resident(self) -> int:
         return self.registry.max_resident or max(DEFAULT_MAX_RESIDENT, self.cpu_loras())

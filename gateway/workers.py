@@ -49,7 +49,11 @@ def worker_settings(settings: Settings) -> Settings:
     engine = settings.engine
     if engine.mode == "managed":
         urls = [engine.replica(i).base_url for i in range(engine.replicas)]
-        engine = engine.model_copy(update={"mode": "attached", "url": urls[0], "urls": urls[1:]})
+        sized = settings.lora_sizing()  # what the parent starts vLLM with: the workers must count the same
+        update = {"mode": "attached", "url": urls[0], "urls": urls[1:]}
+        engine = engine.model_copy(
+            update=update | {"max_loras": sized.max_loras, "max_cpu_loras": sized.cpu_loras}
+        )
     registry = settings.registry.model_copy(update={"seed_adapters_dir": False})
     return settings.model_copy(update={"engine": engine, "registry": registry})
 

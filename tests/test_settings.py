@@ -89,6 +89,8 @@ def test_vllms_adapter_limits_are_sized_from_memory_when_unset(tmp_path: Path) -
     assert (attached.batch_loras(), attached.cpu_loras()) == (1, 1), "attached and unset: vLLM's defaults"
     missing = Settings(engine={"model": str(tmp_path / "nowhere/none")}, cache_dir=tmp_path)
     assert missing.cpu_loras() == FALLBACK_CPU_LORAS
+    other = s.model_copy(update={"engine": s.engine.model_copy(update={"max_loras": 7})})
+    assert other.batch_loras() == 7, "a copy with other engine settings is sized again, not from the cache"
 
 
 def test_the_managed_vllm_gets_the_sized_cache(tmp_path: Path) -> None:

@@ -16,6 +16,9 @@ def test_workers_attach_to_the_managed_replicas_with_one_key_and_do_not_seed(tmp
     assert w.engine.attached_urls() == ["http://127.0.0.1:9100", "http://127.0.0.1:9101"]
     assert w.engine.api_key == settings.engine.api_key
     assert not w.registry.seed_adapters_dir and settings.registry.seed_adapters_dir
+    sized = settings.lora_sizing()  # the workers count what the parent's vLLM was started with
+    assert (w.batch_loras(), w.cpu_loras()) == (sized.max_loras, sized.cpu_loras) != (1, 1)
+    assert w.max_resident() == settings.max_resident() and w.preload_count() == settings.preload_count()
     configured = Settings(data_dir=tmp_path, engine={"api_key": "mine"})
     assert with_engine_key(configured).engine.api_key == configured.engine.api_key
 
