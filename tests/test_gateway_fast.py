@@ -129,6 +129,8 @@ def test_an_adapter_vllm_lost_is_loaded_again_and_the_request_retried(make_gatew
     gw = make_gateway(engine={"health_interval_s": 300, "max_cpu_loras": 4})
     assert gw.chat("demo-a").status_code == 200
     [before] = [e["leases"] for e in gw.engines()]
+    [limits] = [e["lora_limits"] for e in gw.engines()]  # attached: what it was told, else vLLM's defaults
+    assert (limits["max_loras"], limits["max_cpu_loras"], limits["max_resident"]) == (1, 4, 64)
     gw.client.engines[A].adapters.clear()  # vLLM restarted, or someone unloaded it
     r = gw.chat("demo-a")
     assert r.status_code == 200 and r.json()["model"] == "demo-a"

@@ -258,6 +258,7 @@ class EngineInfo(_Open):
     state: str
     resident_models: list[str]
     leases: Any = None
+    lora_limits: dict[str, Any] | None = None  # max_loras, max_cpu_loras, max_resident, how they were chosen
 
 
 class EngineList(BaseModel):
