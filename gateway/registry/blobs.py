@@ -100,20 +100,10 @@ class BlobStore:
         Raises `AdapterValidationError` (`missing_file`, `unsafe_file` for a non-regular file,
         `too_large` when the copied bytes exceed `max_bytes`).
         """
-        src = Path(src_dir)
         tmp = self.root / f"{_TMP_PREFIX}{_writer()}-{secrets.token_hex(8)}"
         tmp.mkdir(mode=0o755)
         try:
-            hashes: dict[str, str] = {}
-            total = 0
-            for name in self.files:
-                if not (src / name).exists():
-                    if name in self.required:
-                        raise AdapterValidationError(f"The adapter has no {name}.", "missing_file", name)
-                    continue
-                budget = None if max_bytes is None else max_bytes - total
-                hashes[name], size = _copy_file(src / name, tmp / name, budget)
-                total += size
+            hashes, total = self._hash_files(Path(src_dir), tmp, max_bytes)
             _fsync_dir(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -123,7 +113,10 @@ class BlobStore:
     def digest_of(self, src_dir: str | os.PathLike[str], *, max_bytes: int | None = None) -> str:
         """The digest `stage` would give `src_dir`, read in place: nothing copied or fsynced (a start that
         finds its adapters folder unchanged reads each file once and writes nothing). Raises as `stage`."""
-        src = Path(src_dir)
+        return manifest_digest(self._hash_files(Path(src_dir), None, max_bytes)[0])
+
+    def _hash_files(self, src: Path, dst: Path | None, max_bytes: int | None) -> tuple[dict[str, str], int]:
+        """Hash the allowed files of `src` (copying each into `dst` when given): {name: sha256}, bytes."""
         hashes: dict[str, str] = {}
         total = 0
         for name in self.files:
@@ -132,9 +125,9 @@ class BlobStore:
                     raise AdapterValidationError(f"The adapter has no {name}.", "missing_file", name)
                 continue
             budget = None if max_bytes is None else max_bytes - total
-            hashes[name], size = _copy_file(src / name, None, budget)
+            hashes[name], size = _copy_file(src / name, None if dst is None else dst / name, budget)
             total += size
-        return manifest_digest(hashes)
+        return hashes, total
 
     def commit(self, staged: StagedBlob) -> Path:
         """Move a staged folder into place; if the digest is already stored, keep that one."""
