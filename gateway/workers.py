@@ -50,10 +50,8 @@ def worker_settings(settings: Settings) -> Settings:
     if engine.mode == "managed":
         urls = [engine.replica(i).base_url for i in range(engine.replicas)]
         sized = settings.lora_sizing()  # what the parent starts vLLM with: the workers must count the same
-        update = {"mode": "attached", "url": urls[0], "urls": urls[1:]}
-        engine = engine.model_copy(
-            update=update | {"max_loras": sized.max_loras, "max_cpu_loras": sized.cpu_loras}
-        )
+        update = {"mode": "attached", "url": urls[0], "urls": urls[1:], **sized.engine_fields()}
+        engine = engine.model_copy(update=update)
     registry = settings.registry.model_copy(update={"seed_adapters_dir": False})
     return settings.model_copy(update={"engine": engine, "registry": registry})
 

@@ -318,9 +318,8 @@ async def clear_alias(name: str, request: Request) -> dict[str, Any]:
 async def engines(request: Request) -> dict[str, Any]:
     state = _state(request)
     names = {ref.engine_name: ref.name + f"@{ref.version}" for ref in state.registry.versions()}
-    sized = state.settings.lora_sizing()
-    limits = {"max_loras": sized.max_loras, "max_cpu_loras": sized.cpu_loras,
-              "max_resident": state.settings.max_resident(), "how": sized.how}  # fmt: skip
+    sized = state.settings.lora_sizing()  # vLLM's --max-loras / --max-cpu-loras as counted here
+    limits = {**sized.engine_fields(), "max_resident": state.settings.max_resident(), "how": sized.how}
     data = []
     for engine in state.engines:
         residency = state.residency.view(engine)
@@ -328,8 +327,6 @@ async def engines(request: Request) -> dict[str, Any]:
         info["resident_models"] = sorted(names.get(k, k) for k in residency.resident)
         info["pid"] = getattr(engine, "pid", None)
         info["leases"] = state.residency.leases(engine)
-        info["lora_limits"] = (
-            limits  # vLLM's --max-loras / --max-cpu-loras as counted here, and the gateway's
-        )
+        info["lora_limits"] = limits
         data.append(info)
     return {"object": "list", "data": data}

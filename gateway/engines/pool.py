@@ -45,8 +45,7 @@ class EnginePool:
                 "vLLM --max-loras %d --max-cpu-loras %d (%s)", sizing.max_loras, sizing.cpu_loras, sizing.how
             )
             for i in range(e.replicas):
-                update = {"max_loras": sizing.max_loras, "max_cpu_loras": sizing.cpu_loras}
-                replica = e.replica(i).model_copy(update=update)
+                replica = e.replica(i).model_copy(update=sizing.engine_fields())
                 self.engines.append(
                     ManagedEngine(f"engine{i}", replica, model, served, client, metrics=metrics)
                 )

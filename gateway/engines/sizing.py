@@ -41,6 +41,10 @@ class LoraSizing:
     cpu_loras: int
     how: str
 
+    def engine_fields(self) -> dict[str, int]:
+        """As `EngineSettings` fields: what a managed vLLM is started with, and what its workers count."""
+        return {"max_loras": self.max_loras, "max_cpu_loras": self.cpu_loras}
+
 
 def host_memory_bytes(cgroup_files: tuple[str, ...] = CGROUP_FILES) -> int:
     """Physical memory, or the cgroup's limit if lower (cgroup v2, then v1; "max" = no limit)."""
