@@ -2,6 +2,7 @@
 
     python -m engine_plugin.bench                     # the embedded tiny Llama's qkv and an 8B-sized one
     python -m engine_plugin.bench --json out.json
+    python -m engine_plugin.bench --dtype bfloat16    # the dtype vLLM runs the embedded model in on the CPU
 
 For each shape (hidden in, slices out, rank) and batch (decode: T rows of single tokens over A adapters,
 interleaved, a quarter of them base-model rows; prefill: one prompt), the time of one `add_lora_linear`
@@ -26,7 +27,8 @@ SHAPES = {
     "8B gate_up (4096 -> 2x14336, r16)": (4096, (14336, 14336), 16),
 }
 BATCHES = {"decode 1": (1, 1, False), "decode 16 / 4 adapters": (16, 4, False),
-           "decode 64 / 4 adapters": (64, 4, False), "prefill 512 / 1 adapter": (512, 1, True)}  # fmt: skip
+           "decode 64 / 4 adapters": (64, 4, False), "decode 32 / 32 adapters": (32, 32, False),
+           "prefill 512 / 1 adapter": (512, 1, True)}  # fmt: skip
 
 
 def _wrappers(rows: int, adapters: int, prefill: bool) -> tuple[Any, Any]:
@@ -60,7 +62,7 @@ def _time(fn: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
-def run(repeats: int = 30) -> list[dict[str, Any]]:
+def run(repeats: int = 30, dtype: torch.dtype = torch.float32) -> list[dict[str, Any]]:
     results = []
     for shape, (hidden, outs, rank) in SHAPES.items():
         for batch, (rows, adapters, prefill) in BATCHES.items():
@@ -69,17 +71,25 @@ def run(repeats: int = 30) -> list[dict[str, Any]]:
             g = torch.Generator().manual_seed(0)
             a = tuple(torch.randn(adapters + 1, 1, rank, hidden, generator=g) * 0.01 for _ in outs)
             b = tuple(torch.randn(adapters + 1, 1, o, rank, generator=g) * 0.01 for o in outs)
-            x = torch.randn(rows, hidden, generator=g)
+            a = tuple(t.to(dtype) for t in a)
+            b = tuple(t.to(dtype) for t in b)
+            x = torch.randn(rows, hidden, generator=g).to(dtype)
             ref, ours = _wrappers(rows, adapters, prefill)
-            y = torch.zeros(rows, sum(outs))
+            y = torch.zeros(rows, sum(outs), dtype=dtype)
             t_ref = _time(lambda: ref.add_lora_linear(y, x, a, b, 1.0, outs), repeats)  # noqa: B023
             t_ours = _time(lambda: ours.add_lora_linear(y, x, a, b, 1.0, outs), repeats)  # noqa: B023
-            row = {"shape": shape, "batch": batch, "vllm_ms": t_ref * 1e3,
-                   "grouped_ms": t_ours * 1e3, "speedup": t_ref / t_ours}  # fmt: skip
+            row = {"shape": shape, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
+                   "vllm_ms": t_ref * 1e3, "grouped_ms": t_ours * 1e3, "speedup": t_ref / t_ours}  # fmt: skip
             ms = f"vLLM {row['vllm_ms']:8.3f} ms  grouped {row['grouped_ms']:8.3f} ms"
             print(f"{shape:40s} {batch:24s} {ms}  {row['speedup']:6.1f}x", flush=True)
             results.append(row)
     return results
+
+
+def lora_ops_native(dtype: torch.dtype) -> bool:
+    from engine_plugin import lora_ops
+
+    return lora_ops.fast_half_matmul(dtype)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,8 +98,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--json", help="Also write the results here.")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32",
+        help="The stacks' and activations' dtype (vLLM runs the embedded model in bfloat16 on the CPU).",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "results": run(args.repeats)}
+    dtype = getattr(torch, args.dtype)
+    results = {
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+        "native_half_matmul": lora_ops_native(dtype), "results": run(args.repeats, dtype),
+    }  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

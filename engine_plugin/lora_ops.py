@@ -11,6 +11,14 @@ delta. The ops here do what the GPU kernels and S-LoRA/Punica's SGMV do instead:
 Rows with index -1 are in no group, so they cost nothing and get no delta. `rows` is a slice when a slot's
 rows are contiguous (the usual case: one request's prompt, or a batch of one adapter), else an index tensor.
 
+Two refinements for where dispatch, not arithmetic, is the cost. Where the CPU has no native bfloat16/float16
+matrix product (no AVX512-BF16/FP16, no AMX: an AVX2 machine), `torch.mm` in those dtypes runs a slow generic
+path (10-20x slower than float32 at a 256-token prefill on an AVX2 EPYC), so the layout keeps the weights in
+float32 and each delta is rounded to the output's dtype once. And when a decode batch holds many adapters with
+a row or two each (a thousand adapters under uniform traffic), one batched product over each row's own
+weights (`torch.bmm` on gathered copies, `gather_plan`) replaces two small products per adapter, where those
+copies are small (the tiny model's layers; not an 8B's).
+
 Weight layouts are vLLM's: `lora_a` stacked as (max_loras, 1, rank, in), `lora_b` as
 (max_loras, 1, out, rank). `lora_linear` (the projections: almost all of the work) keeps the rank
 intermediate in the weights' dtype and uses vLLM's packed kernel where it can (`sgl_supported`); the other ops
@@ -19,12 +27,22 @@ keep it in float32, as vLLM's ops do, and expand in the output's dtype.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 
 Rows = slice | torch.Tensor
 Groups = list[tuple[int, Rows]]
+#: One batched product over each row's own weights: the rows with an adapter (None: all of them), their slots.
+Gather = tuple[torch.Tensor | None, torch.Tensor]
+
+#: A batch takes the gathered product when it has at least this many adapter groups ...
+GATHER_MIN_GROUPS = 8
+#: ... of at most this many rows each on average (decode), ...
+GATHER_ROWS_PER_GROUP = 4
+#: ... and a row's copy of its weights (A and the block-diagonal B, in the layout's dtype) is at most this.
+GATHER_BYTES = 256 * 2**10
 
 
 def group_rows(indices: torch.Tensor) -> Groups:
@@ -54,6 +72,38 @@ def group_rows(indices: torch.Tensor) -> Groups:
             rows = torch.cat([torch.arange(s, e, device=indices.device) for s, e in spans])
             groups.append((slot, rows))
     return groups
+
+
+def gather_plan(indices: torch.Tensor, groups: Groups) -> Gather | None:
+    """The gathered product's rows and slots for a batch of many small adapter groups, else None."""
+    n = int(indices.numel())
+    if len(groups) < GATHER_MIN_GROUPS or n > GATHER_ROWS_PER_GROUP * len(groups):
+        return None
+    covered = indices >= 0
+    if bool(covered.all()):
+        return None, indices.long()
+    rows = covered.nonzero().squeeze(1)
+    return rows, indices[rows].long()
+
+
+@functools.cache
+def fast_half_matmul(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies `dtype` matrices natively (float32 always; bfloat16 with AVX512-BF16 or
+    AMX; float16 with AVX512-FP16 or AMX). Without it, the ops compute in float32."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        flags = set()
+    try:
+        amx = bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        amx = False
+    if dtype == torch.bfloat16:
+        return amx or bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(flags & {"avx512_fp16", "amx_fp16"})
 
 
 def uncovered_rows(groups: Groups, n: int, device: torch.device) -> torch.Tensor | None:
@@ -114,7 +164,7 @@ class LinearWeights:
     quarter of the engine's time (docs/benchmarks.md, "A thousand adapters"). Without ids, every slot.
     """
 
-    __slots__ = ("a", "b", "versions", "a_cat", "b_t", "b_cat", "rank", "packed", "ids", "probes")
+    __slots__ = ("a", "b", "versions", "a_cat", "b_t", "b_cat", "rank", "packed", "ids", "probes", "copied_b")
 
     def __init__(
         self, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], ids: Sequence[object] = ()
@@ -122,9 +172,13 @@ class LinearWeights:
         self.a, self.b = tuple(lora_a), tuple(lora_b)
         self.versions = self._versions()
         self.rank = self.a[0].shape[-2]
+        dtype = self.a[0].dtype if fast_half_matmul(self.a[0].dtype) else torch.float32
         mats = [a[:, 0] if a.dim() == 4 else a for a in self.a]  # (L, rank, in) each
-        self.a_cat = torch.cat(mats, dim=1).transpose(1, 2).contiguous()  # (L, in, S * rank)
+        self.a_cat = torch.cat(mats, dim=1).transpose(1, 2).to(dtype).contiguous()  # (L, in, S * rank)
         self.b_t = [(b[:, 0] if b.dim() == 4 else b).transpose(1, 2) for b in self.b]  # (L, rank, out_i)
+        self.copied_b = self.b_t[0].dtype != dtype  # then b_t are float32 copies, not views of the stacks
+        if self.copied_b:
+            self.b_t = [bt.to(dtype) for bt in self.b_t]
         self.b_cat: torch.Tensor | None = None
         if len(self.b_t) == 1:
             self.b_cat = self.b_t[0]
@@ -176,6 +230,9 @@ class LinearWeights:
         slots |= {k for k, (x, y) in enumerate(zip(self.ids, ids, strict=True)) if x != y}
         for k in sorted(slots):
             self.a_cat[k] = torch.cat([a[k, 0] if a.dim() == 4 else a[k] for a in self.a], dim=0).t()
+            if self.copied_b:
+                for bt, b in zip(self.b_t, self.b, strict=True):
+                    bt[k] = (b[k, 0] if b.dim() == 4 else b[k]).t()
             if self.b_cat is not None and len(self.b_t) > 1:
                 self._block(k)
             if self.packed is not None:
@@ -278,17 +335,19 @@ def lora_linear(
     offset_start: int = 0,
     cache: WeightCache | None = None,
     ids: Sequence[object] | None = None,
+    gather: Gather | None = None,
 ) -> None:
     """y[:, slice i] += (x @ A_i.T * scale) @ B_i.T for every row's own adapter (vLLM's `add_lora_linear`).
 
     Per adapter: one product shrinks every slice; one more expands them all when the layer has a
-    block-diagonal B (vLLM's packed kernel in bf16/fp16 with AMX, else `addmm_`), else one `addmm_` per slice.
+    block-diagonal B (vLLM's packed kernel in bf16/fp16 with AMX, else `torch.mm`), else one per slice. With
+    `gather` (many small groups, `gather_plan`) and small enough weights: one batched product for all rows.
     """
     if not groups:
         return
     w = linear_weights(lora_a, lora_b, cache, ids)
     r = w.rank
-    dtype = w.a_cat.dtype
+    dtype = w.a_cat.dtype  # the layout's: the weights', or float32 where that is faster (fast_half_matmul)
     if w.packed is not None and scale == 1.0 and x.dtype == dtype == y.dtype:
         width = w.packed[0][3]
         if width == sum(output_slices):
@@ -298,20 +357,34 @@ def lora_linear(
                 delta = _packed_linear(_packed_linear(x[rows].contiguous(), a, n_a), b, n_b)
                 _add_rows(cols, rows, delta)
             return
+    bc = w.b_cat
+    if bc is not None and bc.shape[2] != sum(output_slices):
+        bc = None
+    if gather is not None and bc is not None and _gather_bytes(w, bc) <= GATHER_BYTES:
+        rows_g, slots = gather
+        xs = x if rows_g is None else x[rows_g]
+        h = torch.bmm(xs.to(dtype).unsqueeze(1), w.a_cat[slots])
+        if scale != 1.0:
+            h.mul_(scale)
+        delta = torch.bmm(h, bc[slots]).squeeze(1).to(y.dtype)
+        cols = y[:, offset_start : offset_start + bc.shape[2]]
+        if rows_g is None:
+            cols.add_(delta)
+        else:
+            cols.index_add_(0, rows_g, delta)
+        return
+    direct = dtype == y.dtype
     for slot, rows in groups:
         xs = x[rows]
         h = torch.mm(xs if xs.dtype == dtype else xs.to(dtype), w.a_cat[slot])
         if scale != 1.0:
             h.mul_(scale)
-        if h.dtype != y.dtype:
-            h = h.to(y.dtype)
-        bc = w.b_cat
-        if bc is not None and bc.shape[2] == sum(output_slices) and bc.dtype == y.dtype:
+        if bc is not None:
             cols = y[:, offset_start : offset_start + bc.shape[2]]
-            if isinstance(rows, slice):
+            if direct and isinstance(rows, slice):
                 cols[rows].addmm_(h, bc[slot])
             else:
-                cols.index_add_(0, rows, torch.mm(h, bc[slot]))
+                _add_rows(cols, rows, torch.mm(h, bc[slot]).to(y.dtype))
             continue
         offset = offset_start
         for i, size in enumerate(output_slices):
@@ -319,14 +392,17 @@ def lora_linear(
             bt = w.b_t[i][slot]
             if bt.shape[1] != size:
                 bt = bt[:, :size]
-            if bt.dtype != y.dtype:
-                bt = bt.to(y.dtype)
             cols = y[:, offset : offset + size]
-            if isinstance(rows, slice):
+            if direct and isinstance(rows, slice):
                 cols[rows].addmm_(hi, bt)
             else:
-                cols.index_add_(0, rows, torch.mm(hi, bt))
+                _add_rows(cols, rows, torch.mm(hi, bt).to(y.dtype))
             offset += size
+
+
+def _gather_bytes(w: LinearWeights, bc: torch.Tensor) -> int:
+    """What one row's copy of its weights (A and block-diagonal B) costs the gathered product."""
+    return (w.a_cat[0].numel() + bc[0].numel()) * w.a_cat.element_size()
 
 
 def lora_shrink(

@@ -20,6 +20,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._token_groups: lora_ops.Groups = []
+        self._token_gather: lora_ops.Gather | None = None  # many small groups: one batched product instead
         self._sampler_groups: lora_ops.Groups = []
         self._weights: lora_ops.WeightCache = {}  # per LoRA layer: its stacks laid out for GEMMs
         self._slot_ids: tuple[object, ...] | None = None  # the adapter in each slot (vLLM's lora_index_to_id)
@@ -28,6 +29,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         super().update_metadata(mapping, lora_index_to_id, *args, **kwargs)
         self._slot_ids = tuple(lora_index_to_id)
         self._token_groups = lora_ops.group_rows(self.token_lora_indices)
+        self._token_gather = lora_ops.gather_plan(self.token_lora_indices, self._token_groups)
         self._sampler_groups = lora_ops.group_rows(self.sampler_indices)
 
     def add_shrink(  # type: ignore[override]
@@ -88,6 +90,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             self._token_groups,
             cache=self._weights,
             ids=self._slot_ids,
+            gather=self._token_gather,
         )
 
     def add_lora_logits(  # type: ignore[override]

@@ -364,3 +364,116 @@ def test_a_cached_adapter_is_activated_without_copying_the_cache(monkeypatch: py
     worker.add_adapter(LoRARequest("b", 8, "/y"))  # not cached: vLLM loads it
     worker.add_adapter(LoRARequest("a", 7, "/x", load_inplace=True))  # reloaded in place: vLLM's path too
     assert original_calls == [8, 7]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_half_precision_stacks_compute_in_float32_where_the_cpu_has_no_native_product(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an AVX2 CPU (no AVX512-BF16, no AMX) a bfloat16 `torch.mm` is a slow generic path: the layout
+    keeps float32 copies there, and the answers stay those of the definition, including after vLLM writes a
+    new adapter into a slot (the float32 copies follow)."""
+    monkeypatch.setattr(lora_ops, "fast_half_matmul", lambda dtype: native or dtype == torch.float32)
+    monkeypatch.setattr(lora_ops, "sgl_supported", lambda dtype: False)  # the torch.mm path on any CPU
+    g = torch.Generator().manual_seed(7)
+    outs = (64, 32, 32)
+    a = tuple((torch.randn(SLOTS, 1, 8, 64, generator=g) * 0.1).bfloat16() for _ in outs)
+    b = tuple((torch.randn(SLOTS, 1, o, 8, generator=g) * 0.1).bfloat16() for o in outs)
+    slots = [0, 0, 1, -1, 3, 2, 2]
+    x = torch.randn(len(slots), 64, generator=g).bfloat16()
+    base = torch.randn(len(slots), sum(outs), generator=g).bfloat16()
+    groups = lora_ops.group_rows(torch.tensor(slots))
+    cache: lora_ops.WeightCache = {}
+
+    def run() -> torch.Tensor:
+        y = base.clone()
+        lora_ops.lora_linear(y, x, a, b, 0.5, outs, groups, cache=cache, ids=[1, 2, 3, 4])
+        return y
+
+    def want() -> torch.Tensor:
+        return base.float() + torch.cat(
+            [expected(x.float(), a[i].float(), b[i].float(), slots, 0.5) for i in range(3)], dim=1
+        )
+
+    got = run()
+    layout = next(iter(cache.values()))
+    assert layout.a_cat.dtype == (torch.bfloat16 if native else torch.float32)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want(), atol=0.05, rtol=0.02)
+    for t in (*a, *b):  # vLLM loads another adapter into slot 2
+        t[2].copy_((torch.randn(t[2].shape, generator=g) * 0.1).bfloat16())
+    torch.testing.assert_close(run().float(), want(), atol=0.05, rtol=0.02)
+    for row, slot in enumerate(slots):
+        if slot < 0:
+            assert torch.equal(run()[row], base[row])
+
+
+def test_gather_plan_takes_decode_batches_of_many_adapters_only() -> None:
+    decode = torch.tensor([i % 9 - 1 for i in range(27)])  # 8 adapters, 3 rows each, and base-model rows
+    rows, slots = lora_ops.gather_plan(decode, lora_ops.group_rows(decode))  # type: ignore[misc]
+    assert rows is not None and torch.equal(slots, decode[decode >= 0])
+    assert torch.equal(rows, (decode >= 0).nonzero().squeeze(1))
+    every = torch.arange(10)
+    assert lora_ops.gather_plan(every, lora_ops.group_rows(every))[0] is None  # type: ignore[index]
+    few = torch.tensor([0, 1, 2, 3] * 4)
+    assert lora_ops.gather_plan(few, lora_ops.group_rows(few)) is None  # 4 adapters: per adapter
+    prefill = torch.tensor([0] * 200 + list(range(1, 9)))
+    assert lora_ops.gather_plan(prefill, lora_ops.group_rows(prefill)) is None  # a long prompt among them
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gathered_product_gives_each_row_its_own_adapter(dtype: torch.dtype) -> None:
+    """Decode over many adapters (a thousand adapters under uniform traffic): one batched product over each
+    row's own weights gives what the per-adapter products give, base-model rows untouched; and it follows a
+    slot rewritten by vLLM."""
+    n_slots, outs = 12, (48, 16, 16)
+    g = torch.Generator().manual_seed(11)
+    a = tuple((torch.randn(n_slots, 1, 8, HIDDEN, generator=g) * 0.1).to(dtype) for _ in outs)
+    b = tuple((torch.randn(n_slots, 1, o, 8, generator=g) * 0.1).to(dtype) for o in outs)
+    slots = [(i * 5) % 13 - 1 for i in range(30)]  # 12 adapters interleaved, base-model rows among them
+    x = torch.randn(len(slots), HIDDEN, generator=g).to(dtype)
+    base = torch.randn(len(slots), sum(outs), generator=g).to(dtype)
+    indices = torch.tensor(slots)
+    groups = lora_ops.group_rows(indices)
+    plan = lora_ops.gather_plan(indices, groups)
+    assert plan is not None
+    cache: lora_ops.WeightCache = {}
+    ids = list(range(100, 100 + n_slots))
+
+    def run(gather: lora_ops.Gather | None) -> torch.Tensor:
+        y = base.clone()
+        lora_ops.lora_linear(y, x, a, b, 0.25, outs, groups, cache=cache, ids=ids, gather=gather)
+        return y
+
+    def want() -> torch.Tensor:
+        return base.float() + torch.cat(
+            [expected(x.float(), a[i].float(), b[i].float(), slots, 0.25) for i in range(3)], dim=1
+        )
+
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
+    gathered = run(plan)
+    torch.testing.assert_close(gathered.float(), want(), **tol)
+    torch.testing.assert_close(gathered.float(), run(None).float(), **tol)
+    for row, slot in enumerate(slots):
+        if slot < 0:
+            assert torch.equal(gathered[row], base[row])
+    for t in (*a, *b):
+        t[4].copy_((torch.randn(t[4].shape, generator=g) * 0.1).to(dtype))
+    ids[4] = 999
+    torch.testing.assert_close(run(plan).float(), want(), **tol)
+
+
+def test_the_wrapper_gathers_when_a_decode_step_holds_many_adapters() -> None:
+    n_slots = 10
+    g = torch.Generator().manual_seed(2)
+    a = (torch.randn(n_slots, 1, 8, HIDDEN, generator=g),)
+    b = (torch.randn(n_slots, 1, 40, 8, generator=g),)
+    tokens = tuple((i % (n_slots + 1)) for i in range(22))  # vLLM's ids: 0 = no adapter
+    w = GroupedPunicaWrapperCPU(32, 32, "cpu")
+    w.update_metadata(LoRAMapping(tokens, tokens, False), [*range(1, n_slots + 1)], n_slots + 1, 32000)
+    assert w._token_gather is not None
+    x = torch.randn(len(tokens), HIDDEN)
+    y = torch.zeros(len(tokens), 40)
+    w.add_lora_linear(y, x, a, b, 1.0, (40,))
+    slots = [t - 1 for t in tokens]
+    torch.testing.assert_close(y, expected(x, a[0], b[0], slots, 1.0), atol=1e-4, rtol=1e-4)
