@@ -144,3 +144,17 @@ def test_engine_slots_thrash_and_the_spread_in_the_report(tmp_path: Path) -> Non
     )
     assert "## Spread over repeats" in text and "| 4 | adapter-only, N, engine slots | 10 / 30 |" in text
     assert "each level measured 2 times (numbers pool all 16)" in text
+
+
+def test_the_answers_table_counts_near_ties_apart_from_wrong_answers(tmp_path: Path) -> None:
+    """A near tie (the reference's two best tokens within 0.1 nats) is not a wrong answer: the report's
+    total counts the wrong ones (it once summed the near ties under that name)."""
+    p = payload()
+    for mode, levels in p["modes"].items():
+        for lvl in levels:
+            lvl["verify"] = {"checked": 8, "wrong": 1 if mode == "merged" else 0, "wrong_model": 0, "near_ties": 3}
+    p["summary"] = summarize_compare(p)
+    text = write_compare_report(tmp_path, p)["report"].read_text()
+    assert "| concurrency | mode | checked | near ties | wrong | another model's |" in text
+    assert "| 1 | merged | 8 | 3 | 1 | 0 |" in text
+    assert "**2 wrong answers** of 64 checked (24 near ties" in text
