@@ -39,6 +39,7 @@ from typing import Any
 import httpx
 import psutil
 
+from loadtest.harness.machine import _cpu_model
 from loadtest.overhead import relay_cpu
 from loadtest.overhead.vllm_bench import bench_once
 from loadtest.servers.processes import LoraOptions, gateway_process, vllm_process
@@ -58,6 +59,16 @@ PROFILES: dict[str, dict[str, Any]] = {
     "wide": {"max_loras": 32, "max_cpu_loras": "all", "max_resident": "all"},
 }
 PROMPT = "show users older than 30"
+
+
+def _cpu_capability() -> str:
+    """torch's view of the CPU (AVX2, AVX512, ...): which LoRA product paths the engine plugin can take."""
+    try:
+        import torch
+
+        return str(torch.backends.cpu.get_cpu_capability())
+    except ImportError:
+        return "no torch"
 
 
 def log(msg: str) -> None:
@@ -402,8 +413,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     log(f"{len(paths)} adapters ready in {time.monotonic() - t0:.1f} s")
     payload: dict[str, Any] = {
-        "machine": f"{psutil.cpu_count()} CPUs, {round(psutil.virtual_memory().total / 2**30)} GiB, "
-        f"{platform.platform()}",
+        "machine": f"{_cpu_model() or 'CPU'} ({_cpu_capability()}), {psutil.cpu_count()} CPUs, "
+        f"{round(psutil.virtual_memory().total / 2**30)} GiB, {platform.platform()}",
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "adapter_counts": counts,
         "input_len": a.input_len,
