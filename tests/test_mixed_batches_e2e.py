@@ -151,7 +151,17 @@ def test_every_answer_is_its_models_own_under_mixed_traffic(
     assert min(outcome.answers[m] for m in MODELS) >= 50, outcome.answers
     total = sum(outcome.answers.values())
     assert outcome.wrong == [], f"{len(outcome.wrong)} wrong of {total}: {outcome.wrong[:5]}"
-    assert outcome.near_ties <= total // 100, f"{outcome.near_ties} near ties of {total}"
+    # Near ties (the reference's two best tokens within 0.1 nats) flip with the batch's rounding. Where the
+    # plugin's ops run on vLLM's packed bf16 kernel (AMX) a row gets the same bits in any batch, and near
+    # ties stay under 1%. On an AVX2 CPU the products round by batch (vLLM's own bf16 layers too): measured
+    # on an AVX2 EPYC, 44 of 818 (5.4%) with float32 LoRA products, 65 of 810 (8.0%) with the bf16 ones.
+    import torch
+
+    from engine_plugin import lora_ops
+
+    invariant = lora_ops.sgl_supported(torch.bfloat16)
+    bound = total // 100 if invariant else total * 15 // 100
+    assert outcome.near_ties <= bound, f"{outcome.near_ties} near ties of {total} (invariant: {invariant})"
 
 
 def generate_offline(model_dir: Path, adapter: Path | None, prompts: tuple[str, ...]) -> list[str]:
