@@ -152,7 +152,8 @@ def test_the_answers_table_counts_near_ties_apart_from_wrong_answers(tmp_path: P
     p = payload()
     for mode, levels in p["modes"].items():
         for lvl in levels:
-            lvl["verify"] = {"checked": 8, "wrong": 1 if mode == "merged" else 0, "wrong_model": 0, "near_ties": 3}
+            wrong = 1 if mode == "merged" else 0
+            lvl["verify"] = {"checked": 8, "wrong": wrong, "wrong_model": 0, "near_ties": 3}
     p["summary"] = summarize_compare(p)
     text = write_compare_report(tmp_path, p)["report"].read_text()
     assert "| concurrency | mode | checked | near ties | wrong | another model's |" in text

@@ -186,11 +186,12 @@ def render_compare_markdown(payload: dict[str, Any]) -> str:
         out += ["## Answers checked (`--verify`)", ""]
         out += [
             "Each answer against its model's own answer to that request sent alone to the same server "
-            "(greedy); *another model's* = equal to a different model's answer; a *near tie* differs where the "
-            "reference's two best tokens were within 0.1 nats, and is not counted wrong.",
+            "(greedy); *another model's* = equal to a different model's answer; a *near tie* differs where "
+            "the reference's two best tokens were within 0.1 nats, and is not counted wrong.",
             "",
         ]
-        out += [table(["concurrency", "mode", "checked", "near ties", "wrong", "another model's"], checked), ""]
+        head = ["concurrency", "mode", "checked", "near ties", "wrong", "another model's"]
+        out += [table(head, checked), ""]
         out += [
             f"**{sum(r[4] for r in checked)} wrong answers** of {sum(r[2] for r in checked)} checked "
             f"({sum(r[3] for r in checked)} near ties: the reference's two best tokens within 0.1 nats).",
