@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from engine_plugin import lora_ops
+
 SHAPES = {
     "tiny qkv (256 -> 3x256, r8)": (256, (256, 256, 256), 8),
     "tiny down (512 -> 256, r8)": (512, (256,), 8),
@@ -86,12 +88,6 @@ def run(repeats: int = 30, dtype: torch.dtype = torch.float32) -> list[dict[str,
     return results
 
 
-def lora_ops_native(dtype: torch.dtype) -> bool:
-    from engine_plugin import lora_ops
-
-    return lora_ops.fast_half_matmul(dtype)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -107,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu": torch.backends.cpu.get_cpu_capability(),
-        "native_half_matmul": lora_ops_native(dtype), "results": run(args.repeats, dtype),
+        "native_half_matmul": lora_ops.fast_half_matmul(dtype), "results": run(args.repeats, dtype),
     }  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:

@@ -97,12 +97,8 @@ def fast_half_matmul(dtype: torch.dtype) -> bool:
             flags = set(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
         flags = set()
-    try:
-        amx = bool(torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):
-        amx = False
     if dtype == torch.bfloat16:
-        return amx or bool(flags & {"avx512_bf16", "amx_bf16"})
+        return _amx_tiles() or bool(flags & {"avx512_bf16", "amx_bf16"})
     return bool(flags & {"avx512_fp16", "amx_fp16"})
 
 
@@ -252,9 +248,17 @@ def sgl_supported(dtype: torch.dtype) -> bool:
     try:
         return (
             dtype in (torch.bfloat16, torch.float16)
-            and bool(torch.cpu._is_amx_tile_supported())
+            and _amx_tiles()
             and hasattr(torch.ops._C, "weight_packed_linear")
         )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _amx_tiles() -> bool:
+    """Whether torch sees AMX tiles on this CPU."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
         return False
 
