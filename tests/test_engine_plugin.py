@@ -408,6 +408,81 @@ def test_half_precision_stacks_compute_in_float32_where_the_cpu_has_no_native_pr
             assert torch.equal(run()[row], base[row])
 
 
+def test_with_native_half_products_a_decode_step_uses_a_float32_copy_that_follows_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where bfloat16 products are native (AVX512-BF16), a small layer also keeps a float32 copy for
+    batches of a few rows (oneDNN's per-call set-up costs more than the product there); both layouts give
+    the definition's answers, before and after vLLM writes another adapter into a slot."""
+    monkeypatch.setattr(lora_ops, "fast_half_matmul", lambda dtype: True)
+    monkeypatch.setattr(lora_ops, "sgl_supported", lambda dtype: False)
+    g = torch.Generator().manual_seed(11)
+    outs = (64, 32, 32)
+    a = tuple((torch.randn(SLOTS, 1, 8, 64, generator=g) * 0.1).bfloat16() for _ in outs)
+    b = tuple((torch.randn(SLOTS, 1, o, 8, generator=g) * 0.1).bfloat16() for o in outs)
+    cache: lora_ops.WeightCache = {}
+    batches = {n: [(k % (SLOTS + 1)) - 1 for k in range(n)] for n in (5, lora_ops.FEW_ROWS + 9)}
+    inputs = {n: torch.randn(n, 64, generator=g).bfloat16() for n in batches}
+
+    def check(ids: list[int]) -> None:
+        for n, slots in batches.items():
+            y = torch.zeros(n, sum(outs), dtype=torch.bfloat16)
+            groups = lora_ops.group_rows(torch.tensor(slots))
+            lora_ops.lora_linear(y, inputs[n], a, b, 0.5, outs, groups, cache=cache, ids=ids)
+            want = torch.cat(
+                [expected(inputs[n].float(), a[i].float(), b[i].float(), slots, 0.5) for i in range(3)], dim=1
+            )
+            torch.testing.assert_close(y.float(), want, atol=0.02, rtol=0.02)
+
+    check([1, 2, 3, 4])
+    layout = next(iter(cache.values()))
+    assert layout.a_cat.dtype == torch.bfloat16
+    assert layout.few_rows is not None and layout.few_rows.a_cat.dtype == torch.float32
+    for t in (*a, *b):  # vLLM loads adapter 5 into slot 2
+        t[2].copy_((torch.randn(t[2].shape, generator=g) * 0.1).bfloat16())
+    check([1, 2, 5, 4])
+
+
+def test_embedding_and_logits_skip_slots_without_weights_until_vllm_writes_some(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """vLLM gives every adapter a slot in the embedding and lm_head stacks, zero for an adapter that does not
+    train them (most do not): those slots cost no product, until an adapter with such weights is loaded."""
+    products = []
+    real = lora_ops.expand_delta
+    monkeypatch.setattr(lora_ops, "expand_delta", lambda *a, **k: products.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(5)
+    slots = [0, -1, 2, 2]
+    groups = lora_ops.group_rows(torch.tensor(slots))
+    emb_b = torch.zeros(SLOTS, 1, HIDDEN, 8)
+    emb_b[0] = torch.randn(1, HIDDEN, 8, generator=g)
+    x = torch.randn(4, 8, generator=g)
+    nonzero: lora_ops.NonzeroCache = {}
+    identity = torch.eye(8).expand(SLOTS, 1, 8, 8)  # x already holds the rows' lora_a embeddings
+
+    def embedding() -> torch.Tensor:
+        y = torch.zeros(4, HIDDEN)
+        lora_ops.lora_embedding(y, x, emb_b, groups, nonzero)
+        return y
+
+    torch.testing.assert_close(embedding(), expected(x, identity, emb_b, slots, 1.0))
+    assert len(products) == 1, "slot 2 holds no embedding weights"
+    emb_b[2, 0].copy_(torch.randn(HIDDEN, 8, generator=g))  # vLLM's set_lora for an adapter that has some
+    products.clear()
+    torch.testing.assert_close(embedding(), expected(x, identity, emb_b, slots, 1.0))
+    assert len(products) == 2
+    a = torch.randn(SLOTS, 1, 8, HIDDEN, generator=g)
+    b = torch.zeros(SLOTS, 1, 48, 8)
+    h = torch.randn(4, HIDDEN, generator=g)
+    logits = torch.zeros(4, 48)
+    products.clear()
+    lora_ops.lora_logits(logits, h, a, b, 1.0, groups, nonzero)
+    assert not products and torch.equal(logits, torch.zeros(4, 48))
+    b[2, 0].copy_(torch.randn(48, 8, generator=g))
+    lora_ops.lora_logits(logits, h, a, b, 1.0, groups, nonzero)
+    torch.testing.assert_close(logits, expected(h, a, b, slots, 1.0))
+
+
 def test_gather_plan_takes_decode_batches_of_many_adapters_only() -> None:
     decode = torch.tensor([i % 9 - 1 for i in range(27)])  # 8 adapters, 3 rows each, and base-model rows
     rows, slots = lora_ops.gather_plan(decode, lora_ops.group_rows(decode))  # type: ignore[misc]
@@ -477,3 +552,42 @@ def test_the_wrapper_gathers_when_a_decode_step_holds_many_adapters() -> None:
     w.add_lora_linear(y, x, a, b, 1.0, (40,))
     slots = [t - 1 for t in tokens]
     torch.testing.assert_close(y, expected(x, a[0], b[0], slots, 1.0), atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_once_the_wrapper_serves_every_later_batch_with_its_own_groups(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """vLLM compiles a model once and drops Dynamo's guards (`DYNAMO_TRACE_ONCE`), so anything the LoRA ops
+    decide in Python while traced would be frozen into the graph. Here a recompile is an error (as vLLM's
+    trace-once makes it a wrong answer instead): one graph, then batches with other adapters in other rows,
+    other sizes, base-model rows only, each checked against the definition. With the ops traced as Python
+    (`torch.compiler.is_compiling` patched to say no), the second batch needs a recompile and this fails."""
+    dynamo = pytest.importorskip("torch._dynamo")
+    monkeypatch.setattr(dynamo.config, "error_on_recompile", True)
+    dynamo.reset()
+    a, b = stacks(8, (24, 8, 8))
+    row_a, row_b = stacks(8, (40,), seed=1)  # a row-parallel layer (shrink, then expand) beside the fused one
+    w = GroupedPunicaWrapperCPU(256, 16, "cpu")
+    base = torch.randn(HIDDEN, 40)
+
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = x @ base
+        w.add_lora_linear(y, x, a, b, 1.0, (24, 8, 8))
+        buf = torch.zeros(1, x.shape[0], 8)
+        w.add_shrink(buf, x, row_a, 1.0)
+        z = x @ base
+        w.add_expand(z, buf, row_b, (40,), add_inputs=True)
+        return y.relu(), z
+
+    compiled = torch.compile(forward, backend="aot_eager", fullgraph=True, dynamic=True)
+    ids = [11, 12, None, 14]  # adapter ids in slots 0, 1, 3; 0 = the base model
+    for tokens in [(14, 0, 11, 14, 0), (11, 11, 12, 0, 14, 12, 11), (0, 0, 0), (12,) * 9]:
+        w.update_metadata(LoRAMapping(tokens, tokens, False), ids, SLOTS, 100)
+        slots = [ids.index(t) if t else -1 for t in tokens]
+        x = torch.randn(len(tokens), HIDDEN)
+        y, z = compiled(x)
+        fused = torch.cat([expected(x, a[i], b[i], slots, 1.0) for i in range(3)], dim=1)
+        torch.testing.assert_close(y, (x @ base + fused).relu(), atol=1e-4, rtol=1e-4)
+        want = x @ base + expected(x, row_a[0], row_b[0], slots, 1.0)
+        torch.testing.assert_close(z, want, atol=1e-4, rtol=1e-4)
+    dynamo.reset()

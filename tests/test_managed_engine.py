@@ -49,6 +49,9 @@ def test_env_tells_the_engine_plugin_which_lora_ops_to_use() -> None:
     assert vllm_env(EngineSettings())["LORA_GATEWAY_LORA_OPS"] == "grouped"
     env = vllm_env(EngineSettings(lora_ops="off", env={"LORA_GATEWAY_LORA_OPS": "fix"}))
     assert env["LORA_GATEWAY_LORA_OPS"] == "off", "engine.lora_ops is the one switch"
+    assert vllm_env(EngineSettings())["LORA_GATEWAY_LORA_COMPILE"] == "1"
+    env = vllm_env(EngineSettings(lora_compile=False, env={"LORA_GATEWAY_LORA_COMPILE": "1"}))
+    assert env["LORA_GATEWAY_LORA_COMPILE"] == "0", "engine.lora_compile is the one switch"
 
 
 def test_env_keeps_the_gateways_secrets_from_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -63,8 +66,9 @@ def test_env_keeps_the_gateways_secrets_from_vllm(monkeypatch: pytest.MonkeyPatc
     }.items():
         monkeypatch.setenv(name, value)
     env = vllm_env(EngineSettings(lora_ops="fix"), api_key="engine-key")
-    assert not [k for k in env if k.startswith(("LORA_GATEWAY_", "PG")) and k != "LORA_GATEWAY_LORA_OPS"]
-    assert env["LORA_GATEWAY_LORA_OPS"] == "fix", "the engine plugin's one switch stays"
+    plugin = ("LORA_GATEWAY_LORA_OPS", "LORA_GATEWAY_LORA_COMPILE")
+    assert not [k for k in env if k.startswith(("LORA_GATEWAY_", "PG")) and k not in plugin]
+    assert env["LORA_GATEWAY_LORA_OPS"] == "fix", "the engine plugin's switches stay"
     values = " ".join(env.values())
     for secret in ("admin-secret", "sk-secret", "cli-secret", "pg-secret"):
         assert secret not in values
@@ -119,7 +123,8 @@ def test_vllm_refuses_calls_without_the_key_while_the_gateway_works(gateway: Gat
         if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())
     ]
     assert ENGINE_KEY not in " ".join(vllm.cmdline())
-    assert not [k for k in vllm.environ() if k.startswith("LORA_GATEWAY_") and k != "LORA_GATEWAY_LORA_OPS"]
+    plugin = ("LORA_GATEWAY_LORA_OPS", "LORA_GATEWAY_LORA_COMPILE")
+    assert not [k for k in vllm.environ() if k.startswith("LORA_GATEWAY_") and k not in plugin]
     load = {"lora_name": "intruder", "lora_path": "/tmp/any-weights"}
     for headers in ({}, {"authorization": "Bearer wrong-key"}):
         r = httpx.post(gateway.vllm_url + "/v1/load_lora_adapter", json=load, headers=headers, timeout=30)

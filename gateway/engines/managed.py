@@ -76,6 +76,7 @@ def vllm_env(engine: EngineSettings, api_key: str | None = None) -> dict[str, st
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU builds; ignored on GPUs
     env.update(engine.env)  # the operator's explicit choice for vLLM
     env["LORA_GATEWAY_LORA_OPS"] = engine.lora_ops  # read by the engine plugin (engine_plugin/__init__.py)
+    env["LORA_GATEWAY_LORA_COMPILE"] = "1" if engine.lora_compile else "0"  # the plugin's compiled.py
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # the gateway loads and unloads adapters at run time
     env.pop("VLLM_API_KEY", None)
     if api_key:
