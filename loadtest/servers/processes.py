@@ -157,6 +157,7 @@ class LoraOptions:
     max_loras: int = 2
     max_lora_rank: int = 16
     max_cpu_loras: int = 4
+    compile: bool = True  # the engine plugin compiles the LoRA model (engine.lora_compile)
 
 
 def vllm_argv(
@@ -185,6 +186,16 @@ def vllm_argv(
     return argv + list(extra_args)
 
 
+def vllm_process_env(lora: LoraOptions | None) -> dict[str, str]:
+    """The managed gateway's environment for vLLM (the engine plugin's switches included), this checkout on
+    its PYTHONPATH."""
+    from gateway.engines.managed import vllm_env
+    from gateway.settings import EngineSettings
+
+    compile_lora = lora.compile if lora is not None else True
+    return {**vllm_env(EngineSettings(lora_compile=compile_lora)), **_clean_env()}
+
+
 @contextlib.contextmanager
 def vllm_process(
     model: str | Path,
@@ -198,12 +209,9 @@ def vllm_process(
     wait: bool = True,
 ) -> Iterator[Server]:
     """vLLM on a free loopback port with the managed gateway's environment; ready on ``/v1/models``."""
-    from gateway.engines.managed import vllm_env
-    from gateway.settings import EngineSettings
-
     port = free_port()
     argv = vllm_argv(model, served_name, port, lora, extra_args)
-    env = {**vllm_env(EngineSettings()), **_clean_env()}
+    env = vllm_process_env(lora)
     url = f"http://127.0.0.1:{port}"
     with process(name, argv, url, log, env=env, ready_path="/v1/models", timeout_s=timeout_s, wait=wait) as s:
         yield s
