@@ -14,7 +14,9 @@ rows are contiguous (the usual case: one request's prompt, or a batch of one ada
 Two refinements for where dispatch, not arithmetic, is the cost. Where the CPU has no native bfloat16/float16
 matrix product (no AVX512-BF16/FP16, no AMX: an AVX2 machine), `torch.mm` in those dtypes runs a slow generic
 path (10-20x slower than float32 at a 256-token prefill on an AVX2 EPYC), so the layout keeps the weights in
-float32 and each delta is rounded to the output's dtype once. And when a decode batch holds many adapters with
+float32 and each delta is rounded to the output's dtype once; so do small layers where those products are
+native only through oneDNN (AVX512-BF16 without AMX), whose set-up per call outweighs a decode step's
+product (`layout_dtype`). And when a decode batch holds many adapters with
 a row or two each (a thousand adapters under uniform traffic), one batched product over each row's own
 weights (`torch.bmm` on gathered copies, `gather_plan`) replaces two small products per adapter, where those
 copies are small (the tiny model's layers; not an 8B's).
@@ -172,7 +174,6 @@ class LinearWeights:
         "ids",
         "probes",
         "copied_b",
-        "few_rows",
     )
 
     def __init__(
@@ -180,14 +181,11 @@ class LinearWeights:
         lora_a: Sequence[torch.Tensor],
         lora_b: Sequence[torch.Tensor],
         ids: Sequence[object] = (),
-        dtype: torch.dtype | None = None,
     ) -> None:
         self.a, self.b = tuple(lora_a), tuple(lora_b)
         self.versions = self._versions()
         self.rank = self.a[0].shape[-2]
-        half = self.a[0].dtype
-        if dtype is None:
-            dtype = half if fast_half_matmul(half) else torch.float32
+        dtype = layout_dtype(self.a, self.b)
         mats = [a[:, 0] if a.dim() == 4 else a for a in self.a]  # (L, rank, in) each
         self.a_cat = torch.cat(mats, dim=1).transpose(1, 2).to(dtype).contiguous()  # (L, in, S * rank)
         self.b_t = [(b[:, 0] if b.dim() == 4 else b).transpose(1, 2) for b in self.b]  # (L, rank, out_i)
@@ -206,17 +204,6 @@ class LinearWeights:
         self.packed = packed_weights(self.a_cat, self.b_cat)
         self.ids = tuple(ids)
         self.probes = self._probes()
-        # Native half-precision products still pay oneDNN's per-call set-up, which at a decode step's few
-        # rows costs 3x a float32 product (1 row, the tiny qkv: 38 vs 11 us, AVX512-BF16 EPYC): small layers
-        # keep a float32 copy for those steps.
-        self.few_rows: LinearWeights | None = None
-        if dtype != torch.float32 and self.packed is None and self._bytes() * 2 <= FEW_ROWS_COPY_BYTES:
-            self.few_rows = LinearWeights(lora_a, lora_b, ids, torch.float32)
-
-    def _bytes(self) -> int:
-        b = self.b_cat if self.b_cat is not None and len(self.b_t) > 1 else None
-        n = self.a_cat.numel() + (b.numel() if b is not None else sum(bt.numel() for bt in self.b_t))
-        return n * self.a_cat.element_size()
 
     def _block(self, slot: int | slice) -> None:
         assert self.b_cat is not None
@@ -264,8 +251,6 @@ class LinearWeights:
             if self.packed is not None:
                 self.packed[k] = _pack_slot(self.a_cat, self.b_cat, k)  # type: ignore[arg-type]
         self.ids, self.probes, self.versions = ids, probes, self._versions()
-        if self.few_rows is not None:
-            self.few_rows.refresh(ids)
 
 
 #: Weights per slot and stack compared when the stacks change (catches an adapter reloaded in place).
@@ -334,10 +319,28 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor, n: int) -> torch.Tenso
 WeightCache = dict[int, LinearWeights]
 #: Largest block-diagonal B (all slots of one layer) worth its wasted products; larger expand per slice.
 BLOCK_BYTES = 4 * 2**20
-#: A layer in a native half-precision dtype keeps a float32 copy for batches of at most `FEW_ROWS` rows
-#: when that copy is at most this big (all slots): the tiny model's layers, not an 8B's.
-FEW_ROWS_COPY_BYTES = 8 * 2**20
-FEW_ROWS = 16
+#: Where half-precision products are native but vLLM's packed kernel cannot run (AVX512-BF16 without AMX),
+#: a layer whose float32 layout is at most this big (all slots) is still computed in float32: the tiny
+#: model's layers, not an 8B's.
+FLOAT32_LAYER_BYTES = 8 * 2**20
+
+
+def layout_dtype(lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype a layer's products run in: the weights', except float32 where the CPU has no native
+    half-precision product (`fast_half_matmul`), or where it has one but only through oneDNN (no AMX for
+    `sgl_supported`) and the layer is small (`FLOAT32_LAYER_BYTES`): oneDNN's per-call set-up makes a
+    one-row bfloat16 product about 3x a float32 one there (the tiny qkv: 38 vs 11 us, AVX512-BF16 EPYC),
+    and a decode step is nothing but such products. One dtype for every batch size, so that a row's delta
+    does not change with the size of the batch it is in."""
+    half = lora_a[0].dtype
+    if half == torch.float32 or not fast_half_matmul(half):
+        return torch.float32
+    if sgl_supported(half):
+        return half
+    slots, rank = lora_a[0].shape[0], lora_a[0].shape[-2]
+    ins = sum(a.shape[-1] for a in lora_a)
+    outs = sum(b.shape[-2] for b in lora_b)
+    return torch.float32 if slots * rank * (ins + len(lora_b) * outs) * 4 <= FLOAT32_LAYER_BYTES else half
 
 
 def linear_weights(
@@ -386,8 +389,6 @@ def lora_linear(
     if not groups:
         return
     w = linear_weights(lora_a, lora_b, cache, ids)
-    if w.few_rows is not None and x.shape[0] <= FEW_ROWS:
-        w = w.few_rows
     r = w.rank
     dtype = w.a_cat.dtype  # the layout's: the weights', or float32 where that is faster (fast_half_matmul)
     if w.packed is not None and scale == 1.0 and x.dtype == dtype == y.dtype:

@@ -375,6 +375,7 @@ def test_half_precision_stacks_compute_in_float32_where_the_cpu_has_no_native_pr
     new adapter into a slot (the float32 copies follow)."""
     monkeypatch.setattr(lora_ops, "fast_half_matmul", lambda dtype: native or dtype == torch.float32)
     monkeypatch.setattr(lora_ops, "sgl_supported", lambda dtype: False)  # the torch.mm path on any CPU
+    monkeypatch.setattr(lora_ops, "FLOAT32_LAYER_BYTES", 0)  # native: bfloat16 whatever the layer's size
     g = torch.Generator().manual_seed(7)
     outs = (64, 32, 32)
     a = tuple((torch.randn(SLOTS, 1, 8, 64, generator=g) * 0.1).bfloat16() for _ in outs)
@@ -408,20 +409,23 @@ def test_half_precision_stacks_compute_in_float32_where_the_cpu_has_no_native_pr
             assert torch.equal(run()[row], base[row])
 
 
-def test_with_native_half_products_a_decode_step_uses_a_float32_copy_that_follows_loads(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("limit", [lora_ops.FLOAT32_LAYER_BYTES, 0])
+def test_with_native_half_products_only_small_layers_compute_in_float32_at_every_batch_size(
+    limit: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Where bfloat16 products are native (AVX512-BF16), a small layer also keeps a float32 copy for
-    batches of a few rows (oneDNN's per-call set-up costs more than the product there); both layouts give
-    the definition's answers, before and after vLLM writes another adapter into a slot."""
+    """Where bfloat16 products are native only through oneDNN (AVX512-BF16, no AMX), a small layer still
+    computes in float32 (oneDNN's per-call set-up costs more than a decode step's product), a large one in
+    bfloat16; one dtype for every batch size, so a row's delta does not change with its batch. Both give the
+    definition's answers, before and after vLLM writes another adapter into a slot."""
     monkeypatch.setattr(lora_ops, "fast_half_matmul", lambda dtype: True)
     monkeypatch.setattr(lora_ops, "sgl_supported", lambda dtype: False)
+    monkeypatch.setattr(lora_ops, "FLOAT32_LAYER_BYTES", limit)
     g = torch.Generator().manual_seed(11)
     outs = (64, 32, 32)
     a = tuple((torch.randn(SLOTS, 1, 8, 64, generator=g) * 0.1).bfloat16() for _ in outs)
     b = tuple((torch.randn(SLOTS, 1, o, 8, generator=g) * 0.1).bfloat16() for o in outs)
     cache: lora_ops.WeightCache = {}
-    batches = {n: [(k % (SLOTS + 1)) - 1 for k in range(n)] for n in (5, lora_ops.FEW_ROWS + 9)}
+    batches = {n: [(k % (SLOTS + 1)) - 1 for k in range(n)] for n in (5, 300)}
     inputs = {n: torch.randn(n, 64, generator=g).bfloat16() for n in batches}
 
     def check(ids: list[int]) -> None:
@@ -433,11 +437,18 @@ def test_with_native_half_products_a_decode_step_uses_a_float32_copy_that_follow
                 [expected(inputs[n].float(), a[i].float(), b[i].float(), slots, 0.5) for i in range(3)], dim=1
             )
             torch.testing.assert_close(y.float(), want, atol=0.02, rtol=0.02)
+        if limit:  # one row's delta, alone and in the large batch, is rounded once from the same float32
+            alone = torch.zeros(1, sum(outs), dtype=torch.bfloat16)
+            row = inputs[300][1:2]  # slot 0
+            lora_ops.lora_linear(alone, row, a, b, 0.5, outs, [(0, slice(0, 1))], cache=cache, ids=ids)
+            big = torch.zeros(300, sum(outs), dtype=torch.bfloat16)
+            groups = lora_ops.group_rows(torch.tensor(batches[300]))
+            lora_ops.lora_linear(big, inputs[300], a, b, 0.5, outs, groups, cache=cache, ids=ids)
+            torch.testing.assert_close(alone[0].float(), big[1].float(), atol=0.008, rtol=0.008)
 
     check([1, 2, 3, 4])
     layout = next(iter(cache.values()))
-    assert layout.a_cat.dtype == torch.bfloat16
-    assert layout.few_rows is not None and layout.few_rows.a_cat.dtype == torch.float32
+    assert layout.a_cat.dtype == (torch.float32 if limit else torch.bfloat16)
     for t in (*a, *b):  # vLLM loads adapter 5 into slot 2
         t[2].copy_((torch.randn(t[2].shape, generator=g) * 0.1).bfloat16())
     check([1, 2, 5, 4])
