@@ -162,25 +162,10 @@ class LinearWeights:
     quarter of the engine's time (docs/benchmarks.md, "A thousand adapters"). Without ids, every slot.
     """
 
-    __slots__ = (
-        "a",
-        "b",
-        "versions",
-        "a_cat",
-        "b_t",
-        "b_cat",
-        "rank",
-        "packed",
-        "ids",
-        "probes",
-        "copied_b",
-    )
+    __slots__ = ("a", "b", "versions", "a_cat", "b_t", "b_cat", "rank", "packed", "ids", "probes", "copied_b")
 
     def __init__(
-        self,
-        lora_a: Sequence[torch.Tensor],
-        lora_b: Sequence[torch.Tensor],
-        ids: Sequence[object] = (),
+        self, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], ids: Sequence[object] = ()
     ) -> None:
         self.a, self.b = tuple(lora_a), tuple(lora_b)
         self.versions = self._versions()
