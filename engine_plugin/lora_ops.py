@@ -16,10 +16,12 @@ matrix product (no AVX512-BF16/FP16, no AMX: an AVX2 machine), `torch.mm` in tho
 path (10-20x slower than float32 at a 256-token prefill on an AVX2 EPYC), so the layout keeps the weights in
 float32 and each delta is rounded to the output's dtype once; so do small layers where those products are
 native only through oneDNN (AVX512-BF16 without AMX), whose set-up per call outweighs a decode step's
-product (`layout_dtype`). And when a decode batch holds many adapters with
-a row or two each (a thousand adapters under uniform traffic), one batched product over each row's own
-weights (`torch.bmm` on gathered copies, `gather_plan`) replaces two small products per adapter, where those
-copies are small (the tiny model's layers; not an 8B's).
+product (`layout_dtype`). And when a decode batch holds several adapters with
+a few rows each (three or more; a thousand adapters under uniform traffic: one each), one batched product
+over each row's own weights (`torch.bmm` on copies made with `index_select`, `gather_plan`) replaces two to
+four small products per adapter, where those copies are small (the tiny model's layers; not an 8B's): on the
+tiny model's four layers, 32 rows over 32 adapters cost 0.12x of the per-adapter products, 3 adapters with a
+row each 0.8x (`engine_plugin.bench`, AVX512-BF16 EPYC, 2026-12-04).
 
 Weight layouts are vLLM's: `lora_a` stacked as (max_loras, 1, rank, in), `lora_b` as
 (max_loras, 1, out, rank). `lora_linear` (the projections: almost all of the work) keeps the rank
@@ -40,10 +42,10 @@ Groups = list[tuple[int, Rows]]
 Gather = tuple[torch.Tensor | None, torch.Tensor]
 
 #: A batch takes the gathered product when it has at least this many adapter groups ...
-GATHER_MIN_GROUPS = 8
+GATHER_MIN_GROUPS = 3
 #: ... of at most this many rows each on average (decode), ...
-GATHER_ROWS_PER_GROUP = 4
-#: ... and a row's copy of its weights (A and the block-diagonal B, in the layout's dtype) is at most this.
+GATHER_ROWS_PER_GROUP = 8
+#: ... and a row's copy of its weights (A and every slice's B, in the layout's dtype) is at most this.
 GATHER_BYTES = 256 * 2**10
 
 
@@ -162,7 +164,9 @@ class LinearWeights:
     quarter of the engine's time (docs/benchmarks.md, "A thousand adapters"). Without ids, every slot.
     """
 
-    __slots__ = ("a", "b", "versions", "a_cat", "b_t", "b_cat", "rank", "packed", "ids", "probes", "copied_b")
+    __slots__ = (
+        "a", "b", "versions", "a_cat", "b_t", "b_cat", "rank", "packed", "ids", "probes", "copied_b", "b_rows"
+    )  # fmt: skip
 
     def __init__(
         self, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], ids: Sequence[object] = ()
@@ -187,6 +191,7 @@ class LinearWeights:
                 self.b_cat = self.b_t[0].new_zeros(slots, len(outs) * r, sum(outs))
                 self._block(slice(None))
         self.packed = packed_weights(self.a_cat, self.b_cat)
+        self.b_rows: torch.Tensor | None = None  # laid out on the first gathered product (`rows_b`)
         self.ids = tuple(ids)
         self.probes = self._probes()
 
@@ -197,6 +202,13 @@ class LinearWeights:
             out = bt.shape[2]
             self.b_cat[slot, i * r : (i + 1) * r, col : col + out] = bt[slot]
             col += out
+
+    def rows_b(self) -> torch.Tensor:
+        """Every slot's B for the gathered product: (L, rank, sum of out_i), the slices' B transposed side by
+        side (no block diagonal: a row's copy is 1 / n_slices of one), contiguous, in the layout's dtype."""
+        if self.b_rows is None:
+            self.b_rows = torch.cat(self.b_t, dim=2).to(self.a_cat.dtype).contiguous()
+        return self.b_rows
 
     def _versions(self) -> tuple[int, ...]:
         return tuple(t._version for t in self.a) + tuple(t._version for t in self.b)
@@ -235,6 +247,8 @@ class LinearWeights:
                 self._block(k)
             if self.packed is not None:
                 self.packed[k] = _pack_slot(self.a_cat, self.b_cat, k)  # type: ignore[arg-type]
+            if self.b_rows is not None:
+                self.b_rows[k] = torch.cat([bt[k] for bt in self.b_t], dim=1)
         self.ids, self.probes, self.versions = ids, probes, self._versions()
 
 
@@ -385,22 +399,13 @@ def lora_linear(
                 delta = _packed_linear(_packed_linear(x[rows].contiguous(), a, n_a), b, n_b)
                 _add_rows(cols, rows, delta)
             return
+    widths = [bt.shape[2] for bt in w.b_t]
+    if gather is not None and widths == list(output_slices) and _gather_bytes(w) <= GATHER_BYTES:
+        _gathered_linear(y, x, w, scale, output_slices, offset_start, gather)
+        return
     bc = w.b_cat
     if bc is not None and bc.shape[2] != sum(output_slices):
         bc = None
-    if gather is not None and bc is not None and _gather_bytes(w, bc) <= GATHER_BYTES:
-        rows_g, slots = gather
-        xs = x if rows_g is None else x[rows_g]
-        h = torch.bmm(xs.to(dtype).unsqueeze(1), w.a_cat[slots])
-        if scale != 1.0:
-            h.mul_(scale)
-        delta = torch.bmm(h, bc[slots]).squeeze(1).to(y.dtype)
-        cols = y[:, offset_start : offset_start + bc.shape[2]]
-        if rows_g is None:
-            cols.add_(delta)
-        else:
-            cols.index_add_(0, rows_g, delta)
-        return
     direct = dtype == y.dtype
     for slot, rows in groups:
         xs = x[rows]
@@ -428,9 +433,46 @@ def lora_linear(
             offset += size
 
 
-def _gather_bytes(w: LinearWeights, bc: torch.Tensor) -> int:
-    """What one row's copy of its weights (A and block-diagonal B) costs the gathered product."""
-    return (w.a_cat[0].numel() + bc[0].numel()) * w.a_cat.element_size()
+def _gather_bytes(w: LinearWeights) -> int:
+    """What one row's copy of its weights (A and every slice's B) costs the gathered product."""
+    return (w.a_cat[0].numel() + w.rank * sum(bt.shape[2] for bt in w.b_t)) * w.a_cat.element_size()
+
+
+def _gathered_linear(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    w: LinearWeights,
+    scale: float,
+    output_slices: Sequence[int],
+    offset_start: int,
+    gather: Gather,
+) -> None:
+    """One batched product over each row's own weights, copied per row with `index_select` (a memcpy per row;
+    indexing the stacks with a tensor, `a_cat[slots]`, runs torch's generic per-element gather, 10x slower
+    here). Each slice's rank block is multiplied by every slice's B (`rows_b`, no block diagonal): n_slices
+    times the products of the expand, which are tiny, for a third of the bytes copied; the diagonal blocks
+    are the deltas."""
+    rows, slots = gather
+    r, n_slices = w.rank, len(output_slices)
+    xs = x if rows is None else x.index_select(0, rows)
+    dtype = w.a_cat.dtype
+    h = torch.bmm(xs.to(dtype).unsqueeze(1), w.a_cat.index_select(0, slots))  # (n, 1, S * r)
+    if scale != 1.0:
+        h.mul_(scale)
+    d = torch.bmm(h.view(-1, n_slices, r), w.rows_b().index_select(0, slots))  # (n, S, sum of out_i)
+    if n_slices == 1:
+        delta = d.squeeze(1)
+    else:
+        blocks, col = [], 0
+        for i, size in enumerate(output_slices):
+            blocks.append(d[:, i, col : col + size])
+            col += size
+        delta = torch.cat(blocks, dim=1)
+    cols = y[:, offset_start : offset_start + delta.shape[1]]
+    if rows is None:
+        cols.add_(delta.to(y.dtype))
+    else:
+        cols.index_add_(0, rows, delta.to(y.dtype))
 
 
 def lora_shrink(
