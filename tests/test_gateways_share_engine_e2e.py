@@ -39,7 +39,6 @@ LOAD_SLACK = 4
 PER_ANSWER_MARGIN = 1.8
 LOADS = "lora_gateway_adapter_loads_total"
 HELD_S = 0.15  # vs registry.share_use_interval_s, 25 ms
-PUBLISHED_S = 0.1  # 4 publishing intervals: a request in flight this long has been published
 
 
 def greedy(model: str) -> dict:
@@ -84,38 +83,29 @@ async def adapter_lost_retries(http: httpx.AsyncClient, url: str) -> float:
 
 
 async def watch(http: httpx.AsyncClient, url: str, vllm_url: str, deadline: float, run: Run) -> None:
-    """A gateway's view; vLLM's listing `PUBLISHED_S` later and again `HELD_S` after that; the view again.
-    An adapter with `c` requests in flight at the first look and fewer than `c` leases released by the last
-    had one in flight throughout. If vLLM listed it at the first listing, that request was by then older
-    than a gateway takes to publish it (`PUBLISHED_S`, 4 publishing intervals), so no other gateway may
-    unload it afterwards: vLLM must list it at the second. (A request younger than the publishing can lose
-    its adapter to another gateway's eviction: either vLLM answers 404, the gateway loads it again and
-    retries it, still holding its lease, and a look during which that happened proves nothing and is
-    skipped; or vLLM had admitted it already and finishes it with the adapter it holds, and the first
-    listing no longer shows the adapter, so the look proves nothing. The answers show those requests
-    right.)"""
+    """A gateway's view, vLLM's listing `HELD_S` later, the view again: an adapter with `c` requests in
+    flight at the first look and fewer than `c` leases released by the second had one in flight throughout,
+    for `HELD_S` at least before the listing: far longer than a gateway takes to publish it, so no other
+    gateway may have unloaded it: vLLM must list it. (A request younger than the publishing can lose its
+    adapter to another gateway's eviction: vLLM answers 404, the gateway loads it again and retries it,
+    still holding its lease; a look during which that happened proves nothing and is skipped. The answers
+    show those requests right.)"""
     while time.monotonic() < deadline:
         lost_before = await adapter_lost_retries(http, url)
         [first] = (await http.get(url + "/admin/engines")).json()["data"]
-        await asyncio.sleep(PUBLISHED_S)
-        listed_before = await vllm_adapters(http, vllm_url)
         await asyncio.sleep(HELD_S)
-        listed = await vllm_adapters(http, vllm_url)
+        models = (await http.get(vllm_url + "/v1/models", headers=ENGINE_AUTH)).json()["data"]
+        listed = {m["id"] for m in models if m.get("parent")}
         [second] = (await http.get(url + "/admin/engines")).json()["data"]
         if await adapter_lost_retries(http, url) != lost_before:
             continue  # a request met the race the sharing leaves (see above): it is retried, not a proof
         for key, count in first["in_flight"].items():
             released = second["leases"][key]["released"] - first["leases"][key]["released"]
-            if released < count and key in listed_before:
+            if released < count:
                 run.proofs += 1
                 if key not in listed:
                     run.violations.append(f"{key} was in flight on {url} throughout, vLLM dropped it")
         await asyncio.sleep(0.05)
-
-
-async def vllm_adapters(http: httpx.AsyncClient, vllm_url: str) -> set[str]:
-    models = (await http.get(vllm_url + "/v1/models", headers=ENGINE_AUTH)).json()["data"]
-    return {m["id"] for m in models if m.get("parent")}
 
 
 def drive(urls: list[str], vllm_url: str) -> Run:
