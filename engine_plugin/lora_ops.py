@@ -32,7 +32,6 @@ keep it in float32, as vLLM's ops do, and expand in the output's dtype.
 from __future__ import annotations
 
 import functools
-import operator
 from collections.abc import Sequence
 
 import torch
@@ -166,8 +165,7 @@ class LinearWeights:
     """
 
     __slots__ = (
-        "a", "b", "versions", "a_cat", "b_t", "b_cat", "rank", "packed", "ids", "probes", "copied_b",
-        "b_rows", "a_slots", "bc_slots",
+        "a", "b", "versions", "a_cat", "b_t", "b_cat", "rank", "packed", "ids", "probes", "copied_b", "b_rows"
     )  # fmt: skip
 
     def __init__(
@@ -193,9 +191,6 @@ class LinearWeights:
                 self.b_cat = self.b_t[0].new_zeros(slots, len(outs) * r, sum(outs))
                 self._block(slice(None))
         self.packed = packed_weights(self.a_cat, self.b_cat)
-        # Per-slot views (a list index is cheaper than a tensor's select); `refresh` writes through them.
-        self.a_slots = list(self.a_cat.unbind(0))
-        self.bc_slots = None if self.b_cat is None else list(self.b_cat.unbind(0))
         self.b_rows: torch.Tensor | None = None  # laid out on the first gathered product (`rows_b`)
         self.ids = tuple(ids)
         self.probes = self._probes()
@@ -216,7 +211,7 @@ class LinearWeights:
         return self.b_rows
 
     def _versions(self) -> tuple[int, ...]:
-        return (*map(_VERSION, self.a), *map(_VERSION, self.b))
+        return tuple(t._version for t in self.a) + tuple(t._version for t in self.b)
 
     def _probes(self) -> list[torch.Tensor]:
         """The first weights of every slot, per stack: (L, PROBE) each, copies."""
@@ -256,8 +251,6 @@ class LinearWeights:
                 self.b_rows[k] = torch.cat([bt[k] for bt in self.b_t], dim=1)
         self.ids, self.probes, self.versions = ids, probes, self._versions()
 
-
-_VERSION = operator.attrgetter("_version")
 
 #: Weights per slot and stack compared when the stacks change (catches an adapter reloaded in place).
 PROBE = 16
@@ -406,40 +399,25 @@ def lora_linear(
                 delta = _packed_linear(_packed_linear(x[rows].contiguous(), a, n_a), b, n_b)
                 _add_rows(cols, rows, delta)
             return
-    if (
-        gather is not None
-        and [bt.shape[2] for bt in w.b_t] == list(output_slices)
-        and _gather_bytes(w) <= GATHER_BYTES
-    ):
+    widths = [bt.shape[2] for bt in w.b_t]
+    if gather is not None and widths == list(output_slices) and _gather_bytes(w) <= GATHER_BYTES:
         _gathered_linear(y, x, w, scale, output_slices, offset_start, gather)
         return
     bc = w.b_cat
-    width = sum(output_slices)
-    if bc is not None and bc.shape[2] != width:
+    if bc is not None and bc.shape[2] != sum(output_slices):
         bc = None
     direct = dtype == y.dtype
-    n = x.shape[0]
-    # A decode step of one request (or of one adapter's requests) is one group over every row: this path
-    # runs eight times a step on the tiny model, so it skips the views it does not need (about a third of a
-    # call's Python at one row).
-    block_cols = y if offset_start == 0 and y.shape[1] == width else y[:, offset_start : offset_start + width]
     for slot, rows in groups:
-        whole = isinstance(rows, slice) and rows.start == 0 and rows.stop == n
-        xs = x if whole else x[rows]
-        h = torch.mm(xs if xs.dtype == dtype else xs.to(dtype), w.a_slots[slot])
+        xs = x[rows]
+        h = torch.mm(xs if xs.dtype == dtype else xs.to(dtype), w.a_cat[slot])
         if scale != 1.0:
             h.mul_(scale)
         if bc is not None:
-            b = w.bc_slots[slot]  # type: ignore[index]
-            if whole:
-                if direct:
-                    block_cols.addmm_(h, b)
-                else:
-                    block_cols.add_(torch.mm(h, b).to(y.dtype))
-            elif direct and isinstance(rows, slice):
-                block_cols[rows].addmm_(h, b)
+            cols = y[:, offset_start : offset_start + bc.shape[2]]
+            if direct and isinstance(rows, slice):
+                cols[rows].addmm_(h, bc[slot])
             else:
-                _add_rows(block_cols, rows, torch.mm(h, b).to(y.dtype))
+                _add_rows(cols, rows, torch.mm(h, bc[slot]).to(y.dtype))
             continue
         offset = offset_start
         for i, size in enumerate(output_slices):
